@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m lora.demo $(DEMO_ARGS)
+	$(PY) -m deployments.demo $(DEMO_ARGS)
 
 bench-data: $(STAMP)
 	$(PY) bench/data.py

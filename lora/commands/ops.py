@@ -1,0 +1,25 @@
+"""`animelora serve`: run the project's Prefect deployments.
+
+The orchestration layer lives outside `lora/` (which stays Prefect-free), so it is imported
+only when the command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+
+def _serve(args: argparse.Namespace) -> int:
+    serve = importlib.import_module("deployments.serve")
+    return serve.main(limit=args.limit)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="serve the train-lora and dataset-refresh deployments against PREFECT_API_URL",
+        description="Serve train-lora/{phase1.5,phase2a,phase2a-l2,phase2b} and "
+        "dataset-refresh/nightly until stopped. Starts no Prefect server: set PREFECT_API_URL.",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
+    parser.set_defaults(func=_serve)

@@ -1,0 +1,160 @@
+"""Prefect tasks for the results half of the DAG: analysis, samples, publishing.
+
+Each task calls the Prefect-free library and turns its output into UI artifacts: a markdown
+report (metrics, verdict, comparison, the loss plot inline), a table of per-epoch losses and
+links to the files a user wants to open.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+
+from lora.analysis import analyze_log, compare_runs, write_report
+from lora.gate import publish_gate
+from tasks.artifacts import artifact_key
+
+
+def _inline_png(path: Path) -> str:
+    """Embed a PNG as a data URI so the report shows the plot in the Prefect UI."""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"![loss curve](data:image/png;base64,{data})"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.5f}" if abs(value) < 100 else f"{value:.1f}"
+    return "-" if value is None else str(value)
+
+
+@task(name="analyze-run", cache_policy=NO_CACHE)
+def analyze_run(run_dir: str, run_name: str, compare_dir: str | None = None) -> dict[str, Any]:
+    """Analyze the training log, compare with a previous run, write report/ and artifacts."""
+    logger = get_run_logger()
+    analysis = analyze_log(Path(run_dir), name=run_name)
+    comparison = None
+    baseline: dict[str, Any] | None = None
+    if compare_dir:
+        base_analysis = analyze_log(Path(compare_dir), name=Path(compare_dir).name)
+        baseline = base_analysis.to_dict()
+        comparison = compare_runs([base_analysis, analysis])
+    report_md = write_report(Path(run_dir), analysis, comparison)
+    metrics = analysis.to_dict()
+    logger.info("verdict: %s", metrics.get("verdict"))
+
+    losses = metrics.get("losses") or json.loads(
+        (Path(run_dir) / "training_log.json").read_text()
+    ).get("losses", [])
+    create_table_artifact(
+        key=artifact_key("epoch-losses", run_name),
+        table=[{k: _fmt(v) for k, v in row.items()} for row in losses],
+        description=f"Per-epoch training loss of run {run_name}",
+    )
+    markdown = Path(report_md).read_text()
+    plot = Path(run_dir) / "report" / "loss_curve.png"
+    if plot.exists() and "data:image/png" not in markdown:
+        markdown += "\n\n" + _inline_png(plot) + "\n"
+    create_markdown_artifact(
+        key=artifact_key("training-report", run_name),
+        markdown=markdown,
+        description=f"Metrics, verdict and comparison for run {run_name}",
+    )
+    return {"metrics": metrics, "baseline": baseline}
+
+
+@task(name="generate-samples", cache_policy=NO_CACHE)
+def sample_run(
+    model: str, run_dir: str, run_name: str, compare_dir: str | None = None
+) -> dict[str, Any]:
+    """Base model vs this LoRA (and vs the compared run's LoRA) at fixed prompts and seeds."""
+    from lora.sample import generate_samples
+
+    run_dirs = [Path(run_dir)] + ([Path(compare_dir)] if compare_dir else [])
+    result = generate_samples(model, run_dirs, Path(run_dir) / "samples")
+    grid = Path(getattr(result, "grid_path", Path(run_dir) / "samples" / "grid.png"))
+    create_link_artifact(
+        key=artifact_key("samples-grid", run_name),
+        link=grid.resolve().as_uri(),
+        link_text=f"samples grid ({grid.name})",
+        description="Base model vs LoRA at fixed prompts and seeds",
+    )
+    return {"grid": str(grid)}
+
+
+@task(name="link-lora-files", cache_policy=NO_CACHE)
+def link_lora_files(run_dir: str, run_name: str) -> list[str]:
+    files = sorted((Path(run_dir) / "lora").glob("*.safetensors"))
+    for path in files:
+        kind = "diffusers" if path.name == "pytorch_lora_weights.safetensors" else "kohya-a1111"
+        create_link_artifact(
+            key=artifact_key("lora", kind, run_name),
+            link=path.resolve().as_uri(),
+            link_text=path.name,
+            description=f"LoRA weights ({kind} format)",
+        )
+    return [str(p) for p in files]
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_run(
+    run_dir: str,
+    run_name: str,
+    metrics: dict[str, Any],
+    baseline: dict[str, Any] | None,
+    publish: bool,
+    repo_id: str | None,
+    dry_run: bool,
+    token: str | None = None,
+    endpoint: str | None = None,
+    private: bool = False,
+) -> dict[str, Any]:
+    """Publish when asked and when the gate passes; otherwise say why it was skipped."""
+    from lora.hub import publish as hub_publish
+    from lora.hub import stage_run
+
+    logger = get_run_logger()
+    decision = publish_gate(metrics, baseline)
+    if not publish and not dry_run:
+        outcome = {"published": False, "reason": "publishing was not asked for (publish=false)"}
+    elif not repo_id:
+        outcome = {"published": False, "reason": "no repo_id given"}
+    elif not decision.passed and not dry_run:
+        outcome = {"published": False, "reason": f"gate failed: {decision.reason}"}
+    else:
+        result = hub_publish(
+            Path(run_dir), repo_id, token=token, endpoint=endpoint, private=private,
+            dry_run=dry_run,
+        )
+        url = getattr(result, "url", None) or getattr(result, "commit_url", None)
+        outcome = {
+            "published": not dry_run,
+            "dry_run": dry_run,
+            "reason": ("dry run: staged only; " if dry_run else "") + f"gate: {decision.reason}",
+            "url": url,
+        }
+    if repo_id and not (Path(run_dir) / "hub").exists():
+        stage_run(Path(run_dir), repo_id=repo_id)
+    card = Path(run_dir) / "hub" / "README.md"
+    if card.exists():
+        create_link_artifact(
+            key=artifact_key("model-card", run_name),
+            link=card.resolve().as_uri(),
+            link_text="model card (README.md)",
+            description="The staged Hub model card",
+        )
+    logger.info("publish: %s", outcome["reason"])
+    create_markdown_artifact(
+        key=artifact_key("publish", run_name),
+        markdown=f"## Publish\n\n- published: **{outcome['published']}**\n- {outcome['reason']}\n",
+        description="Publish decision",
+    )
+    return outcome

@@ -1,0 +1,92 @@
+"""Prefect tasks around the training engine: one task run per training segment.
+
+Resumption lives in the run folder's checkpoints, not in Prefect state: a segment task (or a
+retry of it, or a whole new flow run after a crash) always continues from the latest valid
+checkpoint, so a retry never repeats finished steps.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+
+from lora.config import TrainConfig
+from lora.train import train
+from tasks.artifacts import ProgressReporter
+
+#: Name of the global concurrency limit that keeps two trainings off one GPU.
+GPU_LIMIT = "gpu"
+
+#: Test and chaos hook: when this env var names a file that does not exist yet, the next
+#: segment creates it and fails once, as a transient fault would (I/O error, lost device).
+FAULT_ONCE_ENV = "ANIMELORA_FAULT_ONCE"
+
+
+class InjectedFault(RuntimeError):
+    """A deliberate one-off failure (see FAULT_ONCE_ENV)."""
+
+
+def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry failures that a resume can fix; a bad config fails the same way every time."""
+    try:
+        state.result()
+    except (pydantic.ValidationError, ValueError, FileNotFoundError, TypeError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def _maybe_inject_fault() -> None:
+    marker = os.environ.get(FAULT_ONCE_ENV)
+    if marker and not Path(marker).exists():
+        Path(marker).write_text("fault injected\n")
+        raise InjectedFault(f"injected one-off failure ({FAULT_ONCE_ENV}={marker})")
+
+
+@task(
+    name="train-segment",
+    task_run_name="train-segment-{segment}",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_is_transient,
+    cache_policy=NO_CACHE,
+)
+def train_segment(
+    config: dict[str, Any],
+    run_dir: str,
+    segment: int,
+    stop_at_step: int,
+    time_budget_s: float | None = None,
+    progress_artifact_id: str | None = None,
+) -> dict[str, Any]:
+    """Resume the run from its latest checkpoint and train until ``stop_at_step`` or the budget."""
+    logger = get_run_logger()
+    cfg = TrainConfig(**config)
+    with concurrency(GPU_LIMIT, occupy=1):
+        _maybe_inject_fault()
+        result = train(
+            cfg,
+            Path(run_dir),
+            stop_at_step=stop_at_step,
+            time_budget_s=time_budget_s,
+            on_progress=ProgressReporter(progress_artifact_id).training_callback(cfg.run_name or "train")
+            if progress_artifact_id
+            else None,
+        )
+    logger.info(
+        "segment %d stopped at step %d/%d (%s)",
+        segment, result.global_step, result.total_steps, result.stopped_reason,
+    )
+    return {
+        "global_step": result.global_step,
+        "total_steps": result.total_steps,
+        "complete": result.complete,
+        "stopped_reason": result.stopped_reason,
+        "lora_files": [str(p) for p in result.lora_files],
+    }
