@@ -1,0 +1,1 @@
+"""Data-set building blocks: image preparation, captions, near-duplicate detection, manifests."""
