@@ -1,0 +1,349 @@
+"""DanbooruClient: posts.json with cursor paging, auth, rate limit, retries; verified downloads.
+
+Why it looks like this (see REFERENCE.md, Danbooru section):
+- Offset pages are capped (HTTP 410 past page 1000) and skip or repeat posts while uploads
+  arrive, so listing walks `page=b<id>` / `page=a<id>` cursors and keeps a seen-id set.
+- Danbooru allows at most 10 requests/s and asks for ~1/s; API calls go through one limiter.
+  Image downloads come from the CDN and are not throttled by it.
+- The API key travels only as HTTP Basic auth on API requests, never in URLs, logs, reprs or
+  errors, and never to the CDN host.
+"""
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import requests
+
+from lora.booru.credentials import Credentials
+from lora.booru.errors import TAG_LIMIT_HINT, BooruAuthError, BooruError, BooruQueryError, DownloadError
+from lora.booru.posts import Post
+from lora.booru.query import check_tag_limit
+from lora.booru.ratelimit import RateLimiter
+
+log = logging.getLogger("lora.booru")
+
+DEFAULT_URL = "https://danbooru.donmai.us"
+MAX_REQUESTS_PER_SECOND = 10.0
+MAX_LIMIT = 200
+ANONYMOUS_TAG_LIMIT = 2
+MAX_RETRY_AFTER = 300.0
+_CHUNK = 1 << 16
+
+
+def _version() -> str:
+    try:
+        return metadata.version("animelora")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+def default_user_agent(login: str | None = None) -> str:
+    """A descriptive, non-browser agent naming the tool (and the user), as Danbooru expects."""
+    ua = f"animelora/{_version()} (+https://github.com/animelora/animelora)"
+    return f"{ua} user:{login}" if login else ua
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _server_message(resp: requests.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return ""
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("reason") or "")
+    return ""
+
+
+class DanbooruClient:
+    """Reads posts from a Danbooru (or compatible) server and downloads their files."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        credentials: Credentials | None = None,
+        user_agent: str | None = None,
+        requests_per_second: float = 1.0,
+        max_retries: int = 5,
+        timeout: float = 30.0,
+        backoff_base: float = 1.0,
+    ) -> None:
+        if not base_url or not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url: expected an http(s) URL, got {base_url!r}")
+        rps = float(requests_per_second)
+        if not rps > 0:
+            raise ValueError(f"requests_per_second: must be positive, got {requests_per_second!r}")
+        if rps > MAX_REQUESTS_PER_SECOND:
+            raise ValueError(
+                f"requests_per_second: {requests_per_second} exceeds Danbooru's limit of "
+                f"{MAX_REQUESTS_PER_SECOND:g} requests/s (staff ask for about 1/s)"
+            )
+        if max_retries < 0:
+            raise ValueError(f"max_retries: must be >= 0, got {max_retries!r}")
+        if timeout <= 0:
+            raise ValueError(f"timeout: must be positive, got {timeout!r}")
+        self.base_url = base_url.rstrip("/")
+        self.credentials = credentials
+        self.user_agent = user_agent or default_user_agent(credentials.login if credentials else None)
+        self.requests_per_second = rps
+        self.max_retries = int(max_retries)
+        self.timeout = float(timeout)
+        self.backoff_base = float(backoff_base)
+        self._limiter = RateLimiter(rps)
+        self._api = requests.Session()
+        self._api.headers.update({"User-Agent": self.user_agent, "Accept": "application/json"})
+        if credentials is not None:
+            self._api.auth = (credentials.login, credentials.api_key)
+        # Downloads go to the CDN: a separate session without credentials.
+        self._files = requests.Session()
+        self._files.headers.update({"User-Agent": self.user_agent})
+
+    def __repr__(self) -> str:
+        who = self.credentials.login if self.credentials else "anonymous"
+        return f"DanbooruClient({self.base_url!r}, user={who!r}, requests_per_second={self.requests_per_second:g})"
+
+    # -- lifecycle -------------------------------------------------------------------
+    def close(self) -> None:
+        self._api.close()
+        self._files.close()
+
+    def __enter__(self) -> "DanbooruClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- API -------------------------------------------------------------------------
+    def _backoff(self, attempt: int) -> float:
+        return min(60.0, self.backoff_base * (2**attempt)) * random.uniform(1.0, 1.25)
+
+    def _get_json(self, path: str, params: dict[str, Any]) -> Any:
+        """GET an API path with rate limiting, retries and errors that say what to fix."""
+        url = f"{self.base_url}/{path.lstrip('/')}"
+        last: str = ""
+        for attempt in range(self.max_retries + 1):
+            self._limiter.wait()
+            log.debug("GET %s %s", url, params)
+            try:
+                resp = self._api.get(url, params=params, timeout=self.timeout)
+            except requests.Timeout:
+                last, delay = f"timed out after {self.timeout:g} s", self._backoff(attempt)
+            except requests.ConnectionError as exc:
+                last, delay = f"connection error ({type(exc).__name__})", self._backoff(attempt)
+            else:
+                status = resp.status_code
+                if status < 400:
+                    try:
+                        return resp.json()
+                    except ValueError as exc:
+                        raise BooruError(f"{url}: the server answered {status} with a body that is not JSON") from exc
+                self._raise_for_fatal(resp)
+                if status == 429:
+                    ra = _retry_after_seconds(resp.headers.get("Retry-After"))
+                    if ra is not None and ra > MAX_RETRY_AFTER:
+                        raise BooruError(
+                            f"Danbooru throttled the client (429) and asks to wait {ra:.0f} s; "
+                            "lower requests_per_second and try again later"
+                        )
+                    delay = ra if ra is not None else self._backoff(attempt)
+                    last = "throttled (429)"
+                elif status >= 500 or status == 408:
+                    delay, last = self._backoff(attempt), f"server error {status}"
+                else:
+                    msg = _server_message(resp)
+                    raise BooruError(f"{url}: HTTP {status}" + (f": {msg}" if msg else ""))
+            if attempt >= self.max_retries:
+                break
+            log.warning("Danbooru request %s: %s; retrying in %.1f s (attempt %d of %d)",
+                        path, last, delay, attempt + 1, self.max_retries)
+            time.sleep(delay)
+        raise BooruError(f"{url}: giving up after {self.max_retries + 1} attempts: {last}")
+
+    def _raise_for_fatal(self, resp: requests.Response) -> None:
+        status = resp.status_code
+        msg = _server_message(resp)
+        said = f" (server said: {msg})" if msg else ""
+        if status == 401:
+            raise BooruAuthError(
+                "Danbooru rejected the credentials (401 Unauthorized): check DANBOORU_LOGIN and "
+                "DANBOORU_API_KEY (the API key from your profile, not the password)" + said
+            )
+        if status == 403:
+            raise BooruAuthError(
+                f"Danbooru refused the request (403 Forbidden): the User-Agent {self.user_agent!r} may be "
+                "blocked (default library and browser agents are; use a descriptive one), or the API "
+                "key lacks the scope for posts.json (check its permissions)" + said
+            )
+        if status == 422:
+            raise BooruQueryError(f"Danbooru refused the query (422){said}: {TAG_LIMIT_HINT}")
+        if status == 410:
+            raise BooruError(
+                "Danbooru refused the page (410 Gone): numbered pages stop at page 1000 (5000 for Gold); "
+                "walk with cursor pages (iter_posts, page=b<id>) instead" + said
+            )
+
+    def get_posts(self, tags: str, *, page: str | int | None = None, limit: int = MAX_LIMIT) -> list[Post]:
+        """One page of posts.json, newest first. `page` is N, "b<id>" or "a<id>"."""
+        if self.credentials is None:
+            check_tag_limit(tags, ANONYMOUS_TAG_LIMIT)
+        params: dict[str, Any] = {"tags": tags, "limit": max(1, min(MAX_LIMIT, int(limit)))}
+        if page is not None:
+            params["page"] = page
+        data = self._get_json("posts.json", params)
+        if not isinstance(data, list):
+            raise BooruError(f"posts.json: expected a JSON list, got {type(data).__name__}")
+        return [Post.from_json(item) for item in data]
+
+    def iter_posts(
+        self,
+        tags: str,
+        *,
+        before_id: int | None = None,
+        after_id: int | None = None,
+        limit: int = MAX_LIMIT,
+        max_posts: int | None = None,
+    ) -> Iterator[Post]:
+        """Every post matching `tags`, once each, by cursor pages.
+
+        Without after_id: newest first, walking older (`page=b<id>`) from before_id (or the
+        newest post). With after_id: only posts with id > after_id, yielded oldest first
+        (each `page=a<id>` holds the next ids above the cursor, listed newest first), so a
+        caller may save the last yielded id as its cursor at any point.
+        """
+        if before_id is not None and after_id is not None:
+            raise ValueError("iter_posts: give before_id or after_id, not both")
+        if max_posts is not None and max_posts <= 0:
+            return
+        seen: set[int] = set()
+        yielded = 0
+        newer = after_id is not None
+        cursor: int | None = after_id if newer else before_id
+        while True:
+            page = (f"a{cursor}" if newer else (f"b{cursor}" if cursor is not None else None))
+            posts = self.get_posts(tags, page=page, limit=limit)
+            if not posts:
+                return
+            ids = [p.id for p in posts]
+            nxt = max(ids) if newer else min(ids)
+            posts.sort(key=lambda p: p.id, reverse=not newer)
+            for post in posts:
+                if post.id in seen:
+                    continue
+                seen.add(post.id)
+                yield post
+                yielded += 1
+                if max_posts is not None and yielded >= max_posts:
+                    return
+            if cursor is not None and (nxt <= cursor if newer else nxt >= cursor):
+                log.warning("posts.json ignored the cursor page %s; stopping", page)
+                return
+            cursor = nxt
+
+    # -- downloads ---------------------------------------------------------------------
+    def download(
+        self,
+        post_or_url: Post | str,
+        dest: str | os.PathLike[str],
+        *,
+        md5: str | None = None,
+        retries: int = 3,
+    ) -> Path:
+        """Fetch a file to `dest` atomically, verifying its md5 (a Post's md5 by default).
+
+        The bytes stream into a temporary file beside dest and are moved into place only when
+        complete and verified, so dest is either absent or whole. Up to `retries` retries
+        after the first try; then DownloadError(reason) with nothing left behind.
+        """
+        if isinstance(post_or_url, Post):
+            url = post_or_url.file_url
+            if md5 is None:
+                md5 = post_or_url.md5
+            if not url:
+                raise DownloadError("no-file-url", f"post {post_or_url.id} has no file_url")
+        else:
+            url = str(post_or_url)
+        if url.startswith("//"):
+            url = "https:" + url
+        elif not url.startswith(("http://", "https://")):
+            url = urljoin(self.base_url + "/", url)
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        want = md5.lower() if md5 else None
+        failure = DownloadError("connection-error")
+        for attempt in range(max(0, retries) + 1):
+            try:
+                self._download_once(url, dest, want)
+                return dest
+            except DownloadError as exc:
+                failure = exc
+                retryable = exc.reason in {"md5-mismatch", "truncated", "timeout", "connection-error",
+                                           "http-408", "http-429"} or exc.reason.startswith("http-5")
+                if not retryable or attempt >= retries:
+                    break
+                delay = getattr(exc, "retry_after", None) or self._backoff(attempt)
+                log.warning("download %s failed (%s); retrying in %.1f s (attempt %d of %d)",
+                            url, exc.reason, delay, attempt + 1, retries)
+                time.sleep(min(delay, MAX_RETRY_AFTER))
+        raise DownloadError(failure.reason, f"download of {url} failed: {failure}")
+
+    def _download_once(self, url: str, dest: Path, md5: str | None) -> None:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        tmp = Path(tmp_name)
+        try:
+            digest = hashlib.md5()
+            received = 0
+            try:
+                with os.fdopen(fd, "wb") as fh, self._files.get(url, stream=True, timeout=self.timeout) as resp:
+                    if resp.status_code >= 400:
+                        err = DownloadError(f"http-{resp.status_code}", f"HTTP {resp.status_code} for {url}")
+                        if resp.status_code == 429:
+                            err.retry_after = _retry_after_seconds(resp.headers.get("Retry-After"))  # type: ignore[attr-defined]
+                        raise err
+                    expected = resp.headers.get("Content-Length")
+                    for chunk in resp.iter_content(_CHUNK):
+                        fh.write(chunk)
+                        digest.update(chunk)
+                        received += len(chunk)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except requests.Timeout as exc:
+                raise DownloadError("timeout", f"timed out after {self.timeout:g} s") from exc
+            except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
+                raise DownloadError("truncated", f"connection dropped after {received} bytes") from exc
+            except requests.ConnectionError as exc:
+                raise DownloadError("connection-error", f"connection error ({type(exc).__name__})") from exc
+            except OSError as exc:
+                raise DownloadError("io-error", f"cannot write {dest}: {exc}") from exc
+            if expected is not None and expected.isdigit() and int(expected) != received:
+                raise DownloadError("truncated", f"got {received} of {expected} bytes")
+            if md5 is not None and digest.hexdigest() != md5:
+                raise DownloadError("md5-mismatch", f"md5 {digest.hexdigest()} != expected {md5}")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
