@@ -9,7 +9,7 @@ from lora.testing.fakebooru import FakeDanbooru, generate_posts
 @pytest.fixture(scope="module")
 def booru():
     """A Danbooru-compatible server with enough clean posts for a tiny run (traps included)."""
-    with FakeDanbooru(generate_posts(36, seed=7)) as server:
+    with FakeDanbooru(generate_posts(80, seed=7)) as server:
         yield server
 
 

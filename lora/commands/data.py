@@ -1,0 +1,211 @@
+"""`animelora fetch` and `animelora import`: build and grow a versioned data set.
+
+    animelora fetch --tags "1girl solo" --limit 100 --workspace workspace --dataset anime
+    animelora fetch --query sketch_aesthetic=sketch --query soft_focus_landscape=landscape ...
+    animelora import --from old_downloads/ --workspace workspace --dataset anime
+
+Danbooru credentials come only from DANBOORU_LOGIN / DANBOORU_API_KEY, never from arguments
+(they would end up in shell history and process lists).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+__all__ = ["register"]
+
+_RATINGS = {"g", "s", "q", "e", "general", "sensitive", "safe", "questionable", "explicit"}
+
+
+def _error(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _progress_bar(desc: str) -> tuple[Callable[[dict[str, Any]], None], Callable[[], None]]:
+    """A tqdm bar fed by ``on_progress`` events; one bar per round (the total changes)."""
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {"bar": None, "key": None}
+
+    def on_progress(event: dict[str, Any]) -> None:
+        key = (event.get("round"), event.get("total"))
+        if state["key"] != key:
+            if state["bar"] is not None:
+                state["bar"].close()
+            round_no = event.get("round")
+            label = f"{desc} (round {round_no})" if round_no and round_no > 1 else desc
+            state["bar"] = tqdm(total=event.get("total"), desc=label, unit="img",
+                                disable=not sys.stderr.isatty(), file=sys.stderr)
+            state["key"] = key
+        state["bar"].update(1)
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+
+    return on_progress, close
+
+
+def _caption_options(args: argparse.Namespace):
+    from lora.data.captions import CaptionOptions
+
+    return CaptionOptions(
+        trigger_word=args.trigger_word,
+        include_artist=args.include_artist,
+        blacklist=tuple(_csv(args.blacklist)),
+        max_tags=args.max_tags,
+    )
+
+
+def _check_common(args: argparse.Namespace) -> str | None:
+    if args.min_side < 64:
+        return f"--min-side must be at least 64, got {args.min_side}"
+    if not 0 <= args.radius <= 16:
+        return f"--radius must be between 0 and 16, got {args.radius}"
+    if args.max_tags is not None and args.max_tags < 0:
+        return f"--max-tags must be >= 0, got {args.max_tags}"
+    return None
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from lora.booru import BooruAuthError, BooruError, BooruQueryError, Credentials
+    from lora.data.manifest import DatasetBusyError, ManifestError
+    from lora.data.refresh import make_query_specs, refresh_dataset
+
+    problem = _check_common(args)
+    ratings = _csv(args.ratings)
+    bad = [r for r in ratings if r.lower() not in _RATINGS]
+    if problem is None and bad:
+        problem = f"--ratings: unknown rating(s) {', '.join(bad)}; use g, s, q, e"
+    if problem is None and not 0 < args.requests_per_second <= 10:
+        problem = f"--requests-per-second must be in (0, 10], got {args.requests_per_second}"
+    if problem is None and args.limit is not None and args.limit < 0:
+        problem = f"--limit must be >= 0, got {args.limit}"
+    if problem is None and args.target_size is not None and args.target_size < 1:
+        problem = f"--target-size must be >= 1, got {args.target_size}"
+    if problem:
+        return _error(problem, 2)
+    limit = args.limit
+    if limit is None and args.target_size is None:
+        limit = 100
+    try:
+        # --tags is the query named "default"; --query adds named ones beside it.
+        raw = ([f"default={args.tags}"] if args.tags and args.tags.strip() else []) + list(args.query)
+        if not raw:
+            return _error("give --tags or at least one --query NAME=TAGS", 2)
+        specs = make_query_specs(None, raw)
+        credentials = Credentials.from_env()
+        caption = _caption_options(args)
+    except BooruAuthError as exc:
+        return _error(str(exc), 2)
+    except ValueError as exc:
+        return _error(str(exc), 2)
+
+    on_progress, close = _progress_bar("downloading")
+    try:
+        summary = refresh_dataset(
+            args.workspace, args.dataset, specs,
+            booru_url=args.booru_url, credentials=credentials, target_size=args.target_size,
+            limit=limit, ratings=ratings, min_side=args.min_side, caption=caption,
+            radius=args.radius, group_parents=args.group_parents,
+            requests_per_second=args.requests_per_second, on_progress=on_progress,
+        )
+    except (BooruQueryError, BooruAuthError) as exc:
+        return _error(str(exc), 2)
+    except DatasetBusyError as exc:
+        return _error(str(exc), 1)
+    except BooruError as exc:
+        return _error(f"{type(exc).__name__}: {exc}", 1)
+    except (ManifestError, ValueError) as exc:
+        return _error(str(exc), 2)
+    except OSError as exc:
+        return _error(f"{type(exc).__name__}: {exc}", 1)
+    finally:
+        close()
+    print(summary.format_table())
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from lora.data.importer import FolderImportError, import_folder
+    from lora.data.manifest import DatasetBusyError, ManifestError
+
+    problem = _check_common(args)
+    if problem:
+        return _error(problem, 2)
+    on_progress, close = _progress_bar("importing")
+    try:
+        summary = import_folder(
+            args.workspace, args.dataset, args.source, query=args.query,
+            caption=_caption_options(args), min_side=args.min_side, radius=args.radius,
+            on_progress=on_progress,
+        )
+    except (FolderImportError, ManifestError, ValueError) as exc:
+        return _error(str(exc), 2)
+    except DatasetBusyError as exc:
+        return _error(str(exc), 1)
+    except OSError as exc:
+        return _error(f"{type(exc).__name__}: {exc}", 1)
+    finally:
+        close()
+    print(summary.format_table())
+    return 0
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workspace", default="workspace", help="workspace folder (default: ./workspace)")
+    parser.add_argument("--dataset", default="anime", help="data set name (default: anime)")
+    parser.add_argument("--min-side", type=int, default=512,
+                        help="drop images whose short side is under this (default 512; never upscaled)")
+    parser.add_argument("--trigger-word", default=None, help="written first in every caption")
+    parser.add_argument("--include-artist", action="store_true", help="keep artist tags in captions")
+    parser.add_argument("--blacklist", default=None, help="comma-separated tags to leave out of captions")
+    parser.add_argument("--max-tags", type=int, default=None, help="at most this many tags per caption")
+    parser.add_argument("--radius", type=int, default=4,
+                        help="phash Hamming radius for near-duplicates (default 4)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from lora.data.refresh import DEFAULT_BOORU_URL
+
+    fetch = sub.add_parser(
+        "fetch",
+        help="fetch, dedup, caption and prepare Danbooru posts into a versioned data set",
+        description="Fetch new posts for each query (newer than the saved cursor, then older until "
+        "--limit / --target-size), skip deleted/banned/video posts and duplicates, caption and "
+        "prepare the images, and write a new data-set version. Re-running continues from the "
+        "cursor. Credentials: DANBOORU_LOGIN and DANBOORU_API_KEY in the environment.",
+    )
+    fetch.add_argument("--booru-url", default=DEFAULT_BOORU_URL, help=f"default {DEFAULT_BOORU_URL}")
+    fetch.add_argument("--tags", default=None, help='Danbooru tags, e.g. "1girl solo" (query "default")')
+    fetch.add_argument("--query", action="append", default=[], metavar="NAME[:LIMIT]=TAGS",
+                       help="a named query (repeatable), e.g. sketch_aesthetic=sketch")
+    fetch.add_argument("--limit", type=int, default=None,
+                       help="new posts per query per run (default 100 unless --target-size)")
+    fetch.add_argument("--target-size", type=int, default=None,
+                       help="grow the data set until it holds this many images (walks older posts)")
+    fetch.add_argument("--ratings", default="g,s", help="comma-separated ratings (default g,s)")
+    fetch.add_argument("--requests-per-second", type=float, default=1.0,
+                       help="API request rate (default 1, at most 10)")
+    fetch.add_argument("--group-parents", action="store_true",
+                       help="treat posts of one parent/child group as duplicates")
+    _add_common(fetch)
+    fetch.set_defaults(func=_fetch)
+
+    imp = sub.add_parser(
+        "import",
+        help="import a local folder (plain images or the old downloader's layout) into a data set",
+        description="Import images from a folder through the same dedup, caption and prepare steps "
+        "as a fetch. Plain images use their .txt captions when present; the old downloader's "
+        "layout (<style>/<file>.png + metadata.json) maps style to query and tags to captions.",
+    )
+    imp.add_argument("--from", dest="source", required=True, help="folder to import")
+    imp.add_argument("--query", default=None, help="query name recorded for plain images (default: import)")
+    _add_common(imp)
+    imp.set_defaults(func=_import)

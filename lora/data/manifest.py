@@ -1,0 +1,308 @@
+"""The data-set folder and its ``manifest.parquet``: one row per post ever seen.
+
+Why: the manifest (plus the image files it names) is the single source of truth of a data set.
+Cursors (``state.json``) and versions (``versions/*.json``) are derived from it and may lag
+behind after a crash; the manifest never lags behind the images it lists, because images are
+moved into ``images/`` before the rows naming them are written, and every write is atomic
+(temporary file in the same folder, then ``os.replace``).
+
+Rows are plain dicts with the keys of :data:`SCHEMA`; ``id`` is a string (a Danbooru post id
+such as ``"123"``, or a stable ``local-<md5>`` id for imported files).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "SCHEMA",
+    "COLUMNS",
+    "STATUSES",
+    "DatasetPaths",
+    "DatasetBusyError",
+    "ManifestError",
+    "dataset_lock",
+    "load_rows",
+    "load_manifest",
+    "save_rows",
+    "upsert_rows",
+    "new_row",
+    "now_utc",
+    "reason_kind",
+]
+
+#: The statuses a row can have. "failed" rows (download errors) may be retried by a later refresh.
+STATUSES = ("kept", "duplicate", "rejected", "failed")
+
+SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("post_id", pa.int64()),
+        pa.field("query", pa.string()),
+        pa.field("md5", pa.string()),
+        pa.field("phash", pa.string()),
+        pa.field("width", pa.int64()),
+        pa.field("height", pa.int64()),
+        pa.field("bucket", pa.string()),
+        pa.field("rating", pa.string()),
+        pa.field("score", pa.int64()),
+        pa.field("file_ext", pa.string()),
+        pa.field("file_size", pa.int64()),
+        pa.field("tags_general", pa.string()),
+        pa.field("tags_character", pa.string()),
+        pa.field("tags_copyright", pa.string()),
+        pa.field("tags_artist", pa.string()),
+        pa.field("tags_meta", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("file_url", pa.string()),
+        pa.field("parent_id", pa.int64()),
+        pa.field("file", pa.string()),
+        pa.field("version_added", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("duplicate_of", pa.string()),
+        pa.field("attempts", pa.int64()),
+        pa.field("seen_at", pa.timestamp("us", tz="UTC")),
+        pa.field("committed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class ManifestError(ValueError):
+    """A manifest row or file that breaks the schema; the message names the field or file."""
+
+
+class DatasetBusyError(RuntimeError):
+    """Another process is refreshing or importing into the same data set."""
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def reason_kind(reason: str | None) -> str:
+    """``"duplicate-of:123"`` → ``"duplicate-of"``: the reason without the post it names."""
+    return (reason or "").split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """Where everything of one data set lives (see docs/architecture.md)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, workspace: str | Path, name: str) -> "DatasetPaths":
+        """``<workspace>/datasets/<name>``; ``name`` must be a plain folder name."""
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ValueError(
+                f"dataset name {name!r} is not valid: use letters, digits, '.', '_' or '-' "
+                "(no slashes, at most 100 characters)"
+            )
+        return cls(Path(workspace).expanduser().resolve() / "datasets" / name)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def versions(self) -> Path:
+        return self.root / "versions"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def staging(self) -> Path:
+        """Downloads and prepared-but-uncommitted images; never part of a version."""
+        return self.root / ".staging"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+    def ensure(self) -> "DatasetPaths":
+        for folder in (self.images, self.versions, self.staging):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Locking: one writer per data set. Re-entrant inside a process (a Prefect flow holds it while
+# its tasks, in worker threads, commit), exclusive between processes (fcntl.flock).
+# --------------------------------------------------------------------------------------------
+
+_LOCKS: dict[Path, list[Any]] = {}  # path -> [fd, holders]
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def dataset_lock(paths: DatasetPaths, timeout: float = 0.0) -> Iterator[None]:
+    """Hold the data set's write lock; raise :class:`DatasetBusyError` after ``timeout`` seconds."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    key = paths.lock_file
+    with _LOCKS_GUARD:
+        entry = _LOCKS.get(key)
+        if entry is not None:
+            entry[1] += 1
+    if entry is None:
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise DatasetBusyError(
+                        f"data set {paths.name!r} is being written by another process "
+                        f"(lock {key}); wait for it to finish"
+                    ) from None
+                time.sleep(0.2)
+        with _LOCKS_GUARD:
+            _LOCKS[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        with _LOCKS_GUARD:
+            entry = _LOCKS[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _LOCKS[key]
+                fcntl.flock(entry[0], fcntl.LOCK_UN)
+                os.close(entry[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------
+
+
+def new_row(id: str, status: str, **fields: Any) -> dict[str, Any]:
+    """A complete row (every column present, unknown fields refused)."""
+    unknown = set(fields) - set(COLUMNS)
+    if unknown:
+        raise ManifestError(f"unknown manifest field(s): {', '.join(sorted(unknown))}")
+    row: dict[str, Any] = {name: None for name in COLUMNS}
+    row.update(fields)
+    row["id"] = str(id)
+    row["status"] = status
+    row.setdefault("seen_at", None)
+    if row["seen_at"] is None:
+        row["seen_at"] = now_utc()
+    _check_row(row)
+    return row
+
+
+def _check_row(row: dict[str, Any]) -> None:
+    if not row.get("id"):
+        raise ManifestError("manifest row without an id")
+    if row.get("status") not in STATUSES:
+        raise ManifestError(
+            f"manifest row {row.get('id')!r}: status {row.get('status')!r} is not one of {STATUSES}"
+        )
+    if row["status"] == "kept" and not row.get("file"):
+        raise ManifestError(f"manifest row {row['id']!r} is kept but names no file")
+
+
+def load_rows(paths: DatasetPaths) -> list[dict[str, Any]]:
+    """All rows, in insertion order ([] when the data set has no manifest yet).
+
+    Columns added to the schema after a manifest was written read as None.
+    """
+    if not paths.manifest.exists():
+        return []
+    try:
+        table = pq.read_table(paths.manifest)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ManifestError(f"{paths.manifest} cannot be read: {exc}") from exc
+    missing = [name for name in ("id", "status") if name not in table.column_names]
+    if missing:
+        raise ManifestError(f"{paths.manifest} lacks required column(s) {missing}")
+    rows = table.to_pylist()
+    for row in rows:
+        for name in COLUMNS:
+            row.setdefault(name, None)
+    return rows
+
+
+def load_manifest(paths: DatasetPaths):
+    """The manifest as a pandas DataFrame (empty, with every column, when there is none)."""
+    rows = load_rows(paths)
+    return pa.Table.from_pylist([{k: r.get(k) for k in COLUMNS} for r in rows], schema=SCHEMA).to_pandas()
+
+
+def save_rows(paths: DatasetPaths, rows: Iterable[dict[str, Any]]) -> None:
+    """Write the whole manifest atomically (temporary file in the same folder, then replace)."""
+    rows = list(rows)
+    seen: set[str] = set()
+    for row in rows:
+        _check_row(row)
+        if row["id"] in seen:
+            raise ManifestError(f"manifest would hold post {row['id']!r} twice")
+        seen.add(row["id"])
+    try:
+        table = pa.Table.from_pylist([{k: r.get(k) for k in COLUMNS} for r in rows], schema=SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ManifestError(f"manifest rows do not fit the schema: {exc}") from exc
+    paths.root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=paths.root, prefix=".manifest.", suffix=".parquet.tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, paths.manifest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def upsert_rows(
+    existing: list[dict[str, Any]], new: Iterable[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``existing`` with ``new`` rows appended; a new row replaces an old row with the same id
+    (that is how a retried "failed" post gets its final status), keeping the old position."""
+    out = list(existing)
+    index = {row["id"]: i for i, row in enumerate(out)}
+    for row in new:
+        i = index.get(row["id"])
+        if i is None:
+            index[row["id"]] = len(out)
+            out.append(row)
+        else:
+            out[i] = row
+    return out

@@ -1,0 +1,152 @@
+"""Data-set versions: ``versions/vNNNN.json``, immutable snapshots of the kept files.
+
+Why: a training run pins a version, so the data it saw can be reproduced after later refreshes
+add images. A version file is written once and never changed; the latest version is the highest
+name. The contract (docs/architecture.md)::
+
+    {"version": "v0002", "parent": "v0001", "created_at": ISO8601, "queries": {name: tags},
+     "post_ids": [...], "files": ["images/123.png", ...], "count": N}
+
+``files`` are relative to the data-set folder; captions are the same stem with ``.txt``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from lora.data.manifest import DatasetPaths, now_utc
+
+__all__ = [
+    "VersionError",
+    "version_name",
+    "list_versions",
+    "latest_version",
+    "next_version",
+    "read_version",
+    "write_version",
+    "version_files",
+]
+
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+class VersionError(ValueError):
+    """A version name or file that is missing or malformed; the message names it."""
+
+
+def version_name(number: int) -> str:
+    if number < 1:
+        raise VersionError(f"version numbers start at 1, got {number}")
+    return f"v{number:04d}"
+
+
+def _number(name: str) -> int:
+    match = _VERSION_RE.match(name)
+    if not match:
+        raise VersionError(f"{name!r} is not a version name like 'v0001'")
+    return int(match.group(1))
+
+
+def list_versions(paths: DatasetPaths) -> list[str]:
+    """Version names, oldest first (temporary files ignored)."""
+    if not paths.versions.is_dir():
+        return []
+    names = [p.stem for p in paths.versions.glob("v*.json") if _VERSION_RE.match(p.stem)]
+    return sorted(names, key=_number)
+
+
+def latest_version(paths: DatasetPaths) -> str | None:
+    names = list_versions(paths)
+    return names[-1] if names else None
+
+
+def next_version(paths: DatasetPaths) -> str:
+    latest = latest_version(paths)
+    return version_name(_number(latest) + 1 if latest else 1)
+
+
+def read_version(paths: DatasetPaths, version: str | None = None) -> dict[str, Any]:
+    """The version's JSON (the latest when ``version`` is None)."""
+    version = version or latest_version(paths)
+    if version is None:
+        raise VersionError(f"data set {paths.name!r} has no versions yet")
+    _number(version)
+    path = paths.versions / f"{version}.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VersionError(f"data set {paths.name!r} has no version {version!r} ({path})") from None
+    except json.JSONDecodeError as exc:
+        raise VersionError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def version_files(paths: DatasetPaths, version: str | None = None) -> list[Path]:
+    """Absolute image paths of a version, in its order."""
+    return [paths.root / rel for rel in read_version(paths, version)["files"]]
+
+
+def _id_for_json(post_id: str) -> int | str:
+    """Danbooru ids are written as numbers, local import ids as strings."""
+    return int(post_id) if post_id.isdigit() else post_id
+
+
+def write_version(
+    paths: DatasetPaths,
+    version: str,
+    post_ids: Sequence[str],
+    files: Sequence[str],
+    queries: dict[str, str],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``versions/<version>.json`` once; an existing version is never overwritten."""
+    number = _number(version)
+    if len(post_ids) != len(files):
+        raise VersionError(f"version {version}: {len(post_ids)} post ids but {len(files)} files")
+    for rel in files:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise VersionError(f"version {version}: file {rel!r} must be relative to the data set")
+    paths.versions.mkdir(parents=True, exist_ok=True)
+    target = paths.versions / f"{version}.json"
+    if target.exists():
+        raise VersionError(f"version {version} of data set {paths.name!r} already exists ({target})")
+    earlier = [v for v in list_versions(paths) if _number(v) < number]
+    data: dict[str, Any] = {
+        "version": version,
+        "parent": earlier[-1] if earlier else None,
+        "created_at": now_utc().isoformat(timespec="seconds"),
+        "dataset": paths.name,
+        "queries": dict(queries),
+        "post_ids": [_id_for_json(str(p)) for p in post_ids],
+        "files": list(files),
+        "count": len(files),
+    }
+    if extra:
+        data.update({k: v for k, v in extra.items() if k not in data})
+    fd, tmp = tempfile.mkstemp(dir=paths.versions, prefix=f".{version}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        # os.link refuses to replace an existing file: two writers cannot both create a version.
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise
+        except OSError:  # file systems without hard links: the caller holds the data-set lock
+            if target.exists():
+                raise FileExistsError(str(target)) from None
+            os.replace(tmp, target)
+    except FileExistsError:
+        raise VersionError(f"version {version} of data set {paths.name!r} already exists ({target})") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+    return data
