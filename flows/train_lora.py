@@ -19,6 +19,8 @@ from prefect.runtime import flow_run
 
 from flows.dataset_refresh import dataset_refresh
 from lora.config import resolve_config
+from lora.data.manifest import DatasetPaths
+from lora.data.versions import latest_version, read_version
 from lora.train import plan_total_steps
 from tasks.artifacts import ProgressReporter, artifact_key
 from tasks.results import analyze_run, link_lora_files, publish_run, sample_run
@@ -40,13 +42,14 @@ def _flow_run_name() -> str:
     return f"{preset}-{name}"
 
 
-def dataset_status(dataset_dir: Path) -> tuple[str | None, int]:
-    """The latest data-set version and how many images it holds (per docs/architecture.md)."""
-    versions = sorted((dataset_dir / "versions").glob("v*.json"))
-    if not versions:
+def dataset_status(workspace: Path, dataset: str) -> tuple[str | None, int]:
+    """The latest data-set version and how many images it holds."""
+    paths = DatasetPaths.of(workspace, dataset)
+    version = latest_version(paths)
+    if version is None:
         return None, 0
-    data = json.loads(versions[-1].read_text())
-    return data.get("version", versions[-1].stem), int(data.get("count", len(data.get("files", []))))
+    data = read_version(paths, version)
+    return version, int(data.get("count", len(data.get("files", []))))
 
 
 def training_progress(run_dir: Path) -> tuple[int, bool]:
@@ -117,7 +120,7 @@ def train_lora(
     run_dir = ws / "runs" / run_name
 
     # 1. Ensure the data set is big enough, then pin its version.
-    version, size = dataset_status(dataset_dir)
+    version, size = dataset_status(ws, dataset)
     rounds = 0
     while size < target_size and rounds < MAX_REFRESH_ROUNDS:
         rounds += 1
@@ -129,7 +132,7 @@ def train_lora(
             credentials_block=danbooru_credentials_block,
         )
         previous = size
-        version, size = dataset_status(dataset_dir)
+        version, size = dataset_status(ws, dataset)
         if size <= previous:
             break
     if size == 0 or version is None:

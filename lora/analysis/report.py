@@ -1,0 +1,101 @@
+"""`report/` of a run folder: metrics.json, loss_curve.png and a readable report.md."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lora.analysis.compare import Comparison, fmt
+from lora.analysis.metrics import RunAnalysis
+from lora.analysis.plots import plot_comparison, plot_loss
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinity become null so the JSON is valid for any reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write to a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def metrics_markdown(analysis: RunAnalysis) -> str:
+    """The metrics table shared by report.md and the model card."""
+    rows = [
+        ("initial loss", fmt(analysis.initial_loss)),
+        ("minimum loss", f"{fmt(analysis.min_loss)} (epoch {analysis.min_epoch})"),
+        ("final loss", fmt(analysis.final_loss)),
+        ("improvement", f"{fmt(analysis.improvement_pct, 'pct')}%"),
+        ("spikes", ", ".join(f"+{s.jump_pct:.1f}% at epoch {s.epoch}" for s in analysis.spikes)
+         or "none"),
+        ("epochs logged", str(len(analysis.losses))),
+    ]
+    val = analysis.validation
+    if val is not None:
+        rows += [
+            ("validation initial", fmt(val.initial_loss)),
+            ("validation minimum", f"{fmt(val.min_loss)} (epoch {val.min_epoch})"),
+            ("validation final", fmt(val.final_loss)),
+            ("validation improvement", f"{fmt(val.improvement_pct, 'pct')}%"),
+        ]
+        if val.per_timestep_final:
+            rows.append(("validation final per timestep", ", ".join(
+                f"t={t}: {fmt(v)}" for t, v in val.per_timestep_final.items())))
+    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def write_report(
+    run_dir: Path | str, analysis: RunAnalysis, comparison: Comparison | None = None
+) -> Path:
+    """Write ``report/metrics.json``, ``report/loss_curve.png`` and ``report/report.md``.
+
+    Returns the path of ``report.md``. Each file is replaced atomically.
+    """
+    report = Path(run_dir) / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, Any] = analysis.to_dict()
+    if comparison is not None:
+        metrics["comparison"] = comparison.to_dict()
+    write_text_atomic(report / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
+    plot_loss(analysis, report / "loss_curve.png")
+
+    parts = [f"# Training report: {analysis.name}", "", f"**Verdict:** {analysis.verdict}", ""]
+    settings = {k: v for k, v in analysis.settings.items() if v is not None}
+    if settings:
+        parts += ["## Settings", "", "| setting | value |", "|---|---|"]
+        parts += [f"| {k} | {v} |" for k, v in settings.items()]
+        parts.append("")
+    parts += ["## Metrics", "", metrics_markdown(analysis), "", "## Per-epoch loss", "",
+              "| epoch | loss | smoothed | time (s) |", "|---|---|---|---|"]
+    for row, smooth in zip(analysis.losses, analysis.training.smoothed):
+        parts.append(f"| {row['epoch']} | {fmt(row['loss'])} | {fmt(smooth)} | "
+                     f"{fmt(row.get('time_seconds'))} |")
+    parts += ["", "## Loss curve", "", "![loss curve](loss_curve.png)", ""]
+    if comparison is not None:
+        plot_comparison(list(comparison.analyses), report / "comparison.png")
+        parts += ["## Comparison", "", comparison.to_markdown(), "",
+                  "![comparison](comparison.png)", ""]
+    return write_text_atomic(report / "report.md", "\n".join(parts))
+
+
+__all__ = ["json_safe", "metrics_markdown", "write_report", "write_text_atomic"]

@@ -1,0 +1,199 @@
+"""`animelora analyze`, `animelora sample` and `animelora publish`.
+
+Heavy imports (matplotlib, torch, diffusers, huggingface_hub) happen inside the handlers so
+that building the CLI stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+# -- analyze -------------------------------------------------------------------------------
+def _analyze(args: argparse.Namespace) -> int:
+    from lora.analysis import (
+        LogError,
+        analyze_log,
+        compare_runs,
+        json_safe,
+        plot_comparison,
+        plot_loss,
+        table_text,
+    )
+
+    if not (args.spike_threshold > 0):
+        return _fail(f"--spike-threshold must be a positive percentage, got {args.spike_threshold}",
+                     2)
+    analyses = []
+    for item in args.logs:
+        try:
+            analyses.append(analyze_log(Path(item), spike_threshold_pct=args.spike_threshold))
+        except LogError as exc:
+            return _fail(str(exc))
+    comparison = compare_runs(analyses)
+    if args.plot:
+        try:
+            if len(analyses) == 1:
+                plot_loss(analyses[0], args.plot)
+            else:
+                plot_comparison(analyses, args.plot)
+        except OSError as exc:
+            return _fail(f"{args.plot}: cannot write the plot ({exc.strerror or exc})")
+    if args.json:
+        print(json.dumps(json_safe([a.to_dict() for a in analyses]), indent=2))
+        return 0
+    print(table_text(comparison.rows))
+    print()
+    for analysis in analyses:
+        print(f"{analysis.name}: {analysis.verdict}")
+    if len(analyses) > 1:
+        print(f"\nbest: {comparison.best or '-'} ({comparison.note})")
+    if args.plot:
+        print(f"\nplot: {args.plot}")
+    return 0
+
+
+# -- sample --------------------------------------------------------------------------------
+def _config_model(run: Path) -> str | None:
+    """The base model a run was trained on, from config.json (or the training log)."""
+    for name in ("config.json", "training_log.json"):
+        try:
+            data = json.loads((run / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            nested = data.get("config") if isinstance(data.get("config"), dict) else {}
+            model = data.get("model") or nested.get("model") or data.get("base_model")
+            if isinstance(model, str) and model:
+                return model
+    return None
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}")
+    if not seeds:
+        raise argparse.ArgumentTypeError("at least one seed is needed")
+    return seeds
+
+
+def _sample(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    if not run.is_dir():
+        return _fail(f"{run}: run folder not found", 2)
+    for other in args.compare:
+        if not Path(other).is_dir():
+            return _fail(f"{other}: run folder not found (--compare)", 2)
+    model = args.model or _config_model(run)
+    if not model:
+        return _fail(f"{run}: no base model in config.json; pass --model tiny|HUB_ID|PATH", 2)
+
+    from lora.sample import SampleError, generate_samples, read_prompts
+
+    try:
+        prompts = read_prompts(args.prompts) if args.prompts else None
+    except SampleError as exc:
+        return _fail(str(exc), 2)
+    kwargs: dict[str, Any] = dict(prompts=prompts, seeds=args.seeds, steps=args.steps,
+                                  guidance=args.guidance, lora_scale=args.lora_scale,
+                                  resolution=args.resolution, scheduler=args.scheduler,
+                                  device=args.device, lcm_lora=args.lcm_lora)
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
+    out = Path(args.out) if args.out else run / "samples"
+    try:
+        result = generate_samples(model, [run, *map(Path, args.compare)], out, **kwargs)
+    except SampleError as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - model loading errors come as one line too
+        if type(exc).__name__ == "ModelLoadError":
+            return _fail(str(exc))
+        raise
+    print(f"{len(result.images)} images in {result.out_dir}")
+    print(f"grid: {result.grid_path}")
+    print(f"settings: {result.json_path}")
+    return 0
+
+
+# -- publish -------------------------------------------------------------------------------
+def _publish(args: argparse.Namespace) -> int:
+    from lora.hub import PublishError, publish
+
+    run = Path(args.run)
+    if not run.is_dir():
+        return _fail(f"{run}: run folder not found", 2)
+    try:
+        result = publish(run, args.repo_id, private=args.private, endpoint=args.endpoint,
+                         dry_run=args.dry_run, trigger_word=args.trigger_word,
+                         license=args.license)
+    except PublishError as exc:
+        return _fail(str(exc))
+    print(result.describe())
+    if not args.dry_run:
+        print(f"published: {result.url}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze", help="loss metrics, verdict and comparison of training logs",
+        description="Initial/min/final loss, improvement %, spikes, a smoothed trend and a "
+                    "verdict for each training_log.json (or run folder), and a comparison.")
+    p.add_argument("logs", nargs="+", metavar="LOG_OR_RUN",
+                   help="a training_log.json or a run folder")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
+    p.add_argument("--spike-threshold", type=float, default=30.0, metavar="PCT",
+                   help="epoch-to-epoch jump that counts as a spike (default 30%%)")
+    p.add_argument("--plot", metavar="OUT.png",
+                   help="write a loss-curve PNG (a comparison plot for several runs)")
+    p.set_defaults(func=_analyze)
+
+    p = sub.add_parser(
+        "sample", help="base model vs LoRA images at fixed prompts and seeds",
+        description="Render the base model and the run's LoRA (and other runs' LoRAs) at the "
+                    "same prompts and seeds; writes images, grid.png and samples.json.")
+    p.add_argument("--run", required=True, help="the run folder (holds lora/)")
+    p.add_argument("--compare", action="append", default=[], metavar="RUN",
+                   help="another run folder to add as a column (repeatable)")
+    p.add_argument("--model", help="base model: tiny, a Hub id or a path "
+                                   "(default: the run's config.json 'model')")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="prompts file: one per line (# comments) or a JSON list")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated (default 0,1)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default 20; 4 for tiny or LCM)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7; 1 for LCM)")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--scheduler", default="euler_a",
+                   choices=("euler_a", "dpm++", "euler", "ddim"))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--lcm-lora", metavar="PATH",
+                   help="local LCM-LoRA weights for fast few-step sampling")
+    p.add_argument("--out", help="output folder (default RUN/samples)")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser(
+        "publish", help="stage hub/ and upload the LoRA to the Hugging Face Hub",
+        description="Stage RUN/hub/ from an allow-list (LoRA files, model card, samples, "
+                    "metrics, loss plot) and upload it. The token comes from HF_TOKEN.")
+    p.add_argument("--run", required=True, help="the run folder")
+    p.add_argument("--repo-id", required=True, metavar="USER/NAME")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--dry-run", action="store_true",
+                   help="stage only and print what would be sent")
+    p.add_argument("--endpoint", help="Hub endpoint URL (default https://huggingface.co)")
+    p.add_argument("--trigger-word", help="instance prompt shown in the model card")
+    p.add_argument("--license", default=None, help="license id (default creativeml-openrail-m)")
+    p.set_defaults(func=_publish)

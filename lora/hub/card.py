@@ -1,0 +1,194 @@
+"""The model card (``README.md``): front matter the Hub understands, and a body for people.
+
+Front matter: base_model, license, tags (lora, stable-diffusion, ...), instance_prompt (the
+trigger word) and widget entries pointing at the staged sample images, so the Hub page shows
+them. Body: how to use the LoRA in diffusers and in AUTOMATIC1111/ComfyUI, the training
+settings, the data set, the metrics and the loss plot.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora.hub.runinfo import DIFFUSERS_WEIGHTS, RunInfo
+
+TAGS = ["lora", "stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "anime",
+        "diffusers", "template:sd-lora"]
+DEFAULT_LICENSE = "creativeml-openrail-m"
+# Used in the usage snippets when the run's base model is not a Hub id (tiny, local files).
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(model: str | None) -> bool:
+    """True for ``owner/name`` ids; False for "tiny", local folders and single files."""
+    if not model or not _HUB_ID.match(model):
+        return False
+    return not model.endswith((".safetensors", ".ckpt")) and not Path(model).exists()
+
+
+def sample_widgets(info: RunInfo, prefix: str = "samples/") -> list[dict[str, Any]]:
+    """One widget per prompt: this run's LoRA image at the first seed."""
+    meta = info.samples or {}
+    images = [i for i in meta.get("images", []) if isinstance(i, dict) and i.get("file")]
+    lora_cols = [i.get("column") for i in images if i.get("lora")]
+    column = info.run_name if info.run_name in lora_cols else (lora_cols[0] if lora_cols else None)
+    widgets: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for image in images:
+        prompt = image.get("prompt")
+        if image.get("column") != column or not isinstance(prompt, str) or prompt in seen:
+            continue
+        if not (info.run_dir / "samples" / image["file"]).is_file():
+            continue
+        seen.add(prompt)
+        entry: dict[str, Any] = {"text": prompt}
+        if image.get("negative_prompt"):
+            entry["parameters"] = {"negative_prompt": image["negative_prompt"]}
+        entry["output"] = {"url": prefix + str(image["file"])}
+        widgets.append(entry)
+    return widgets
+
+
+def card_metadata(info: RunInfo, *, license: str = DEFAULT_LICENSE) -> dict[str, Any]:
+    """The YAML front matter as a dict."""
+    meta: dict[str, Any] = {}
+    if is_hub_id(info.base_model):
+        meta["base_model"] = info.base_model
+    meta["license"] = license
+    meta["library_name"] = "diffusers"
+    meta["pipeline_tag"] = "text-to-image"
+    meta["tags"] = list(TAGS)
+    if info.trigger_word:
+        meta["instance_prompt"] = info.trigger_word
+    widgets = sample_widgets(info)
+    if widgets:
+        meta["widget"] = widgets
+    return meta
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _metrics_section(metrics: dict[str, Any]) -> list[str]:
+    rows = [
+        ("initial loss", _fmt(metrics.get("initial_loss"))),
+        ("minimum loss", f"{_fmt(metrics.get('min_loss'))} (epoch {_fmt(metrics.get('min_epoch'))})"),
+        ("final loss", _fmt(metrics.get("final_loss"))),
+    ]
+    imp = metrics.get("improvement_pct")
+    rows.append(("improvement", f"{imp:+.1f}%" if isinstance(imp, (int, float)) else "-"))
+    spikes = metrics.get("spikes") or []
+    rows.append(("spikes", ", ".join(f"+{s['jump_pct']:.1f}% at epoch {s['epoch']}"
+                                     for s in spikes if isinstance(s, dict)) or "none"))
+    val = metrics.get("validation")
+    if isinstance(val, dict):
+        rows += [("validation loss, first", _fmt(val.get("initial_loss"))),
+                 ("validation loss, final", _fmt(val.get("final_loss")))]
+        vimp = val.get("improvement_pct")
+        if isinstance(vimp, (int, float)):
+            rows.append(("validation improvement", f"{vimp:+.1f}%"))
+        per = val.get("per_timestep_final")
+        if isinstance(per, dict) and per:
+            rows.append(("validation final, per timestep",
+                         ", ".join(f"t={t}: {_fmt(v)}" for t, v in per.items())))
+    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    if metrics.get("verdict"):
+        lines += ["", f"Verdict: {metrics['verdict']}."]
+    return lines
+
+
+def render_card(
+    info: RunInfo,
+    *,
+    repo_id: str,
+    license: str = DEFAULT_LICENSE,
+    has_loss_plot: bool = False,
+    has_grid: bool = False,
+) -> str:
+    """The full ``README.md`` text (front matter + body)."""
+    meta = card_metadata(info, license=license)
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
+    base = info.base_model if is_hub_id(info.base_model) else SD15_HUB_ID
+    trigger = info.trigger_word
+    example = f"{trigger}, 1girl, anime watercolor style, masterpiece" if trigger else \
+        "1girl, anime watercolor style, masterpiece"
+    kohya = info.kohya_file.name if info.kohya_file else None
+    kohya_stem = info.kohya_file.stem if info.kohya_file else info.run_name
+
+    out: list[str] = ["---", front.rstrip(), "---", "", f"# {repo_id.split('/')[-1]}", ""]
+    out.append(f"An anime-style LoRA for Stable Diffusion 1.5, trained by the `animelora` "
+               f"pipeline (run `{info.run_name}`).")
+    if info.base_model and not is_hub_id(info.base_model):
+        out.append(f"Base model used for training: `{info.base_model}` (not a Hub model; the "
+                   f"examples below use `{SD15_HUB_ID}`).")
+    else:
+        out.append(f"Base model: [`{base}`](https://huggingface.co/{base}).")
+    if trigger:
+        out += ["", f"Trigger word: `{trigger}` (put it first in the prompt)."]
+    out.append("")
+
+    if has_grid:
+        out += ["## Samples", "",
+                "Base model (first column) against this LoRA at the same prompts and seeds:", "",
+                "![samples grid](samples/grid.png)", ""]
+
+    out += ["## Use with diffusers", "", "```python", "import torch",
+            "from diffusers import StableDiffusionPipeline", "",
+            "pipe = StableDiffusionPipeline.from_pretrained(",
+            f'    "{base}", torch_dtype=torch.float16', ').to("cuda")']
+    if info.has_diffusers_file or not kohya:
+        out.append(f'pipe.load_lora_weights("{repo_id}", weight_name="{DIFFUSERS_WEIGHTS}")')
+    else:
+        out.append(f'pipe.load_lora_weights("{repo_id}", weight_name="{kohya}")')
+    out += ["image = pipe(", f'    "{example}",',
+            '    negative_prompt="lowres, bad anatomy, bad hands, worst quality, low quality",',
+            "    num_inference_steps=25, guidance_scale=7.0,",
+            '    cross_attention_kwargs={"scale": 0.8},  # LoRA strength',
+            ").images[0]", 'image.save("sample.png")', "```", ""]
+
+    out += ["## Use with AUTOMATIC1111 / ComfyUI", ""]
+    if kohya:
+        out += [f"1. Download `{kohya}` (kohya format, with `ss_*` metadata).",
+                "2. AUTOMATIC1111 / Forge: copy it into `stable-diffusion-webui/models/Lora/`, then "
+                f"add `<lora:{kohya_stem}:0.8>` to the prompt, e.g. "
+                f"`{example}, <lora:{kohya_stem}:0.8>`.",
+                "3. ComfyUI: copy it into `ComfyUI/models/loras/` and pick it in a "
+                "**Load LoRA** node (strength 0.8) between the checkpoint loader and the sampler.",
+                ""]
+    else:
+        out += [f"Download `{DIFFUSERS_WEIGHTS}`; recent AUTOMATIC1111 and ComfyUI versions load "
+                "diffusers-format LoRA files too (copy it into `models/Lora/` or "
+                "`models/loras/`).", ""]
+
+    out += ["## Training settings", "", "| setting | value |", "|---|---|"]
+    for key, value in info.settings.items():
+        out.append(f"| {key} | {_fmt(value)} |")
+    out.append("")
+
+    out += ["## Data set", ""]
+    out.append(f"- name: {info.dataset or '-'}")
+    out.append(f"- version: {info.dataset_version or '-'}")
+    out.append(f"- images: {info.dataset_size if info.dataset_size is not None else '-'}")
+    out += ["- source: Danbooru posts selected by tag query, near-duplicates removed, captioned "
+            "with kohya-style tags", ""]
+
+    if info.metrics:
+        out += ["## Metrics", ""] + _metrics_section(info.metrics) + [""]
+    if has_loss_plot:
+        out += ["## Loss curve", "", "![loss curve](report/loss_curve.png)", ""]
+    out += ["## License", "",
+            f"`{license}`. Respect the rights of the artists whose images were used for training.",
+            ""]
+    return "\n".join(out)

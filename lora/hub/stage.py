@@ -1,0 +1,132 @@
+"""Staging ``runs/<name>/hub/``: exactly what an upload sends, built from an allow-list.
+
+Only these reach the folder: the LoRA files (``lora/*.safetensors``, both formats, at the repo
+root so ``load_lora_weights(repo_id)`` finds them), the model card, the samples (grid, images,
+``samples.json``), ``report/metrics.json`` (local paths removed) and ``report/loss_curve.png``.
+Checkpoints, optimizer state, caches, ``config.json`` and anything else never do. The folder is
+built under a temporary name and swapped in whole, so a failed staging leaves the previous
+one intact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora.hub.card import DEFAULT_LICENSE, render_card
+from lora.hub.runinfo import gather, read_json
+
+log = logging.getLogger(__name__)
+
+HUB_DIR = "hub"
+SAMPLE_SUFFIXES = (".png",)
+
+
+class StageError(RuntimeError):
+    """The run folder cannot be staged (one-line message)."""
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    path: str  # relative to hub/, with forward slashes
+    size: int
+
+
+def _plain_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Regular files (no symlinks) under ``folder`` with an allowed suffix."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not p.is_symlink() and p.suffix.lower() in suffixes
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def _ensure_report(run_dir: Path) -> None:
+    """Write report/ from the training log when it is missing (the card needs the metrics)."""
+    if (run_dir / "report" / "metrics.json").exists() or not (run_dir / "training_log.json").exists():
+        return
+    from lora.analysis import LogError, analyze_log, write_report
+
+    try:
+        write_report(run_dir, analyze_log(run_dir))
+    except LogError as exc:
+        log.warning("no metrics for the model card: %s", exc)
+
+
+def stage_run(
+    run_dir: Path | str,
+    *,
+    repo_id: str,
+    trigger_word: str | None = None,
+    license: str = DEFAULT_LICENSE,
+) -> Path:
+    """Build ``run_dir/hub/`` afresh from the allow-list and return its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise StageError(f"{run_dir}: run folder not found")
+    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise StageError(f"repo_id must look like USER/NAME, got {repo_id!r}")
+    info = gather(run_dir, trigger_word)
+    if not info.lora_files:
+        raise StageError(f"{run_dir / 'lora'}: no LoRA weights (*.safetensors) to publish")
+    _ensure_report(run_dir)
+    info = gather(run_dir, trigger_word)
+
+    tmp = Path(tempfile.mkdtemp(prefix=".hub.tmp-", dir=run_dir))
+    try:
+        for src in info.lora_files:
+            _copy(src, tmp / src.name)
+        samples = run_dir / "samples"
+        for src in _plain_files(samples, SAMPLE_SUFFIXES):
+            _copy(src, tmp / "samples" / src.relative_to(samples))
+        meta = read_json(samples / "samples.json")
+        if meta is not None:
+            (tmp / "samples" / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
+        metrics = info.metrics
+        if metrics is not None:
+            metrics = {k: v for k, v in metrics.items() if k != "source"}  # no local paths
+            (tmp / "report").mkdir(exist_ok=True)
+            (tmp / "report" / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        plot = run_dir / "report" / "loss_curve.png"
+        if plot.is_file() and not plot.is_symlink():
+            _copy(plot, tmp / "report" / "loss_curve.png")
+        card = render_card(info, repo_id=repo_id, license=license,
+                           has_loss_plot=plot.is_file(),
+                           has_grid=(tmp / "samples" / "grid.png").is_file())
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        _swap_in(tmp, run_dir / HUB_DIR)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    staged = run_dir / HUB_DIR
+    log.info("staged %d files in %s", len(staged_files(staged)), staged)
+    return staged
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Replace ``target`` with ``tmp`` so that no half-built folder is ever visible."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def staged_files(hub_dir: Path | str) -> list[StagedFile]:
+    """Every file in a staged folder, as the upload will send it."""
+    hub_dir = Path(hub_dir)
+    return [StagedFile(p.relative_to(hub_dir).as_posix(), p.stat().st_size)
+            for p in sorted(hub_dir.rglob("*")) if p.is_file()]

@@ -1,0 +1,405 @@
+"""Sample grids: the base model against one or more runs' LoRAs, at fixed prompts and seeds.
+
+The same seeds (a CPU ``torch.Generator``, so the noise is the same on any device) and the
+same settings for every column make the grid a fair comparison: any difference between the
+base column and a LoRA column comes from the LoRA. Everything needed to reproduce an image is
+written to ``samples.json``.
+
+Layout of ``out_dir`` (rebuilt as a whole each time, swapped in atomically)::
+
+    grid.png                         rows = prompt x seed, columns = base / run names
+    images/<column>_p<k>_s<seed>.png one file per image
+    samples.json                     settings and one record per image
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import textwrap
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+#: The guide's style of test prompts: Danbooru tags, one subject, a style word.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "1girl, anime watercolor style, masterpiece",
+    "1girl, soft focus landscape, anime style",
+    "sketch, 1girl, monochrome, anime style",
+    "1girl, solo, upper body, smile, cherry blossoms, anime style, best quality",
+    "1boy, city street at night, neon lights, anime style, masterpiece",
+)
+DEFAULT_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, "
+                           "extra digit, fewer digits, cropped, worst quality, low quality, "
+                           "jpeg artifacts, signature, watermark, blurry")
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1)
+DEFAULT_STEPS = 20
+TINY_STEPS = 4
+LCM_STEPS = 4
+LCM_GUIDANCE = 1.0
+SCHEDULERS = ("euler_a", "dpm++", "euler", "ddim", "lcm")
+BASE_COLUMN = "base"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+class SampleError(RuntimeError):
+    """Sampling cannot start (a missing LoRA, LCM-LoRA or base model); one-line message."""
+
+
+@dataclass(frozen=True)
+class SampleImage:
+    file: str  # relative to the samples folder
+    column: str
+    lora: str | None  # the run name whose LoRA made it, None for the base model
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    scheduler: str
+    lora_scale: float | None
+    width: int
+    height: int
+
+
+@dataclass
+class SamplesResult:
+    out_dir: Path
+    grid_path: Path
+    json_path: Path
+    columns: list[str]
+    images: list[SampleImage] = field(default_factory=list)
+
+    def paths(self, column: str) -> list[Path]:
+        return [self.out_dir / i.file for i in self.images if i.column == column]
+
+
+def read_prompts(path: Path | str) -> list[str]:
+    """Prompts from a file: a JSON list of strings, or one prompt per line (``#`` comments)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SampleError(f"{path}: cannot read prompts file ({exc.strerror or exc})") from None
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SampleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, list) or not all(isinstance(p, str) and p.strip() for p in data):
+            raise SampleError(f"{path}: expected a JSON list of non-empty prompt strings")
+        return [p.strip() for p in data]
+    prompts = [line.strip() for line in text.splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise SampleError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
+
+
+def _lora_weight_file(run_dir: Path) -> Path:
+    """The run's LoRA file: the diffusers one, else a kohya one."""
+    lora_dir = run_dir / "lora"
+    diffusers_file = lora_dir / DIFFUSERS_WEIGHTS
+    if diffusers_file.is_file():
+        return diffusers_file
+    others = sorted(lora_dir.glob("*.safetensors")) if lora_dir.is_dir() else []
+    if others:
+        return others[0]
+    raise SampleError(f"{lora_dir}: no LoRA weights ({DIFFUSERS_WEIGHTS} or *.safetensors); "
+                      "has the run finished training?")
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _set_scheduler(pipe: Any, name: str) -> None:
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        LCMScheduler,
+    )
+
+    config = pipe.scheduler.config
+    if name == "euler_a":
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(config)
+    elif name == "euler":
+        pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+    elif name == "dpm++":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", use_karras_sigmas=True)
+    elif name == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(config)
+    elif name == "lcm":
+        pipe.scheduler = LCMScheduler.from_config(config)
+    else:
+        raise SampleError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def make_grid(
+    images: Sequence[Sequence[Path]],
+    columns: Sequence[str],
+    row_labels: Sequence[str],
+    out_png: Path,
+    *,
+    min_cell: int = 192,
+) -> Path:
+    """A labelled grid: a header row of column names, a label column of prompt and seed.
+
+    Small images (the tiny model's 64 px) are enlarged with nearest-neighbour so the grid
+    stays readable; the per-image files keep their real size.
+    """
+    from PIL import Image, ImageDraw
+
+    first = Image.open(images[0][0])
+    w, h = first.size
+    scale = max(1, -(-min_cell // max(w, h)))  # ceil
+    cw, ch = w * scale, h * scale
+    pad, label_w, header_h = 6, 260, 34
+    font, small = _font(15), _font(12)
+    grid = Image.new("RGB", (label_w + len(columns) * (cw + pad) + pad,
+                             header_h + len(images) * (ch + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, name in enumerate(columns):
+        x = label_w + pad + c * (cw + pad)
+        text = name if len(name) <= 28 else name[:27] + "…"
+        draw.text((x + cw // 2, header_h // 2), text, fill="black", font=font, anchor="mm")
+    for r, (row, label) in enumerate(zip(images, row_labels)):
+        y = header_h + pad + r * (ch + pad)
+        lines = [w for part in label.split("\n") for w in textwrap.wrap(part, width=34)]
+        lines = lines[:max(1, ch // 16)]
+        draw.multiline_text((pad, y + 2), "\n".join(lines), fill="black", font=small, spacing=3)
+        for c, path in enumerate(row):
+            with Image.open(path) as img:
+                cell = img.convert("RGB").resize((cw, ch), Image.NEAREST if scale > 1
+                                                 else Image.BICUBIC)
+            grid.paste(cell, (label_w + pad + c * (cw + pad), y))
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out_png, format="PNG")
+    return out_png
+
+
+def _progress(total: int, progress: Callable[[int, int], None] | None):
+    """A tqdm bar on a terminal, or calls to ``progress(done, total)``."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = tqdm(total=total, desc="samples", unit="img",
+               disable=not sys.stderr.isatty()) if tqdm else None
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if bar is not None:
+            bar.update(1)
+        if progress is not None:
+            progress(done, total)
+
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return tick, close
+
+
+def generate_samples(
+    base_model: str,
+    run_dirs: Sequence[Path | str] | Path | str,
+    out_dir: Path | str,
+    *,
+    prompts: Sequence[str] | None = None,
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    steps: int | None = None,
+    guidance: float | None = None,
+    lora_scale: float = 1.0,
+    resolution: int | None = None,
+    scheduler: str = "euler_a",
+    device: str = "auto",
+    lcm_lora: Path | str | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> SamplesResult:
+    """Render base-model and LoRA images at fixed prompts and seeds; write grid and JSON.
+
+    ``run_dirs``: one run folder or several; each must hold ``lora/*.safetensors``. ``steps``
+    defaults to 20 (4 for the tiny model or with LCM-LoRA); ``resolution`` to 512 (the tiny
+    model's own size for "tiny"). ``batch_size`` images are rendered per pipeline call (each
+    with its own seeded generator). ``lcm_lora``: a local LCM-LoRA file or folder; it switches to
+    the LCM scheduler, few steps and guidance about 1.
+    """
+    import torch
+
+    from lora.model import TINY_RESOLUTION, load_pipeline
+
+    runs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(r) for r in run_dirs]
+    if not runs:
+        raise SampleError("no run folder given to sample")
+    weights = [_lora_weight_file(r) for r in runs]
+    names = _unique([r.name for r in runs])
+    prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise SampleError("prompts must be a non-empty list of non-empty strings")
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise SampleError("at least one seed is needed")
+    lcm_path = Path(lcm_lora) if lcm_lora else None
+    if lcm_path is not None and not lcm_path.exists():
+        raise SampleError(f"LCM-LoRA weights not found at {lcm_path}: download "
+                          "latent-consistency/lcm-lora-sdv1-5 (pytorch_lora_weights.safetensors) "
+                          "there, or sample without --lcm-lora")
+    tiny = base_model == "tiny"
+    if lcm_path is not None:
+        scheduler = "lcm"
+    steps = int(steps or (LCM_STEPS if lcm_path else TINY_STEPS if tiny else DEFAULT_STEPS))
+    guidance = float(guidance if guidance is not None else (LCM_GUIDANCE if lcm_path else 7.0))
+    size = int(resolution or (TINY_RESOLUTION if tiny else 512))
+    batch_size = max(1, int(batch_size))
+    if steps <= 0 or size <= 0 or size % 8:
+        raise SampleError(f"steps must be > 0 and resolution a multiple of 8 (got {steps}, {size})")
+
+    dev = _device(device)
+    dtype = torch.float16 if dev.startswith("cuda") else torch.float32
+    pipe = load_pipeline(base_model, dtype=dtype, device=dev)
+    _set_scheduler(pipe, scheduler)
+    adapters = [f"run{i}" for i in range(len(runs))]
+    for adapter, weight in zip(adapters, weights):
+        try:
+            with warnings.catch_warnings():
+                # Several adapters on one UNet is the point here, not a mistake.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                pipe.load_lora_weights(str(weight.parent), weight_name=weight.name,
+                                       adapter_name=adapter)
+        except Exception as exc:  # noqa: BLE001 - name the file in one line
+            raise SampleError(f"{weight}: cannot load LoRA ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]})") from exc
+    if lcm_path is not None:
+        folder, kw = ((lcm_path.parent, {"weight_name": lcm_path.name}) if lcm_path.is_file()
+                      else (lcm_path, {}))
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                pipe.load_lora_weights(str(folder), adapter_name="lcm", **kw)
+        except Exception as exc:  # noqa: BLE001
+            raise SampleError(f"{lcm_path}: cannot load LCM-LoRA ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]})") from exc
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    columns = [BASE_COLUMN] + names
+    records: list[SampleImage] = []
+    files: dict[tuple[int, int, int], Path] = {}
+    total = len(columns) * len(prompts) * len(seeds)
+    tick, close = _progress(total, progress)
+    try:
+        (tmp / "images").mkdir()
+        jobs = [(p, seed) for p in range(len(prompts)) for seed in seeds]
+        for c, column in enumerate(columns):
+            _activate(pipe, None if c == 0 else adapters[c - 1], lora_scale, lcm_path is not None)
+            for start in range(0, len(jobs), batch_size):
+                chunk = jobs[start:start + batch_size]
+                # One generator per image: the same seed gives the same starting noise in
+                # every column and on every device.
+                generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk]
+                with torch.inference_mode():
+                    batch = pipe([prompts[p] for p, _ in chunk],
+                                 negative_prompt=[negative_prompt] * len(chunk)
+                                 if negative_prompt else None,
+                                 num_inference_steps=steps, guidance_scale=guidance,
+                                 height=size, width=size, generator=generators).images
+                for (p, seed), image in zip(chunk, batch):
+                    rel = f"images/{_slug(column)}_p{p}_s{seed}.png"
+                    image.save(tmp / rel, format="PNG")
+                    files[(p, seed, c)] = tmp / rel
+                    records.append(SampleImage(
+                        file=rel, column=column, lora=None if c == 0 else column,
+                        prompt=prompts[p], negative_prompt=negative_prompt, seed=seed,
+                        steps=steps, guidance=guidance, scheduler=scheduler,
+                        lora_scale=None if c == 0 else lora_scale,
+                        width=image.width, height=image.height))
+                    tick()
+        rows = [[files[(p, seed, c)] for c in range(len(columns))]
+                for p in range(len(prompts)) for seed in seeds]
+        labels = [f"{prompt}\nseed {seed}" for prompt in prompts for seed in seeds]
+        make_grid(rows, columns, labels, tmp / "grid.png")
+        meta = {
+            "base_model": base_model, "runs": names, "columns": columns,
+            "prompts": prompts, "negative_prompt": negative_prompt, "seeds": seeds,
+            "steps": steps, "guidance": guidance, "scheduler": scheduler,
+            "lora_scale": lora_scale, "resolution": size, "lcm_lora": lcm_path is not None,
+            "device": dev, "grid": "grid.png", "images": [asdict(r) for r in records],
+        }
+        (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        close()
+    log.info("wrote %d sample images and %s", len(records), out / "grid.png")
+    return SamplesResult(out_dir=out, grid_path=out / "grid.png", json_path=out / "samples.json",
+                         columns=columns, images=records)
+
+
+def _activate(pipe: Any, adapter: str | None, scale: float, lcm: bool) -> None:
+    """Base column: LoRAs off (only LCM on when used); a run column: that LoRA at ``scale``."""
+    if adapter is None and not lcm:
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    names = ([adapter] if adapter else []) + (["lcm"] if lcm else [])
+    weights = ([scale] if adapter else []) + ([1.0] if lcm else [])
+    pipe.set_adapters(names, adapter_weights=weights)
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Column labels: run names, made unique when two runs share a name."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        if name == BASE_COLUMN:
+            name = f"{name}-run"
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

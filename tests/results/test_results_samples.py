@@ -1,0 +1,119 @@
+"""Sample grids with the tiny model on CPU: real diffusers pipeline, real LoRA files."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora.cli import main
+from lora.sample import SampleError, generate_samples
+
+
+def _pixels(path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def test_grid_json_and_lora_changes_the_image(sampled, lora_runs, sample_prompts):
+    run_a, _ = lora_runs
+    out = run_a / "samples"
+    assert sampled.grid_path == out / "grid.png"
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["columns"] == ["base", "tiny-a", "tiny-b"]
+    assert meta["prompts"] == sample_prompts and meta["seeds"] == [0, 1]
+    assert len(meta["images"]) == 3 * 2 * 2
+    for record in meta["images"]:
+        for key in ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler",
+                    "lora_scale", "file"):
+            assert key in record
+        assert (out / record["file"]).is_file()
+        assert record["lora_scale"] == (None if record["column"] == "base" else 1.0)
+    assert meta["negative_prompt"] and meta["scheduler"] == "euler_a" and meta["steps"] == 4
+
+    def image(column, prompt, seed):
+        (rec,) = [r for r in meta["images"]
+                  if r["column"] == column and r["prompt"] == prompt and r["seed"] == seed]
+        return _pixels(out / rec["file"])
+
+    for prompt in sample_prompts:
+        base = image("base", prompt, 0)
+        assert base.shape == (64, 64, 3)
+        for column in ("tiny-a", "tiny-b"):
+            assert np.abs(image(column, prompt, 0) - base).mean() > 2.0, column
+        assert np.abs(image("tiny-a", prompt, 0) - image("tiny-b", prompt, 0)).mean() > 2.0
+    # The seed matters: a different seed gives a different base image.
+    assert np.abs(image("base", sample_prompts[0], 0) - image("base", sample_prompts[0], 1)).mean() > 2.0
+
+    with Image.open(out / "grid.png") as grid:
+        width, height = grid.size
+    # 4 rows (2 prompts x 2 seeds) and 3 columns of at least 192 px cells, plus labels.
+    assert height >= 4 * 192 and width >= 3 * 192
+
+
+def test_same_seeds_give_identical_images(sampled, lora_runs, sample_prompts, tmp_path):
+    run_a, _ = lora_runs
+    again = generate_samples("tiny", run_a, tmp_path / "again", prompts=sample_prompts,
+                             seeds=(0, 1), device="cpu")
+    assert again.columns == ["base", "tiny-a"]
+    first = {(r.column, r.prompt, r.seed): r.file for r in sampled.images}
+    for record in again.images:
+        a = _pixels(sampled.out_dir / first[(record.column, record.prompt, record.seed)])
+        b = _pixels(again.out_dir / record.file)
+        assert np.array_equal(a, b), record
+
+
+def test_missing_lora_and_missing_lcm_weights_fail_clearly(lora_runs, tmp_path):
+    empty_run = tmp_path / "runs" / "unfinished"
+    empty_run.mkdir(parents=True)
+    with pytest.raises(SampleError, match="no LoRA weights") as info:
+        generate_samples("tiny", empty_run, tmp_path / "out")
+    assert str(empty_run / "lora") in str(info.value)
+    missing = tmp_path / "lcm-lora-sdv1-5" / "pytorch_lora_weights.safetensors"
+    with pytest.raises(SampleError, match="LCM-LoRA weights not found") as info:
+        generate_samples("tiny", lora_runs[0], tmp_path / "out", lcm_lora=missing)
+    assert str(missing) in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lcm_lora_switches_scheduler_steps_and_guidance(lora_runs, tmp_path):
+    # Any local LoRA file exercises the LCM path: its own adapter, the LCM scheduler.
+    lcm = tmp_path / "lcm" / "pytorch_lora_weights.safetensors"
+    lcm.parent.mkdir()
+    shutil.copyfile(lora_runs[1] / "lora" / "pytorch_lora_weights.safetensors", lcm)
+    result = generate_samples("tiny", lora_runs[0], tmp_path / "out", prompts=["1girl"],
+                              seeds=(3,), device="cpu", lcm_lora=lcm)
+    meta = json.loads(result.json_path.read_text())
+    assert meta["scheduler"] == "lcm" and meta["guidance"] == 1.0 and meta["steps"] == 4
+    assert meta["lcm_lora"] is True
+    assert len(result.images) == 2 and result.grid_path.is_file()
+
+
+def test_cli_sample_uses_the_run_config_model(run_copy, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# one prompt\n1girl, anime watercolor style, masterpiece\n")
+    out = tmp_path / "cli-samples"
+    code = main(["sample", "--run", str(run_copy), "--prompts", str(prompts), "--seeds", "7",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "grid:" in capsys.readouterr().out
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["base_model"] == "tiny" and meta["seeds"] == [7]
+    assert [r["column"] for r in meta["images"]] == ["base", "tiny-a"]
+
+
+def test_cli_sample_errors(tmp_path, capsys):
+    assert main(["sample", "--run", str(tmp_path / "nope")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+    run = tmp_path / "bare"
+    run.mkdir()
+    assert main(["sample", "--run", str(run)]) == 2
+    assert "no base model" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run), "--model", "tiny"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no LoRA weights" in err[0]
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--run", str(run), "--seeds", "a,b"])
+    assert info.value.code == 2
