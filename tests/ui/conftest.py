@@ -96,27 +96,21 @@ def ui_server() -> Iterator[PrefectServer]:
         yield server
 
 
-def _run_standin_flow(server: PrefectServer, workdir: Path) -> CompletedRun:
+def _run_train_lora(server: PrefectServer, workdir: Path) -> CompletedRun:
     run_name = f"ui-{uuid.uuid4().hex[:8]}"
-    flow_run_name = f"phase2a-{run_name}"
-    cmd = [
-        sys.executable,
-        str(HERE / "ui_standin_flow.py"),
-        "--run-name", run_name,
-        "--flow-run-name", flow_run_name,
-        "--workdir", str(workdir),
-    ]
+    cmd = [sys.executable, str(HERE / "ui_train_lora_run.py"), "--run-name", run_name,
+           "--workdir", str(workdir)]
     proc = subprocess.run(
         cmd,
-        env={**os.environ, **server.env()},
+        env={**os.environ, **server.env(), "PYTHONPATH": str(REPO)},
         cwd=str(REPO),
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=420,
     )
     if proc.returncode != 0:
         raise AssertionError(
-            f"the stand-in flow exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            f"the train-lora run exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return CompletedRun(result["flow_run_id"], result["flow_run_name"], list(result["artifact_keys"]))
@@ -124,33 +118,15 @@ def _run_standin_flow(server: PrefectServer, workdir: Path) -> CompletedRun:
 
 @pytest.fixture(scope="session")
 def completed_run(browser, ui_server: PrefectServer, tmp_path_factory: pytest.TempPathFactory) -> CompletedRun:
-    """The finished flow run whose page and artifacts the browser must find.
+    """The finished `train-lora` run (tiny model, loopback Danbooru) that the browser must find.
 
-    It is produced by ``tests/ui/ui_standin_flow.py``, a small flow run in a subprocess with
-    the server's environment (``ui_server.env()``: PREFECT_API_URL, PREFECT_HOME). It creates
-    the artifact kinds `train-lora` creates, under the same keys (``tasks/results.py``):
-    ``training-progress-<run>`` (progress), ``epoch-losses-<run>`` (table),
-    ``training-report-<run>`` (markdown: a metrics table and a data-URI PNG loss plot),
-    ``lora-diffusers-<run>``, ``lora-kohya-a1111-<run>``, ``samples-grid-<run>`` (links).
-
-    To test the real flow instead, only this fixture changes; the tests stay as they are:
-    start ``lora.testing.fakebooru.FakeDanbooru(generate_posts(36, seed=7))`` (a loopback
-    Danbooru), then run ``flows.train_lora.train_lora`` in the same kind of subprocess, e.g.
-    ``python -c "from flows.train_lora import train_lora; import json; train_lora(
-    workspace=W, dataset='demo', tags='1girl', target_size=12, booru_url=URL, model='tiny',
-    run_name=R, max_steps=8)"`` with ``cwd=REPO`` and ``{**os.environ, **ui_server.env()}``,
-    or serve the deployments and use ``prefect deployment run train-lora/phase2a -p ... --watch``.
-    The flow-run name is ``<preset>-<run_name>`` (``phase2a-R``); read its id from
-    ``GET {api_url}/flow_runs/filter`` by name (or print ``prefect.runtime.flow_run.id``), and
-    build the keys with ``tasks.artifacts.artifact_key(prefix, R)`` for the prefixes above.
-    The report test expects the markdown report to contain a table and a ``data:image/png``
-    image; the ``lora-*`` keys exist only when the run wrote those files.
-
-    It asks for ``browser`` first only so that a missing Chromium skips before the server and
-    the run are paid for.
+    ``tests/ui/ui_train_lora_run.py`` runs the real flow in a subprocess with the server's
+    environment (``ui_server.env()``) and prints the flow run's id, name (``phase2a-<run>``)
+    and artifact keys. It asks for ``browser`` first only so that a missing Chromium skips
+    before the server and the run are paid for.
     """
     started = time.monotonic()
-    run = _run_standin_flow(ui_server, tmp_path_factory.mktemp("ui-run"))
+    run = _run_train_lora(ui_server, tmp_path_factory.mktemp("ui-run"))
     print(f"[ui] flow run {run.flow_run_name} ({run.flow_run_id}) done in {time.monotonic() - started:.1f} s")
     return run
 
