@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import ExitStack
 from datetime import datetime
@@ -67,6 +68,9 @@ def wait_for(url: str, timeout: float, what: str, proc: subprocess.Popen | None 
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status < 500:
                     return
+        except urllib.error.HTTPError as exc:  # it answered (e.g. 403 for urllib's agent)
+            if exc.code < 500:
+                return
         except OSError:
             pass
         time.sleep(0.5)
