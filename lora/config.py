@@ -1,0 +1,243 @@
+"""Training presets and the validated training configuration.
+
+Why one pydantic model: the CLI, a config file, the Prefect flow and a resumed run must all
+agree on exactly one set of knobs, and a typo or an impossible value must fail before any
+model is loaded, with one line naming the field ("invalid training config: learning_rate:
+must be > 0").
+
+Resolution order (later wins): ``TrainConfig`` defaults < preset < config file < overrides.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import pydantic
+from pydantic import Field, field_validator, model_validator
+
+#: The guide's presets (see /work/shared/DESIGN.md). Anything not named keeps its default.
+PRESETS: dict[str, dict[str, Any]] = {
+    "phase1.5": {
+        "epochs": 10, "batch_size": 2, "learning_rate": 1e-4, "lora_rank": 8, "lora_alpha": 32,
+        "lr_scheduler": "constant",
+    },
+    "phase2a": {
+        "epochs": 20, "batch_size": 4, "learning_rate": 5e-5, "lora_rank": 16, "lora_alpha": 64,
+        "lr_scheduler": "constant",
+    },
+    "phase2a-l2": {
+        "epochs": 20, "batch_size": 4, "learning_rate": 5e-5, "lora_rank": 16, "lora_alpha": 64,
+        "lr_scheduler": "constant", "target_dataset_size": 600,
+    },
+    "phase2b": {
+        "epochs": 20, "batch_size": 4, "learning_rate": 5e-5, "lora_rank": 16, "lora_alpha": 64,
+        "lr_scheduler": "cosine", "warmup_steps": 500, "gradient_accumulation": 2,
+        "max_grad_norm": 1.0,
+    },
+}
+
+DEFAULT_PRESET = "phase2a"
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+#: Fallback when lora.model is not importable; the model layer's constant wins.
+_TINY_RESOLUTION_FALLBACK = 64
+
+#: Fields that may change between segments of one run without changing what is trained.
+RESUME_TOLERANT_FIELDS = frozenset({
+    "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
+    "cache_dir",
+})
+
+
+class ConfigError(ValueError):
+    """A bad training configuration; the message is one line naming the field."""
+
+
+def _tiny_resolution() -> int:
+    try:
+        from lora.model import TINY_RESOLUTION
+    except Exception:  # noqa: BLE001 - the constant is a convenience, not a requirement
+        return _TINY_RESOLUTION_FALLBACK
+    return int(TINY_RESOLUTION)
+
+
+class TrainConfig(pydantic.BaseModel, extra="forbid"):
+    """Every knob of a training run. Field docs are what ``--set key=value`` accepts."""
+
+    # what and where
+    preset: str = DEFAULT_PRESET
+    run_name: str | None = None
+    model: str = DEFAULT_MODEL
+    dataset: str | None = None
+    dataset_version: str | None = None
+    cache_dir: str | None = None  # default: <dataset>/cache/train
+    target_dataset_size: int | None = Field(default=None, gt=0)
+
+    # schedule
+    epochs: int = Field(default=20, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    gradient_accumulation: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    text_encoder_lr: float | None = Field(default=None, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = Field(default=1e-2, ge=0)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+
+    # LoRA
+    lora_rank: int = Field(default=16, gt=0)
+    lora_alpha: float = Field(default=64, gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    train_text_encoder: bool = False
+
+    # loss and noise
+    min_snr_gamma: float | None = Field(default=None, gt=0)
+    noise_offset: float = Field(default=0.0, ge=0)
+
+    # data
+    resolution: int = Field(default=512, ge=32, le=4096)
+    flip: bool = False
+    caption_shuffle: bool = False
+    keep_tokens: int = Field(default=1, ge=0)
+
+    # speed / memory
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = Field(default=42, ge=0)
+
+    # validation
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
+    validation_count: int | None = Field(default=None, ge=0)
+    validation_max: int = Field(default=50, ge=0)
+    validation_timesteps: list[int] = Field(default_factory=lambda: [100, 300, 500, 700, 900])
+    validate_every_steps: int | None = Field(default=None, gt=0)  # None: at each epoch end
+
+    # checkpoints
+    checkpoint_every_steps: int | None = Field(default=None, gt=0)
+    checkpoint_every_minutes: float | None = Field(default=10.0, gt=0)
+    keep_checkpoints: int = Field(default=3, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tiny_default_resolution(cls, data: Any) -> Any:
+        """The tiny model trains at its own small size unless a resolution was asked for."""
+        if isinstance(data, Mapping) and data.get("model") == "tiny" and "resolution" not in data:
+            data = {**data, "resolution": _tiny_resolution()}
+        return data
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError("must be a multiple of 16")
+        return v
+
+    @field_validator("validation_timesteps")
+    @classmethod
+    def _timesteps_in_range(cls, v: list[int]) -> list[int]:
+        bad = [t for t in v if not 0 <= t < 1000]
+        if bad:
+            raise ValueError(f"timesteps must be in [0, 999], got {bad}")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, v: list[str]) -> list[str]:
+        if not v or any(not m.strip() for m in v):
+            raise ValueError("must name at least one module, without empty names")
+        return v
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; valid presets: {', '.join(PRESETS)}")
+        return v
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "extra_forbidden": "unknown setting",
+}
+
+
+def format_validation_error(exc: pydantic.ValidationError) -> str:
+    """One line: ``invalid training config: field: problem[; field: problem]``."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err.get("loc", ())) or "config"
+        template = _MESSAGES.get(err.get("type", ""))
+        ctx = {k: (int(v) if isinstance(v, float) and v.is_integer() else v)
+               for k, v in (err.get("ctx") or {}).items()}
+        if template:
+            try:
+                msg = template.format(**ctx)
+            except (KeyError, IndexError):
+                msg = err.get("msg", "invalid")
+        else:
+            msg = str(err.get("msg", "invalid"))
+            for prefix in ("Value error, ", "Assertion failed, "):
+                msg = msg.removeprefix(prefix)
+        parts.append(f"{field}: {msg}")
+    return "invalid training config: " + "; ".join(parts)
+
+
+def make_config(values: Mapping[str, Any]) -> TrainConfig:
+    """``TrainConfig(**values)`` with pydantic's error turned into one :class:`ConfigError` line."""
+    try:
+        return TrainConfig(**dict(values))
+    except pydantic.ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A JSON or TOML file of ``TrainConfig`` fields (a top-level ``[train]`` table is accepted)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"invalid training config: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"invalid training config: {path} is not valid {path.suffix[1:] or 'JSON'}: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("train"), dict) and len(data) == 1:
+        data = data["train"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid training config: {path} must hold an object of settings")
+    return data
+
+
+def resolve_config(
+    preset: str | None, overrides: Mapping[str, Any] | None = None, config_file: Path | None = None
+) -> TrainConfig:
+    """Defaults < preset < config file < overrides, validated.
+
+    ``preset`` None means the config file's ``preset`` or the default (phase2a). An override
+    whose value is None is ignored (so unset CLI flags can be passed through as they are).
+    """
+    file_values = read_config_file(config_file) if config_file else {}
+    override_values = {k: v for k, v in (overrides or {}).items() if v is not None}
+    name = override_values.pop("preset", None) or preset or file_values.get("preset") or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise ConfigError(
+            f"invalid training config: preset: unknown preset {name!r}; valid presets: {', '.join(PRESETS)}"
+        )
+    values: dict[str, Any] = {**PRESETS[name], **file_values, **override_values, "preset": name}
+    return make_config(values)
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Fields whose values differ, ignoring the ones a resumed segment may change."""
+    keys = (set(old) | set(new)) - RESUME_TOLERANT_FIELDS
+    return sorted(k for k in keys if old.get(k) != new.get(k))

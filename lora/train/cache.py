@@ -1,0 +1,192 @@
+"""On-disk cache of VAE latents and text embeddings, so a training step runs only the UNet.
+
+Layout, under ``<cache root>/<model key>/`` (default cache root ``<dataset>/cache/train``)::
+
+    latents-r<resolution>/<image sha256>-<W>x<H>.safetensors   {"latent", "latent_flip"?}
+    text/<caption sha256>.safetensors                          {"hidden"}
+
+Keys are content hashes, so one entry serves every data-set version (a refresh only
+encodes new images) and every run on the same base model; a changed image or caption gets a
+new key. The latent is the VAE posterior *mean* times the scaling factor (deterministic,
+so a cache rebuilt elsewhere is identical); with ``flip`` the mirrored image is encoded too.
+
+Caption shuffling (and text-encoder training) changes the text input every step, so those
+runs encode captions on the fly instead (the frozen CLIP encoder is cheap next to the UNet);
+the cached embedding of the unshuffled caption is still used for validation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .buckets import Bucket, load_for_bucket
+from .dataset import Item
+
+log = logging.getLogger(__name__)
+ENCODE_BATCH = 8
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_key(model_id: str, vae_config: dict, text_config: dict) -> str:
+    """Readable model name plus a hash of the id and the encoders' configs."""
+    blob = json.dumps([model_id, vae_config, text_config], sort_keys=True, default=str)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model_id).name or model_id)[:40]
+    return f"{slug}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor] | None:
+    """The entry, or None when missing, damaged or lacking a key (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        data = load_file(str(path))
+    except Exception:  # noqa: BLE001 - a damaged cache entry is simply recomputed
+        log.warning("cache entry %s is damaged; re-encoding", path.name)
+        return None
+    return data if all(k in data for k in keys) else None
+
+
+def encode_prompts(tokenizer, text_encoder, captions: Sequence[str], device) -> torch.Tensor:
+    """CLIP last hidden state for each caption, padded to the tokenizer's max length."""
+    ids = tokenizer(
+        list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
+    ).input_ids.to(device)
+    return text_encoder(ids, return_dict=False)[0]
+
+
+@dataclass
+class CachedItems:
+    """Per-item tensors on the CPU, aligned with the item list they were built from."""
+
+    latents: list[torch.Tensor]
+    latents_flip: list[torch.Tensor] | None
+    text: list[torch.Tensor]
+    hits: int = 0
+    misses: int = 0
+
+
+def _progress(total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty() or total == 0,
+                leave=False)
+
+
+@torch.no_grad()
+def build_cache(
+    items: Sequence[Item],
+    buckets: Sequence[Bucket],
+    *,
+    root: Path,
+    model_id: str,
+    vae,
+    text_encoder,
+    tokenizer,
+    resolution: int,
+    flip: bool,
+    device,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> CachedItems:
+    """Load every item's latents and caption embedding, encoding only what is not cached yet."""
+    key = model_key(model_id, dict(vae.config), text_encoder.config.to_dict())
+    base = Path(root) / key
+    scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
+    latent_keys = ["latent", "latent_flip"] if flip else ["latent"]
+    n = len(items)
+    latents: list[torch.Tensor | None] = [None] * n
+    flips: list[torch.Tensor | None] = [None] * n
+    text: list[torch.Tensor | None] = [None] * n
+    hits = misses = 0
+
+    # Latents: look up, then encode the misses bucket by bucket in small batches.
+    todo: dict[Bucket, list[tuple[int, Path]]] = {}
+    for i, (item, bucket) in enumerate(zip(items, buckets)):
+        path = base / f"latents-r{resolution}" / f"{file_sha256(item.image)}-{bucket[0]}x{bucket[1]}.safetensors"
+        entry = _load(path, latent_keys)
+        if entry is not None:
+            latents[i] = entry["latent"]
+            flips[i] = entry.get("latent_flip")
+            hits += 1
+        else:
+            todo.setdefault(tuple(bucket), []).append((i, path))
+            misses += 1
+    vae_dtype = next(vae.parameters()).dtype
+    done = 0
+    with _progress(misses, "caching latents") as bar:
+        for bucket, entries in todo.items():
+            for start in range(0, len(entries), ENCODE_BATCH):
+                chunk = entries[start:start + ENCODE_BATCH]
+                pixels = torch.stack([load_for_bucket(items[i].image, bucket) for i, _ in chunk])
+                batch = pixels.to(device, vae_dtype)
+                out = vae.encode(batch).latent_dist.mean.float().cpu() * scaling
+                out_flip = None
+                if flip:
+                    out_flip = vae.encode(torch.flip(batch, dims=[3])).latent_dist.mean.float().cpu() * scaling
+                for j, (i, path) in enumerate(chunk):
+                    tensors = {"latent": out[j].clone()}
+                    if out_flip is not None:
+                        tensors["latent_flip"] = out_flip[j].clone()
+                    _save_atomic(tensors, path)
+                    latents[i] = tensors["latent"]
+                    flips[i] = tensors.get("latent_flip")
+                bar.update(len(chunk))
+                done += len(chunk)
+                if on_progress:
+                    on_progress(done, misses)
+
+    # Text embeddings of the plain captions.
+    te_dtype = next(text_encoder.parameters()).dtype
+    by_caption: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        by_caption.setdefault(item.caption, []).append(i)
+    missing: list[tuple[str, Path]] = []
+    for caption, idxs in by_caption.items():
+        path = base / "text" / f"{hashlib.sha256(caption.encode()).hexdigest()}.safetensors"
+        entry = _load(path, ["hidden"])
+        if entry is None:
+            missing.append((caption, path))
+            continue
+        for i in idxs:
+            text[i] = entry["hidden"]
+    with _progress(len(missing), "caching text") as bar:
+        for start in range(0, len(missing), ENCODE_BATCH):
+            chunk = missing[start:start + ENCODE_BATCH]
+            hidden = encode_prompts(tokenizer, text_encoder, [c for c, _ in chunk], device)
+            hidden = hidden.to(te_dtype).float().cpu()
+            for j, (caption, path) in enumerate(chunk):
+                _save_atomic({"hidden": hidden[j].clone()}, path)
+                for i in by_caption[caption]:
+                    text[i] = hidden[j].clone()
+            bar.update(len(chunk))
+    log.info("latent cache %s: %d hit(s), %d encoded", base, hits, misses)
+    return CachedItems(
+        latents=[t for t in latents],  # type: ignore[misc]
+        latents_flip=[t for t in flips] if flip else None,  # type: ignore[misc]
+        text=[t for t in text],  # type: ignore[misc]
+        hits=hits,
+        misses=misses,
+    )

@@ -1,0 +1,238 @@
+"""Checkpoints: ``checkpoints/step-<n>/`` written atomically and verified by checksums.
+
+Each checkpoint holds the trainable (LoRA) weights, optimizer and scheduler state, RNG
+states, the trainer state (step/epoch counters, data-order position) and the training log
+so far. Files go to a hidden temporary folder first; ``checkpoint.json`` with the sha256 of
+every file is written last, then the folder is renamed into place. A folder without a
+matching ``checkpoint.json`` is partial or damaged: resuming skips it with a warning and
+takes the previous one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "checkpoint.json"
+FORMAT = 1
+WEIGHTS = "trainable.safetensors"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+RNG_TORCH = "rng.pt"
+RNG_JSON = "rng.json"
+STATE = "state.json"
+LOG = "training_log.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary name in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rng_snapshot() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON-able python/numpy states, torch/cuda states)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    as_json = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = state
+    return as_json, tensors
+
+
+def rng_restore(as_json: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = as_json["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npv = as_json["numpy"]
+    np.random.set_state((npv[0], np.array(npv[1], dtype=np.uint32), npv[2], npv[3], npv[4]))
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith("step-"):
+        return None
+    try:
+        return int(name[5:])
+    except ValueError:
+        return None
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` for every ``step-<n>`` folder, newest first (valid or not)."""
+    if not root.is_dir():
+        return []
+    found = [(step_of(p), p) for p in root.iterdir() if p.is_dir()]
+    return sorted(((s, p) for s, p in found if s is not None), key=lambda sp: sp[0], reverse=True)
+
+
+def verify(folder: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else the reason it is not."""
+    manifest = folder / MANIFEST
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        files = data["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (partial write)"
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"unreadable {MANIFEST} ({exc.__class__.__name__})"
+    if data.get("format") != FORMAT or data.get("step") != step_of(folder):
+        return f"{MANIFEST} does not match the folder"
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"missing {name}"
+        if _sha256(path) != digest:
+            return f"checksum mismatch in {name}"
+    return None
+
+
+def latest_valid(root: Path) -> Path | None:
+    """The newest intact checkpoint; damaged or partial ones are skipped with a warning."""
+    for step, folder in list_checkpoints(root):
+        reason = verify(folder)
+        if reason is None:
+            return folder
+        log.warning("skipping checkpoint %s: %s; trying the previous one", folder.name, reason)
+    return None
+
+
+@dataclass
+class CheckpointData:
+    folder: Path
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng_json: dict[str, Any]
+    rng_tensors: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    log: dict[str, Any]
+
+
+def load_checkpoint(folder: Path) -> CheckpointData:
+    return CheckpointData(
+        folder=folder,
+        trainable=load_file(str(folder / WEIGHTS)),
+        optimizer=torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=True),
+        scheduler=torch.load(folder / SCHEDULER, map_location="cpu", weights_only=True),
+        rng_json=json.loads((folder / RNG_JSON).read_text()),
+        rng_tensors=torch.load(folder / RNG_TORCH, map_location="cpu", weights_only=True),
+        state=json.loads((folder / STATE).read_text()),
+        log=json.loads((folder / LOG).read_text()),
+    )
+
+
+def write_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    trainable: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    scheduler: dict[str, Any],
+    state: dict[str, Any],
+    log_data: dict[str, Any],
+) -> Path:
+    """Write ``root/step-<step>`` atomically; an existing folder of that step is replaced."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / WEIGHTS))
+    torch.save(optimizer, tmp / OPTIMIZER)
+    torch.save(scheduler, tmp / SCHEDULER)
+    rng_json, rng_tensors = rng_snapshot()
+    torch.save(rng_tensors, tmp / RNG_TORCH)
+    (tmp / RNG_JSON).write_text(json.dumps(rng_json))
+    (tmp / STATE).write_text(json.dumps(state, indent=1))
+    (tmp / LOG).write_text(json.dumps(log_data, indent=1))
+    names = [WEIGHTS, OPTIMIZER, SCHEDULER, RNG_TORCH, RNG_JSON, STATE, LOG]
+    for name in names:
+        _fsync(tmp / name)
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": {name: _sha256(tmp / name) for name in names},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    final = root / f"step-{step}"
+    if final.exists():
+        old = root / f".old-step-{step}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(root)
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` intact checkpoints; remove older ones and leftover temp folders."""
+    kept = 0
+    for step, folder in list_checkpoints(root):
+        if kept >= keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif verify(folder) is None:
+            kept += 1
+    clean_temporaries(root)
+
+
+def clean_temporaries(root: Path) -> None:
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-step-", ".old-step-")):
+                shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,549 @@
+"""The training loop: one call trains (or resumes) a run for one segment.
+
+``train(cfg, run_dir, stop_at_step=..., time_budget_s=...)`` continues from the newest intact
+checkpoint, trains until the run is complete, the step target is reached or the time budget
+is nearly spent, writes a checkpoint and returns. Calling it again continues the run; the
+result is bit-identical (on CPU) to an uninterrupted run, because
+
+- the data order of an epoch depends only on (seed, epoch) and the position inside the epoch
+  is saved;
+- every random draw of a step (timesteps, noise, flips, caption order, dropout) comes from
+  generators seeded by (seed, global step);
+- LoRA weights, optimizer, scheduler and RNG states are restored exactly.
+
+Gradient accumulation is done here rather than by accelerate's ``accumulate()`` so that the
+unit of work is the optimizer step: the out-of-memory fallback can split a step into more,
+smaller micro-batches and still apply exactly the same effective batch.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lora.config import ConfigError, TrainConfig, config_differences, make_config
+
+from . import checkpoint as ckpt
+from .batching import epoch_steps
+from .cache import build_cache, encode_prompts
+from .log import LOG_NAME, close_epoch, new_log, write_log
+from .noise import shuffle_caption
+from .plan import DataPlan, dataset_dir_of, make_plan
+from .seeds import derive_seed
+from .step import (StepRunner, make_accelerator, make_optimizer, make_scheduler, mixed_precision,
+                   setup_lora_unet, weight_dtype)
+from .validation import validation_loss
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+LORA_DIR = "lora"
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+#: Kept free before a time budget ends, on top of the predicted step and checkpoint time.
+BUDGET_MARGIN_S = 1.0
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. out of memory even at half the micro-batch)."""
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    total_steps: int
+    complete: bool
+    stopped_reason: str  # "complete" | "step-target" | "time-budget"
+    run_dir: Path
+    lora_files: list[Path] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# run folder and config
+
+
+def _existing_config(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable run config ({exc}); move it away to start over") from None
+
+
+def _pin_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """Normalise the config for this run folder and refuse a different existing run."""
+    updates: dict[str, Any] = {"run_name": cfg.run_name or run_dir.name,
+                               "dataset": str(dataset_dir_of(cfg))}
+    existing = _existing_config(run_dir)
+    old = (existing or {}).get("config")
+    if old and cfg.dataset_version is None and old.get("dataset_version"):
+        updates["dataset_version"] = old["dataset_version"]  # a run stays on its version
+    cfg = make_config({**cfg.model_dump(), **updates})
+    if old:
+        diffs = config_differences(old, cfg.model_dump(mode="json"))
+        if diffs:
+            details = ", ".join(f"{k} ({old.get(k)!r} -> {getattr(cfg, k, None)!r})" for k in diffs)
+            raise ConfigError(
+                f"run folder {run_dir} holds a run with a different config: {details}; "
+                "use another --run-dir or the same settings"
+            )
+    return cfg
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, plan: DataPlan) -> None:
+    ckpt.write_json_atomic(run_dir / CONFIG_NAME, {
+        "config": cfg.model_dump(mode="json"),
+        "dataset_version": plan.version,
+        "base_model": cfg.model,
+        "dataset_dir": str(plan.dataset_dir),
+        "total_steps": plan.total_steps,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "num_train_images": len(plan.train_items),
+        "num_validation_images": len(plan.val_items),
+        "validation_images": [i.name for i in plan.val_items],
+    })
+
+
+def lora_files(run_dir: Path, run_name: str) -> list[Path]:
+    files = [run_dir / LORA_DIR / DIFFUSERS_FILE, run_dir / LORA_DIR / f"{run_name}.safetensors"]
+    return files if all(p.is_file() for p in files) else []
+
+
+def _read_log(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / LOG_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# model setup
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _tag_frequency(plan: DataPlan) -> dict[str, dict[str, int]]:
+    counts: Counter[str] = Counter()
+    for item in plan.train_items:
+        counts.update(t.strip() for t in item.caption.split(",") if t.strip())
+    return {plan.dataset_dir.name: dict(sorted(counts.items()))}
+
+
+def _kohya_metadata(cfg: TrainConfig, plan: DataPlan, state: dict[str, Any], mp: str) -> dict[str, str]:
+    values: dict[str, Any] = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": cfg.lora_rank,
+        "ss_network_alpha": cfg.lora_alpha,
+        "ss_network_dropout": cfg.lora_dropout,
+        "ss_learning_rate": cfg.learning_rate,
+        "ss_unet_lr": cfg.learning_rate,
+        "ss_text_encoder_lr": (cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else 0,
+        "ss_network_train_unet_only": not cfg.train_text_encoder,
+        "ss_num_epochs": cfg.epochs,
+        "ss_epoch": state["epoch"] - (1 if state["step_in_epoch"] == 0 else 0),
+        "ss_num_train_images": len(plan.train_items),
+        "ss_num_validation_images": len(plan.val_items),
+        "ss_num_batches_per_epoch": plan.steps_per_epoch * cfg.gradient_accumulation,
+        "ss_batch_size_per_device": cfg.batch_size,
+        "ss_total_batch_size": cfg.batch_size * cfg.gradient_accumulation,
+        "ss_gradient_accumulation_steps": cfg.gradient_accumulation,
+        "ss_max_train_steps": plan.total_steps,
+        "ss_steps": state["global_step"],
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_lr_warmup_steps": cfg.warmup_steps,
+        "ss_max_grad_norm": cfg.max_grad_norm or 0.0,
+        "ss_min_snr_gamma": cfg.min_snr_gamma or 0,
+        "ss_noise_offset": cfg.noise_offset,
+        "ss_mixed_precision": mp,
+        "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+        "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.optimizer == "adamw8bit" else "torch.optim.AdamW",
+        "ss_seed": cfg.seed,
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "ss_enable_bucket": True,
+        "ss_flip_aug": cfg.flip,
+        "ss_shuffle_caption": cfg.caption_shuffle,
+        "ss_keep_tokens": cfg.keep_tokens,
+        "ss_tag_frequency": json.dumps(_tag_frequency(plan)),
+        "ss_dataset_version": plan.version,
+        "ss_sd_model_name": cfg.model,
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": False,
+        "ss_output_name": cfg.run_name,
+        "ss_training_comment": f"animelora preset {cfg.preset}, run {cfg.run_name}, "
+                               f"data set {plan.dataset_dir.name} {plan.version}",
+        "ss_training_finished_at": str(int(time.time())),
+    }
+    return {k: str(v) for k, v in values.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+
+
+class _Trainer:
+    """State of one segment: models, optimizer, caches and counters."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, plan: DataPlan,
+                 on_progress: Callable[[dict], None] | None) -> None:
+        from lora.model import load_components
+
+        self.cfg, self.run_dir, self.plan = cfg, run_dir, plan
+        self.on_progress = on_progress
+        self.mp = mixed_precision(cfg)
+        self.accelerator = make_accelerator(self.mp)
+        self.device = self.accelerator.device
+        comps = load_components(cfg.model, dtype=torch.float32, device=self.device)
+        self.noise_scheduler = comps.noise_scheduler
+        self.tokenizer = comps.tokenizer
+        self.text_encoder = comps.text_encoder
+        self.live_text = cfg.caption_shuffle or cfg.train_text_encoder
+
+        cache_root = Path(cfg.cache_dir) if cfg.cache_dir else plan.dataset_dir / "cache" / "train"
+        common = dict(root=cache_root, model_id=comps.model_id, vae=comps.vae,
+                      text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                      resolution=cfg.resolution, device=self.device)
+        self.train_cache = build_cache(plan.train_items, plan.train_buckets, flip=cfg.flip, **common)
+        self.val_cache = build_cache(plan.val_items, plan.val_buckets, flip=False, **common)
+        comps.vae.to("cpu")
+        comps.vae = None  # a step runs only the UNet (and the text encoder when captions change)
+        if not self.live_text:
+            self.text_encoder.to("cpu")
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+        dtype = weight_dtype(self.mp)
+        try:
+            self.trainable = setup_lora_unet(cfg, comps.unet, self.device, dtype)
+        except ValueError as exc:  # e.g. target modules that the UNet does not have
+            raise ConfigError(f"invalid training config: {exc}") from None
+        groups = [{"params": list(self.trainable.values()), "lr": cfg.learning_rate}]
+        if cfg.train_text_encoder:
+            from lora.model import attach_text_encoder_lora
+
+            self.text_encoder.to(self.device, dtype=dtype)
+            attach_text_encoder_lora(self.text_encoder, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                     dropout=cfg.lora_dropout,
+                                     init_seed=derive_seed(cfg.seed, "te-lora-init"))
+            te_params = []
+            for name, p in self.text_encoder.named_parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+                    self.trainable[f"text_encoder.{name}"] = p
+                    te_params.append(p)
+            groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
+            if cfg.gradient_checkpointing:
+                enable = getattr(self.text_encoder, "activation_checkpointing_enable", None) or \
+                    self.text_encoder.gradient_checkpointing_enable
+                enable()
+            self.text_encoder.train()
+        optimizer = make_optimizer(cfg, groups)
+        self.unet, self.optimizer = self.accelerator.prepare(comps.unet, optimizer)
+        self.lr_scheduler = make_scheduler(cfg, self.optimizer, plan.total_steps)
+        self.runner = StepRunner(cfg, self.accelerator, self.unet, self.optimizer, self.lr_scheduler,
+                                 self.noise_scheduler, list(self.trainable.values()), self.train_cache,
+                                 self._text_for)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def restore(self, data: ckpt.CheckpointData) -> None:
+        missing = set(self.trainable) - set(data.trainable)
+        if missing:
+            raise TrainingError(f"checkpoint {data.folder} lacks {len(missing)} LoRA tensors "
+                                f"(e.g. {sorted(missing)[0]}); was it made with other LoRA settings?")
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                p.copy_(data.trainable[name].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(data.optimizer)
+        self.lr_scheduler.load_state_dict(data.scheduler)
+        ckpt.rng_restore(data.rng_json, data.rng_tensors)
+
+    def save(self, state: dict[str, Any], log_data: dict[str, Any]) -> Path:
+        t = time.monotonic()
+        folder = ckpt.write_checkpoint(
+            self.run_dir / "checkpoints", state["global_step"],
+            trainable={k: p.detach() for k, p in self.trainable.items()},
+            optimizer=self.optimizer.state_dict(), scheduler=self.lr_scheduler.state_dict(),
+            state=state, log_data=log_data,
+        )
+        write_log(self.run_dir, log_data)
+        ckpt.prune(self.run_dir / "checkpoints", self.cfg.keep_checkpoints)
+        self.last_save_s = time.monotonic() - t
+        return folder
+
+    last_save_s: float = 1.0  # measured after the first checkpoint; used by the time budget
+    last_val_s: float = 0.0
+
+    # -- one optimizer step ------------------------------------------------------------------
+
+    def _text_for(self, indices: list[int], captions_rng) -> torch.Tensor:
+        if not self.live_text:
+            return torch.stack([self.train_cache.text[i] for i in indices]).to(self.device)
+        captions = []
+        for i in indices:
+            caption = self.plan.train_items[i].caption
+            if self.cfg.caption_shuffle:
+                caption = shuffle_caption(caption, self.cfg.keep_tokens, captions_rng)
+            captions.append(caption)
+        if self.cfg.train_text_encoder:
+            with self.accelerator.autocast():
+                return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device).float()
+        with torch.no_grad():
+            return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device).float()
+
+    def run_step(self, step_number: int, batches: list[list[int]], divisor: int) -> tuple[float, float]:
+        return self.runner.run(step_number, batches, divisor)
+
+    def validate(self) -> dict | None:
+        return validation_loss(
+            self.unet, self.noise_scheduler, self.val_cache.latents, self.val_cache.text,
+            [i.name for i in self.plan.val_items], self.cfg.validation_timesteps, self.device,
+            autocast=self.accelerator.autocast,
+        )
+
+    def export(self, state: dict[str, Any]) -> list[Path]:
+        """Write both LoRA formats into ``run_dir/lora`` (temporary folder, then rename)."""
+        from lora.model import export_diffusers, export_kohya
+
+        cfg = self.cfg
+        unet = self.accelerator.unwrap_model(self.unet)
+        te = self.text_encoder if cfg.train_text_encoder else None
+        out = self.run_dir / LORA_DIR
+        tmp = self.run_dir / f".lora-tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        export_diffusers(unet, tmp, text_encoder=te)
+        kohya_name = f"{cfg.run_name}.safetensors"
+        export_kohya(unet, tmp / kohya_name, rank=cfg.lora_rank, alpha=cfg.lora_alpha, text_encoder=te,
+                     metadata=_kohya_metadata(cfg, self.plan, state, self.mp))
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return lora_files(self.run_dir, cfg.run_name or self.run_dir.name)
+
+
+def _progress_call(callback: Callable[[dict], None] | None, info: dict) -> None:
+    if callback is None:
+        return
+    try:
+        callback(info)
+    except Exception as exc:  # noqa: BLE001 - a broken progress display must not stop training
+        log.warning("progress callback failed: %s", exc)
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: Path | str,
+    *,
+    stop_at_step: int | None = None,
+    time_budget_s: float | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train or resume the run in ``run_dir`` for one segment (see the module docstring).
+
+    Stops at the end of the run ("complete"), at ``stop_at_step`` ("step-target") or before
+    ``time_budget_s`` seconds since the call are spent ("time-budget"), always with a
+    checkpoint on disk. ``on_progress`` gets ``{step, total_steps, epoch, loss, lr, eta_s,
+    images_per_sec}`` after every step.
+    """
+    started = time.monotonic()
+    deadline = started + time_budget_s if time_budget_s is not None else None
+    run_dir = Path(run_dir).expanduser().resolve()
+    cfg = _pin_config(cfg, run_dir)
+    plan = make_plan(cfg)
+    if cfg.dataset_version != plan.version:
+        cfg = make_config({**cfg.model_dump(), "dataset_version": plan.version})
+    if plan.total_steps < 1:
+        raise ConfigError("invalid training config: the run has no steps (max_steps or epochs)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(run_dir, cfg, plan)
+    run_name = cfg.run_name or run_dir.name
+    total = plan.total_steps
+    ckpt_root = run_dir / "checkpoints"
+    ckpt.clean_temporaries(ckpt_root)
+
+    latest = ckpt.latest_valid(ckpt_root)
+    done_step = 0
+    if latest is not None:
+        done_step = json.loads((latest / ckpt.STATE).read_text())["global_step"]
+    existing_log = _read_log(run_dir)
+    files = lora_files(run_dir, run_name)
+    if done_step >= total and files and existing_log and existing_log.get("complete"):
+        return TrainResult(done_step, total, True, "complete", run_dir, files)
+    if stop_at_step is not None and done_step >= stop_at_step and done_step < total:
+        return TrainResult(done_step, total, False, "step-target", run_dir, [])
+
+    trainer = _Trainer(cfg, run_dir, plan, on_progress)
+    state: dict[str, Any] = {"global_step": 0, "epoch": 1, "step_in_epoch": 0, "micro_batch_divisor": 1,
+                             "train_time_s": 0.0, "images_seen": 0}
+    log_data = new_log(cfg, run_name=run_name, dataset_version=plan.version, total_steps=total,
+                       num_train_images=len(plan.train_items), num_validation_images=len(plan.val_items))
+    if latest is not None:
+        data = ckpt.load_checkpoint(latest)
+        trainer.restore(data)
+        state.update(data.state)
+        log_data = data.log
+        log_data["total_steps"] = total
+        log.info("resumed from %s (step %d/%d, epoch %d)", latest.name, state["global_step"], total,
+                 state["epoch"])
+    elif total > 0:
+        log.info("starting run %s: %d steps (%d per epoch), %d training and %d validation images",
+                 run_name, total, plan.steps_per_epoch, len(plan.train_items), len(plan.val_items))
+
+    reason = "complete"
+    step_times: deque[float] = deque(maxlen=8)
+    last_save = time.monotonic()
+    saved_step = state["global_step"] if latest is not None else -1
+    epoch_plan: tuple[int, list[list[list[int]]]] | None = None
+
+    def checkpoint_now() -> None:
+        nonlocal last_save, saved_step
+        log_data["global_step"] = state["global_step"]
+        trainer.save(dict(state), log_data)
+        last_save = time.monotonic()
+        saved_step = state["global_step"]
+
+    while state["global_step"] < total:
+        if stop_at_step is not None and state["global_step"] >= stop_at_step:
+            reason = "step-target"
+            break
+        if deadline is not None:
+            predicted = ((max(step_times) if step_times else 0.0) + trainer.last_save_s + trainer.last_val_s
+                         + BUDGET_MARGIN_S)
+            if time.monotonic() + predicted > deadline:
+                reason = "time-budget"
+                break
+        epoch = state["epoch"]
+        if epoch_plan is None or epoch_plan[0] != epoch:
+            epoch_plan = (epoch, epoch_steps(plan.train_buckets, cfg.batch_size, cfg.gradient_accumulation,
+                                             cfg.seed, epoch))
+        steps = epoch_plan[1]
+        batches = steps[state["step_in_epoch"]]
+        step_number = state["global_step"] + 1
+        lr = float(trainer.lr_scheduler.get_last_lr()[0])
+        t0 = time.monotonic()
+        divisor = state["micro_batch_divisor"]
+        oom_retry = False
+        oom_message = None
+        try:
+            loss, grad_norm = trainer.run_step(step_number, batches, divisor)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            # keep only the text: the traceback pins the failed step's activations in memory
+            oom_message = " ".join(str(exc).split())[:200]
+        if oom_message is not None:
+            biggest = max(len(b) for b in batches)
+            if math.ceil(biggest / divisor) <= 1:
+                raise TrainingError(
+                    f"out of memory at step {step_number} with a micro-batch of 1 ({oom_message}); enable "
+                    "gradient_checkpointing, use mixed_precision=bf16 or a lower resolution"
+                )
+            trainer.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            divisor *= 2
+            micro = math.ceil(cfg.batch_size / divisor)
+            log.warning("out of memory at step %d: retrying with micro-batch %d and %dx accumulation "
+                        "(same effective batch of %d)", step_number, micro,
+                        cfg.gradient_accumulation * divisor, cfg.batch_size * cfg.gradient_accumulation)
+            log_data.setdefault("events", []).append({
+                "step": step_number, "event": "oom-retry", "micro_batch": micro,
+                "gradient_accumulation": cfg.gradient_accumulation * divisor,
+                "effective_batch": cfg.batch_size * cfg.gradient_accumulation,
+            })
+            try:
+                loss, grad_norm = trainer.run_step(step_number, batches, divisor)
+            except Exception as again:
+                if _is_oom(again):
+                    raise TrainingError(
+                        f"out of memory at step {step_number} even with micro-batch {micro}; enable "
+                        "gradient_checkpointing, use mixed_precision=bf16, or lower batch_size/resolution"
+                    ) from None
+                raise
+            state["micro_batch_divisor"] = divisor
+            oom_retry = True
+        dt = time.monotonic() - t0
+        step_times.append(dt)
+        n_images = sum(len(b) for b in batches)
+        state["global_step"] = step_number
+        state["step_in_epoch"] += 1
+        state["train_time_s"] += dt
+        state["images_seen"] += n_images
+        record = {"step": step_number, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "images_per_sec": n_images / dt if dt > 0 else None, "images": n_images}
+        if oom_retry or divisor > 1:
+            record["micro_batch"] = math.ceil(cfg.batch_size / divisor)
+            record["gradient_accumulation"] = cfg.gradient_accumulation * divisor
+        if oom_retry:
+            record["oom_retry"] = True
+        log_data["steps"].append(record)
+        log_data["global_step"] = step_number
+
+        epoch_done = state["step_in_epoch"] >= len(steps)
+        if epoch_done:
+            close_epoch(log_data, epoch, state["train_time_s"])
+        due_val = (step_number % cfg.validate_every_steps == 0) if cfg.validate_every_steps else epoch_done
+        if due_val or step_number == total:
+            _validate_into(trainer, log_data, step_number, epoch)
+        if epoch_done:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+
+        avg = sum(step_times) / len(step_times)
+        _progress_call(on_progress, {
+            "step": step_number, "total_steps": total, "epoch": epoch, "loss": loss, "lr": lr,
+            "eta_s": avg * (total - step_number), "images_per_sec": record["images_per_sec"],
+        })
+        due_ckpt = (cfg.checkpoint_every_steps and step_number % cfg.checkpoint_every_steps == 0) or (
+            cfg.checkpoint_every_minutes and time.monotonic() - last_save >= cfg.checkpoint_every_minutes * 60)
+        if due_ckpt and step_number < total:
+            checkpoint_now()
+
+    if state["global_step"] >= total:
+        last_epoch = state["epoch"] - (1 if state["step_in_epoch"] == 0 else 0)
+        close_epoch(log_data, last_epoch, state["train_time_s"], partial=state["step_in_epoch"] != 0)
+        if not any(v.get("step") == state["global_step"] for v in log_data.get("validation", [])):
+            _validate_into(trainer, log_data, state["global_step"], last_epoch)
+        if saved_step != state["global_step"]:
+            checkpoint_now()
+        files = trainer.export(state)
+        log_data["complete"] = True
+        log_data["global_step"] = state["global_step"]
+        write_log(run_dir, log_data)
+        log.info("run %s complete at step %d; LoRA files in %s", run_name, state["global_step"],
+                 run_dir / LORA_DIR)
+        return TrainResult(state["global_step"], total, True, "complete", run_dir, files)
+
+    if saved_step != state["global_step"] and state["global_step"] > 0:
+        checkpoint_now()
+    else:
+        write_log(run_dir, {**log_data, "global_step": state["global_step"]})
+    log.info("stopped at step %d/%d (%s)", state["global_step"], total, reason)
+    return TrainResult(state["global_step"], total, False, reason, run_dir, [])
+
+
+def _validate_into(trainer: _Trainer, log_data: dict[str, Any], step: int, epoch: int) -> None:
+    t = time.monotonic()
+    result = trainer.validate()
+    trainer.last_val_s = time.monotonic() - t
+    if result is not None:
+        log_data.setdefault("validation", []).append({"step": step, "epoch": epoch, **result})

@@ -1,0 +1,180 @@
+"""One optimizer step over cached latents, and the setup it needs (LoRA UNet, optimizer, scheduler).
+
+Kept apart from the loop so the benchmark (bench/train.py) times exactly the step the trainer
+runs, on a UNet it builds itself.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lora.config import ConfigError, TrainConfig
+
+from .batching import split_micro_batches
+from .cache import CachedItems
+from .noise import draw_step, loss_weights, target_for
+from .seeds import derive_seed
+
+#: Test/chaos hook: comma-separated global step numbers whose first attempt raises
+#: ``torch.OutOfMemoryError`` inside the forward pass (the real recovery path then runs).
+FAKE_OOM_ENV = "ANIMELORA_FAKE_OOM_AT_STEP"
+
+
+def mixed_precision(cfg: TrainConfig) -> str:
+    """``auto``: bf16 on a GPU that supports it, else full precision."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def make_accelerator(mp: str, **kwargs):
+    """An ``Accelerator`` for ``mp``, even when this process already made one with another.
+
+    accelerate keeps a process-wide singleton that refuses a second mixed-precision mode; a
+    Prefect worker or a test session trains several runs in one process, so the singleton
+    (not the distributed state) is reset first.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    for state in (AcceleratorState, GradientState):
+        reset = getattr(state, "_reset_state", None)
+        if reset is not None:
+            reset()
+    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=1, **kwargs)
+
+
+def weight_dtype(mp: str) -> torch.dtype:
+    """dtype of the frozen base weights; LoRA weights always train in fp32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
+
+
+def setup_lora_unet(cfg: TrainConfig, unet, device, dtype: torch.dtype) -> dict[str, torch.nn.Parameter]:
+    """Cast the frozen UNet, attach LoRA (seeded), keep LoRA in fp32; returns trainable params."""
+    from lora.model import attach_lora
+
+    if dtype != torch.float32:
+        unet.to(device, dtype=dtype)
+    else:
+        unet.to(device)
+    attach_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
+                dropout=cfg.lora_dropout, init_seed=derive_seed(cfg.seed, "lora-init"))
+    trainable: dict[str, torch.nn.Parameter] = {}
+    for name, p in unet.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+            trainable[f"unet.{name}"] = p
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return trainable
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigError(
+                "invalid training config: optimizer: adamw8bit needs the bitsandbytes package "
+                "(pip install bitsandbytes) and a CUDA GPU; use optimizer=adamw"
+            ) from None
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             fused=True if fused else None)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    name = cfg.lr_scheduler
+    if name == "constant" and cfg.warmup_steps:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=max(1, total_steps))
+
+
+def fake_oom_steps() -> set[int]:
+    raw = os.environ.get(FAKE_OOM_ENV, "")
+    return {int(x) for x in raw.replace(" ", "").split(",") if x.strip().isdigit()}
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    if not grads:
+        return torch.zeros(())
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        return get_total_norm(grads, foreach=grads[0].is_cuda)
+    return torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads]))
+
+
+class StepRunner:
+    """Runs optimizer step ``n``: seeded draws, micro-batches, backward, clip, optimizer step.
+
+    ``text_for(indices, caption_rng)`` gives the encoder hidden states of a micro-batch (from
+    the cache, or encoded on the fly when captions are shuffled).
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator, unet, optimizer, lr_scheduler, noise_scheduler,
+                 params: list[torch.nn.Parameter], cache: CachedItems,
+                 text_for: Callable[[list[int], object], torch.Tensor]) -> None:
+        self.cfg, self.accelerator, self.unet = cfg, accelerator, unet
+        self.optimizer, self.lr_scheduler, self.noise_scheduler = optimizer, lr_scheduler, noise_scheduler
+        self.params, self.cache, self.text_for = params, cache, text_for
+        self.device = accelerator.device
+        self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device)
+        self.fake_oom = fake_oom_steps()
+
+    def run(self, step_number: int, batches: list[list[int]], divisor: int = 1) -> tuple[float, float]:
+        """Returns (mean loss over the step's images, gradient norm before clipping)."""
+        cfg, cache = self.cfg, self.cache
+        flat = [i for b in batches for i in b]
+        draws = draw_step(cfg.seed, step_number, [cache.latents[i].shape for i in flat],
+                          num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+                          noise_offset=cfg.noise_offset, flip=cfg.flip)
+        torch.manual_seed(derive_seed(cfg.seed, "torch-global", step_number))  # dropout etc.
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        pos = 0
+        prediction = self.noise_scheduler.config.prediction_type
+        for micro in split_micro_batches(batches, divisor):
+            n = len(micro)
+            sl = slice(pos, pos + n)
+            lat = torch.stack([
+                cache.latents_flip[i] if (cache.latents_flip and draws.flip[pos + k]) else cache.latents[i]
+                for k, i in enumerate(micro)
+            ]).to(self.device, non_blocking=True)
+            noise = torch.stack(draws.noise[sl]).to(self.device, non_blocking=True)
+            t = draws.timesteps[sl].to(self.device, non_blocking=True)
+            ehs = self.text_for(micro, draws.caption_rng)
+            noisy = self.noise_scheduler.add_noise(lat, noise, t)
+            if step_number in self.fake_oom and divisor == 1 and n > 1:
+                raise torch.OutOfMemoryError(f"fake out of memory at step {step_number} ({FAKE_OOM_ENV})")
+            with self.accelerator.autocast():
+                pred = self.unet(noisy, t, ehs, return_dict=False)[0]
+            target = target_for(self.noise_scheduler, lat, noise, t)
+            per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            weights = loss_weights(self.alphas_cumprod, t, cfg.min_snr_gamma, prediction)
+            if weights is not None:
+                per = per * weights
+            loss = per.sum() / len(flat)  # the step's mean, however it is split
+            self.accelerator.backward(loss)
+            losses.append(loss.detach())
+            pos += n
+        if cfg.max_grad_norm:
+            grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        else:  # the norm is still logged; foreach kernels keep it cheap for hundreds of tensors
+            self.accelerator.unscale_gradients()
+            grads = [p.grad for p in self.params if p.grad is not None]
+            grad_norm = _total_norm(grads)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # one host sync per step, after the optimizer step was queued
+        return float(torch.stack(losses).sum()), float(grad_norm)

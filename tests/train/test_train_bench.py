@@ -1,0 +1,38 @@
+"""bench/train.py --smoke: the trainer's step and the diffusers-script step in one call, on CPU."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_train", REPO_ROOT / "bench" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_bench_prints_both_steps(tmp_path, capsys, monkeypatch):
+    bench = _bench()
+    if bench.find_peer(None) is None:
+        pytest.skip("peer_baselines.py is not beside this checkout (shared/bench/)")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    code = bench.main(["--smoke", "--steps", "1", "--warm", "0",
+                       "--variants", "animelora_bf16_gc,diffusers_script_fp16"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "variant" in out and "images/s" in out and "peak GiB" in out
+    rows = json.loads((tmp_path / "bench_train.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["animelora_bf16_gc", "diffusers_script_fp16"]
+    ours = rows[0]
+    assert ours["batch"] == 4 and ours["img_per_s"] > 0 and ours["loss"] == ours["loss"]  # not NaN
+
+
+def test_missing_peer_is_a_clear_error(tmp_path, capsys):
+    assert _bench().main(["--smoke", "--peer", str(tmp_path / "nope.py")]) == 2
+    assert "peer_baselines.py not found" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""Presets, overrides and the one-line config errors a user sees."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora.config import PRESETS, ConfigError, TrainConfig, resolve_config
+
+
+def test_presets_match_the_guide():
+    p15 = resolve_config("phase1.5", {})
+    assert (p15.epochs, p15.batch_size, p15.learning_rate, p15.lora_rank, p15.lora_alpha) == (10, 2, 1e-4, 8, 32)
+    assert p15.lr_scheduler == "constant"
+    p2a = resolve_config("phase2a", {})
+    assert (p2a.epochs, p2a.batch_size, p2a.learning_rate, p2a.lora_rank, p2a.lora_alpha) == (20, 4, 5e-5, 16, 64)
+    assert p2a.resolution == 512 and p2a.preset == "phase2a"
+    assert resolve_config("phase2a-l2", {}).target_dataset_size == 600
+    p2b = resolve_config("phase2b", {})
+    assert (p2b.lr_scheduler, p2b.warmup_steps, p2b.gradient_accumulation, p2b.max_grad_norm) == ("cosine", 500, 2, 1.0)
+    assert (p2b.epochs, p2b.batch_size, p2b.lora_rank) == (20, 4, 16)
+    assert set(PRESETS) == {"phase1.5", "phase2a", "phase2a-l2", "phase2b"}
+
+
+def test_overrides_file_and_tiny_resolution(tmp_path):
+    from lora.model import TINY_RESOLUTION
+
+    assert resolve_config("phase2a", {"model": "tiny"}).resolution == TINY_RESOLUTION
+    assert resolve_config("phase2a", {"model": "tiny", "resolution": 128}).resolution == 128
+    cfg_file = tmp_path / "train.json"
+    cfg_file.write_text(json.dumps({"lora_rank": 4, "epochs": 3, "flip": True}))
+    cfg = resolve_config("phase1.5", {"epochs": 5, "seed": None}, cfg_file)
+    assert (cfg.lora_rank, cfg.epochs, cfg.flip, cfg.seed) == (4, 5, True, 42)  # override > file > preset
+    toml = tmp_path / "train.toml"
+    toml.write_text('[train]\nmin_snr_gamma = 5.0\nlr_scheduler = "linear"\n')
+    cfg = resolve_config("phase2a", {}, toml)
+    assert cfg.min_snr_gamma == 5.0 and cfg.lr_scheduler == "linear"
+    # what the Prefect task does: JSON round trip
+    assert TrainConfig(**cfg.model_dump(mode="json")) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"learning_rate": -1}, "invalid training config: learning_rate: must be > 0"),
+    ({"lr_scheduler": "step"}, "lr_scheduler"),
+    ({"resolution": 500}, "resolution: must be a multiple of 16"),
+    ({"lerning_rate": 1e-4}, "lerning_rate: unknown setting"),
+    ({"validation_timesteps": [100, 1000]}, "validation_timesteps"),
+])
+def test_bad_field_is_named_in_one_line(override, message):
+    with pytest.raises(ConfigError) as info:
+        resolve_config("phase2a", override)
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="phase1.5, phase2a, phase2a-l2, phase2b"):
+        resolve_config("phase3", {})
