@@ -59,7 +59,15 @@ def _stop(proc: subprocess.Popen) -> None:
                 pass
 
 
-def wait_for(url: str, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+def wait_for(
+    url: str,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
+    *,
+    any_answer: bool = False,
+) -> None:
+    """Poll ``url`` until it answers 2xx/3xx (or, with ``any_answer``, any non-5xx status)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -69,7 +77,7 @@ def wait_for(url: str, timeout: float, what: str, proc: subprocess.Popen | None 
                 if response.status < 500:
                     return
         except urllib.error.HTTPError as exc:  # it answered (e.g. 403 for urllib's agent)
-            if exc.code < 500:
+            if any_answer and exc.code < 500:
                 return
         except OSError:
             pass
@@ -112,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(_stop, booru)
             stack.callback(_stop, serve)
         booru_url = f"http://127.0.0.1:{booru_port}"
-        wait_for(f"{booru_url}/posts.json?limit=1", 60, "the Danbooru-compatible server", booru)
+        wait_for(f"{booru_url}/posts.json?limit=1", 60, "the Danbooru-compatible server", booru,
+                 any_answer=True)
         print(f"[demo] Danbooru-compatible server at {booru_url}", flush=True)
         wait_for(f"{server.api_url}/deployments/name/train-lora/phase2a", 180,
                  "the served deployments", serve)
