@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -25,6 +24,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from lora.fsutil import swap_dir
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +360,7 @@ def generate_samples(
             "device": dev, "grid": "grid.png", "images": [asdict(r) for r in records],
         }
         (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _swap_in(tmp, out)
+        swap_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -391,15 +392,3 @@ def _unique(names: list[str]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
     return out
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -5,8 +5,6 @@ half a PNG.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,6 +14,7 @@ matplotlib.use("Agg", force=False)
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
 from lora.analysis.metrics import RunAnalysis, analyze_log  # noqa: E402
+from lora.fsutil import atomic_write  # noqa: E402
 
 
 def _as_analysis(item: RunAnalysis | Mapping[str, Any] | Path | str) -> RunAnalysis:
@@ -42,17 +41,11 @@ def _validation_x(analysis: RunAnalysis) -> list[float]:
 
 def save_figure(fig: Figure, out_png: Path | str) -> Path:
     """Render ``fig`` to PNG atomically (temporary file in the same folder, then rename)."""
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def render(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             fig.savefig(fh, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+
+    return atomic_write(Path(out_png), render, fsync=False)  # no fsync: plots are rebuilt at will
 
 
 def plot_loss(analysis_or_log: RunAnalysis | Mapping[str, Any] | Path | str,

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from lora.analysis.compare import Comparison, fmt
 from lora.analysis.metrics import RunAnalysis
 from lora.analysis.plots import plot_comparison, plot_loss
+from lora.fsutil import atomic_write_text
 
 
 def json_safe(value: Any) -> Any:
@@ -25,17 +24,9 @@ def json_safe(value: Any) -> Any:
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write to a temporary file in the same folder, then rename over ``path`` (no fsync:
+    a report is rebuilt from the log at any time)."""
+    return atomic_write_text(path, text, fsync=False)
 
 
 def metrics_markdown(analysis: RunAnalysis) -> str:

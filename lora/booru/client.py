@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import random
-import tempfile
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -30,6 +29,7 @@ from lora.booru.errors import TAG_LIMIT_HINT, BooruAuthError, BooruError, BooruQ
 from lora.booru.posts import Post
 from lora.booru.query import check_tag_limit
 from lora.booru.ratelimit import RateLimiter
+from lora.fsutil import atomic_write
 
 log = logging.getLogger("lora.booru")
 
@@ -313,13 +313,11 @@ class DanbooruClient:
         raise DownloadError(failure.reason, f"download of {url} failed: {failure}")
 
     def _download_once(self, url: str, dest: Path, md5: str | None) -> None:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        tmp = Path(tmp_name)
-        try:
+        def fetch(tmp: Path) -> None:
             digest = hashlib.md5()
             received = 0
             try:
-                with os.fdopen(fd, "wb") as fh, self._files.get(url, stream=True, timeout=self.timeout) as resp:
+                with open(tmp, "wb") as fh, self._files.get(url, stream=True, timeout=self.timeout) as resp:
                     if resp.status_code >= 400:
                         err = DownloadError(f"http-{resp.status_code}", f"HTTP {resp.status_code} for {url}")
                         if resp.status_code == 429:
@@ -344,6 +342,6 @@ class DanbooruClient:
                 raise DownloadError("truncated", f"got {received} of {expected} bytes")
             if md5 is not None and digest.hexdigest() != md5:
                 raise DownloadError("md5-mismatch", f"md5 {digest.hexdigest()} != expected {md5}")
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        # fsync happens inside fetch, so a failing disk reports as a DownloadError("io-error").
+        atomic_write(dest, fetch, suffix=".part", fsync=False)

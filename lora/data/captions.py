@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from lora.data.images import atomic_write_bytes
+from lora.fsutil import atomic_write_bytes
 
 __all__ = [
     "CaptionOptions",

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +20,8 @@ from typing import Sequence
 import imagehash
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lora.fsutil import atomic_write_bytes  # re-exported: refresh and captions import it from here
 
 __all__ = [
     "ImageRejected",
@@ -345,29 +345,6 @@ def int_to_phash(value: int) -> str:
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
-
-    A crash leaves either the old file or the new one, never half a file; the temporary file is
-    removed on any error.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def prepare_image(

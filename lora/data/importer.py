@@ -34,6 +34,7 @@ from lora.data.refresh import (
     recover,
 )
 from lora.data.summary import RefreshSummary
+from lora.fsutil import file_digest
 
 __all__ = ["FolderImportError", "import_folder", "scan_folder", "IMPORT_EXTS"]
 
@@ -44,14 +45,6 @@ IMPORT_EXTS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".avi
 
 class FolderImportError(ValueError):
     """The source folder cannot be imported (missing, or a malformed metadata.json)."""
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _danbooru_tags(tags: TagSet) -> dict[str, str]:
@@ -141,7 +134,7 @@ def scan_folder(
                 log.warning("metadata.json entry %s: file not found, skipped", entry["file"])
             continue
         claimed.add(path.resolve())
-        md5 = _md5(path)
+        md5 = file_digest(path, "md5")
         cand_id = str(post_id) if post_id is not None else f"local-{md5[:16]}"
         if cand_id in used_ids:
             cand_id = f"local-{md5[:16]}-" + hashlib.sha1(entry["file"].encode()).hexdigest()[:8]
@@ -158,7 +151,7 @@ def scan_folder(
             continue
         rel = path.relative_to(root)
         name = query or (rel.parts[0] if entries is not None and len(rel.parts) > 1 else "import")
-        md5 = _md5(path)
+        md5 = file_digest(path, "md5")
         cand_id = f"local-{md5[:16]}"
         if cand_id in used_ids:  # a byte-identical copy: its own row, recorded as a duplicate
             cand_id += "-" + hashlib.sha1(rel.as_posix().encode()).hexdigest()[:8]

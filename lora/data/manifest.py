@@ -15,7 +15,6 @@ import errno
 import fcntl
 import os
 import re
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -26,6 +25,8 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from lora.fsutil import atomic_write
 
 __all__ = [
     "SCHEMA",
@@ -276,19 +277,8 @@ def save_rows(paths: DatasetPaths, rows: Iterable[dict[str, Any]]) -> None:
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ManifestError(f"manifest rows do not fit the schema: {exc}") from exc
     paths.root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=paths.root, prefix=".manifest.", suffix=".parquet.tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, paths.manifest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(paths.manifest, lambda tmp: pq.write_table(table, str(tmp)),
+                 prefix=".manifest.", suffix=".parquet.tmp")
 
 
 def upsert_rows(

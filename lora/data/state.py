@@ -15,12 +15,11 @@ Layout::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lora.data.manifest import DatasetPaths, now_utc
+from lora.fsutil import atomic_write_json
 
 __all__ = ["QueryCursor", "DatasetState", "StateError", "load_state", "save_state"]
 
@@ -111,17 +110,4 @@ def save_state(paths: DatasetPaths, state: DatasetState) -> None:
     """Write ``state.json`` atomically."""
     state.updated_at = now_utc().isoformat(timespec="seconds")
     paths.root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=paths.root, prefix=".state.", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(state.to_json(), fh, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, paths.state)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_json(paths.state, state.to_json(), indent=1, prefix=".state.", suffix=".json.tmp")

@@ -12,13 +12,12 @@ name. The contract (docs/architecture.md)::
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from lora.data.manifest import DatasetPaths, now_utc
+from lora.fsutil import atomic_write_json
 
 __all__ = [
     "VersionError",
@@ -126,27 +125,9 @@ def write_version(
     }
     if extra:
         data.update({k: v for k, v in extra.items() if k not in data})
-    fd, tmp = tempfile.mkstemp(dir=paths.versions, prefix=f".{version}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        # os.link refuses to replace an existing file: two writers cannot both create a version.
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
-            raise
-        except OSError:  # file systems without hard links: the caller holds the data-set lock
-            if target.exists():
-                raise FileExistsError(str(target)) from None
-            os.replace(tmp, target)
+        # exclusive: two writers cannot both create a version (os.link refuses to replace).
+        atomic_write_json(target, data, indent=1, prefix=f".{version}.", suffix=".tmp", exclusive=True)
     except FileExistsError:
         raise VersionError(f"version {version} of data set {paths.name!r} already exists ({target})") from None
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
     return data

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora.fsutil import swap_dir
 from lora.hub.card import DEFAULT_LICENSE, render_card
 from lora.hub.runinfo import gather, read_json
 
@@ -103,26 +103,13 @@ def stage_run(
                            has_loss_plot=plot.is_file(),
                            has_grid=(tmp / "samples" / "grid.png").is_file())
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        _swap_in(tmp, run_dir / HUB_DIR)
+        swap_dir(tmp, run_dir / HUB_DIR)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     staged = run_dir / HUB_DIR
     log.info("staged %d files in %s", len(staged_files(staged)), staged)
     return staged
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Replace ``target`` with ``tmp`` so that no half-built folder is ever visible."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def staged_files(hub_dir: Path | str) -> list[StagedFile]:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from lora.fsutil import atomic_write
+
 from .lora_layers import lora_config_of
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -144,16 +146,7 @@ def export_kohya(
             raise TypeError(f"kohya metadata {key!r}: keys and values must be strings (JSON-encode structures)")
         header[key] = value
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata=header)
-        os.replace(tmp_name, out_path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return out_path
+    return atomic_write(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=header), fsync=False)
 
 
 def _num(x: float) -> str:

@@ -36,6 +36,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from lora.fsutil import atomic_write
+
 __all__ = ["PrefectServer", "PrefectServerError", "free_port", "prefect_command", "main"]
 
 #: Host every URL uses; a server on loopback only is never reachable from outside.
@@ -321,9 +323,7 @@ class PrefectServer:
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp), fsync=False, mode=0o666)
 
 
 def _snapshot_db(src: Path, dest: Path) -> None:
@@ -331,9 +331,7 @@ def _snapshot_db(src: Path, dest: Path) -> None:
 
     Best effort: a template that cannot be written only costs the next start its migrations.
     """
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+    def backup(tmp: Path) -> None:
         source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, timeout=10)
         try:
             target = sqlite3.connect(tmp)
@@ -344,9 +342,11 @@ def _snapshot_db(src: Path, dest: Path) -> None:
                 target.close()
         finally:
             source.close()
-        os.replace(tmp, dest)
+
+    try:
+        atomic_write(dest, backup, fsync=False, mode=0o666)
     except (OSError, sqlite3.Error):
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

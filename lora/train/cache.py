@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lora.fsutil import atomic_write, file_digest
+
 from .buckets import Bucket, load_for_bucket
 from .dataset import Item
 
@@ -38,11 +39,8 @@ ENCODE_BATCH = 8
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex sha256 of a file: the cache key of an image."""
+    return file_digest(path, "sha256")
 
 
 def model_key(model_id: str, vae_config: dict, text_config: dict) -> str:
@@ -53,10 +51,9 @@ def model_key(model_id: str, vae_config: dict, text_config: dict) -> str:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    # No fsync: a damaged entry is detected on load and re-encoded. 0o666: plain open() mode.
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)),
+                 fsync=False, mode=0o666)
 
 
 def _load(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor] | None:

@@ -9,7 +9,6 @@ takes the previous one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora.fsutil import atomic_write_json, file_digest, fsync_path, swap_dir
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint.json"
@@ -37,38 +38,9 @@ STATE = "state.json"
 LOG = "training_log.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary name in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1, mode=0o666)
 
 
 def rng_snapshot() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -132,7 +104,7 @@ def verify(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"missing {name}"
-        if _sha256(path) != digest:
+        if file_digest(path) != digest:
             return f"checksum mismatch in {name}"
     return None
 
@@ -198,25 +170,19 @@ def write_checkpoint(
     (tmp / LOG).write_text(json.dumps(log_data, indent=1))
     names = [WEIGHTS, OPTIMIZER, SCHEDULER, RNG_TORCH, RNG_JSON, STATE, LOG]
     for name in names:
-        _fsync(tmp / name)
+        fsync_path(tmp / name)
     manifest = {
         "format": FORMAT,
         "step": step,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": {name: _sha256(tmp / name) for name in names},
+        "files": {name: file_digest(tmp / name) for name in names},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
+    fsync_path(tmp / MANIFEST)
+    fsync_path(tmp)
     final = root / f"step-{step}"
-    if final.exists():
-        old = root / f".old-step-{step}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync(root)
+    swap_dir(tmp, final, old=root / f".old-step-{step}-{os.getpid()}")
+    fsync_path(root)
     return final
 
 
