@@ -86,8 +86,51 @@ def timed(step: Callable[[], Any], n: int, warm: int, dev: str) -> tuple[float, 
     return statistics.median(times), peak, float(loss)
 
 
+def peak_reserved() -> float:
+    """Memory the process holds from the card (CUDA-graph pools included), in GiB.
+
+    ``max_memory_allocated`` does not count the blocks a captured graph reuses during replay,
+    so for graphed variants this is the figure that says what card the step fits on."""
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+#: UNet forward+backward with a frozen base, LoRA r16, 512 px (REFERENCE.md, FlopCounterMode).
+GFLOP_PER_IMAGE = 1788.0
+#: The card's measured bf16 matrix rate (H200: about 790 TFLOP/s); override with --peak-tflops.
+PEAK_TFLOPS = 790.0
+
+
+def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
+    """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl]`` -> settings.
+
+    ``plain``: every fast-path switch off (the trainer's plain step). ``fast`` or neither: the
+    trainer's defaults (``auto``: on for CUDA, off on CPU). ``bf16`` is accepted as a no-op.
+    """
+    parts = name.split("_")[1:]
+    opts: dict[str, Any] = {"batch": default_batch, "checkpointing": False, "compile": "auto",
+                            "cuda_graphs": "auto", "channels_last": "auto"}
+    for part in parts:
+        if part == "plain":
+            opts.update(compile="off", cuda_graphs="off", channels_last="off")
+        elif part == "gc":
+            opts["checkpointing"] = True
+        elif part.startswith("b") and part[1:].isdigit():
+            opts["batch"] = int(part[1:])
+        elif part == "nocompile":
+            opts["compile"] = "off"
+        elif part == "nographs":
+            opts["cuda_graphs"] = "off"
+        elif part == "nocl":
+            opts["channels_last"] = "off"
+        elif part in ("fast", "bf16"):
+            pass
+        else:
+            raise ValueError(f"unknown variant part {part!r} in {name!r}")
+    return opts
+
+
 def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, steps: int,
-                      warm: int, dev: str, checkpointing: bool) -> dict[str, Any]:
+                      warm: int, dev: str, checkpointing: bool | None = None) -> dict[str, Any]:
     """The trainer's step (StepRunner) on a random-weight SD1.5-architecture UNet."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -95,6 +138,10 @@ def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: i
     from lora.train.cache import CachedItems
     from lora.train.step import StepRunner, make_accelerator, make_optimizer, make_scheduler, setup_lora_unet
 
+    opts = parse_variant(name, batch)
+    batch = opts["batch"]
+    if checkpointing is not None:
+        opts["checkpointing"] = checkpointing
     unet_cfg = SMOKE_UNET if smoke else SD15_UNET
     res = 64 if smoke else 512
     text_dim = unet_cfg["cross_attention_dim"]
@@ -104,7 +151,8 @@ def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: i
     unet.requires_grad_(False)
     cfg = resolve_config("phase2a", {
         "batch_size": batch, "lora_rank": rank, "lora_alpha": alpha, "resolution": res,
-        "mixed_precision": "bf16", "gradient_checkpointing": checkpointing,
+        "mixed_precision": "bf16", "gradient_checkpointing": opts["checkpointing"],
+        "compile": opts["compile"], "cuda_graphs": opts["cuda_graphs"], "channels_last": opts["channels_last"],
     })
     accelerator = make_accelerator("bf16", cpu=dev == "cpu")
     trainable = setup_lora_unet(cfg, unet, accelerator.device, torch.bfloat16)
@@ -113,7 +161,8 @@ def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: i
     unet, optimizer = accelerator.prepare(unet, optimizer)
     lr_scheduler = make_scheduler(cfg, optimizer, 10**6)
     noise_scheduler = DDPMScheduler(**SD15_SCHEDULER)
-    # cached latents (res/8) and CLIP hidden states, on the host as in the trainer
+    # cached latents (res/8) and CLIP hidden states, on the host as in the trainer; the same
+    # seeds in every variant, so step k sees the same inputs in each (the loss check below)
     n_items = batch * 4
     g = torch.Generator().manual_seed(0)
     cache = CachedItems(latents=[torch.randn(4, res // 8, res // 8, generator=g) for _ in range(n_items)],
@@ -126,18 +175,138 @@ def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: i
     runner = StepRunner(cfg, accelerator, unet, optimizer, lr_scheduler, noise_scheduler, params, cache, text_for)
     batches = [[list(range(k * batch, (k + 1) * batch))] for k in range(4)]
     counter = [0]
+    first_losses: list[float] = []
 
     def step() -> float:
         counter[0] += 1
         loss, _ = runner.run(counter[0], batches[counter[0] % 4])
+        if len(first_losses) < 3:
+            first_losses.append(loss)
         return loss
 
-    sec, peak, loss = timed(step, steps, warm, dev)
+    # the first step pays torch.compile and CUDA-graph capture: timed on its own
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    first_step_s = time.perf_counter() - t0
+    sec, peak, loss = timed(step, steps, max(0, warm - 1), dev)
+    reserved = peak_reserved()
+    fast = runner.fast
+    warmups = [dict(shape=list(w.shape), seconds=round(w.seconds, 2)) for w in
+               (runner.graphs.warmups if runner.graphs is not None else [])]
     del runner, unet, optimizer
     if dev == "cuda":
         torch.cuda.empty_cache()
     return dict(variant=name, batch=batch, rank=rank, s_per_step=sec, img_per_s=batch / sec,
-                peak_gib=peak, loss=loss)
+                peak_gib=peak, peak_reserved_gib=reserved, loss=loss, first_losses=first_losses, first_step_s=round(first_step_s, 2),
+                graph_warmups=warmups, checkpointing=opts["checkpointing"],
+                fast=dict(compile=fast.compile, cuda_graphs=fast.cuda_graphs, channels_last=fast.channels_last))
+
+
+def loss_checks(rows: list[dict[str, Any]], tol: float) -> list[dict[str, Any]]:
+    """Each fast variant's first losses against the plain variant of the same batch and checkpointing.
+
+    Step 1 runs on identical weights and inputs, so its loss must agree within bf16 tolerance;
+    steps 2-3 follow after one/two optimizer steps and are shown too.
+    """
+    checks = []
+    plain = {(r["batch"], r.get("checkpointing")): r for r in rows
+             if "first_losses" in r and "_plain" in r["variant"]}
+    for r in rows:
+        if "first_losses" not in r or "_plain" in r["variant"]:
+            continue
+        ref = plain.get((r["batch"], r.get("checkpointing"))) or plain.get((r["batch"], False))
+        if ref is None or not ref["first_losses"] or not r["first_losses"]:
+            continue
+        rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["first_losses"], ref["first_losses"])]
+        checks.append(dict(variant=r["variant"], against=ref["variant"], rel_diff=rel, ok=rel[0] <= tol))
+    return checks
+
+
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                latent_channels=4, layers_per_block=2, sample_size=512)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                 vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def build_random_sd15(folder: Path, smoke: bool) -> Path:
+    """A random-weight SD1.5-architecture model saved in diffusers format (the tiny model's
+    CLIP-style tokenizer stands in for SD1.5's; both give 77 tokens)."""
+    import shutil
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora.model import ensure_tiny_model
+
+    torch.manual_seed(0)
+    if smoke:
+        tiny = ensure_tiny_model()
+        shutil.copytree(tiny, folder, dirs_exist_ok=True)
+        return folder
+    UNet2DConditionModel(**SD15_UNET).to(torch.float16).save_pretrained(folder / "unet")
+    AutoencoderKL(**SD15_VAE).to(torch.float16).save_pretrained(folder / "vae")
+    CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).to(torch.float16).save_pretrained(folder / "text_encoder")
+    DDPMScheduler(**SD15_SCHEDULER).save_pretrained(folder / "scheduler")
+    shutil.copytree(ensure_tiny_model() / "tokenizer", folder / "tokenizer", dirs_exist_ok=True)
+    return folder
+
+
+def make_dataset(root: Path, n: int, size: int) -> Path:
+    """A data-set folder per docs/architecture.md: images/<id>.png + .txt, versions/v0001.json."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "versions").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(n):
+        base = rng.integers(0, 255, (1, 1, 3))
+        arr = np.clip(base + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(root / "images" / f"{1000 + i}.png", compress_level=1)
+        (root / "images" / f"{1000 + i}.txt").write_text(f"1girl, solo, tag{i % 7}, color{i % 5}")
+        files.append(f"images/{1000 + i}.png")
+    version = {"version": "v0001", "parent": None, "created_at": "2025-01-01T00:00:00Z",
+               "queries": {"main": "1girl"}, "post_ids": list(range(1000, 1000 + n)),
+               "files": files, "count": n}
+    (root / "versions" / "v0001.json").write_text(json.dumps(version))
+    return root
+
+
+def end_to_end(smoke: bool, work: Path, train_images: int, epochs: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A whole phase2a run through ``lora.train.train``: caching, steps, validation, checkpoints."""
+    from lora.config import resolve_config
+    from lora.train.loop import train
+
+    t0 = time.perf_counter()
+    model = build_random_sd15(work / "model", smoke)
+    size = 64 if smoke else 512
+    val = 50 if not smoke else 4
+    data = make_dataset(work / "data", train_images + val, size)
+    setup_s = time.perf_counter() - t0
+    cfg = resolve_config("phase2a", {
+        "model": str(model), "dataset": str(data), "resolution": size, "epochs": epochs,
+        "validation_count": val, "validation_max": val, "checkpoint_every_minutes": 10.0, **overrides,
+    })
+    seen: list[dict] = []
+    t1 = time.perf_counter()
+    result = train(cfg, work / "run", on_progress=seen.append)
+    wall = time.perf_counter() - t1
+    log = json.loads((work / "run" / "training_log.json").read_text())
+    steps = log.get("steps", [])
+    rates = sorted(s["images_per_sec"] for s in steps if s.get("images_per_sec"))
+    return dict(variant="e2e_phase2a", train_images=train_images, epochs=epochs, steps=result.global_step,
+                image_steps=sum(s.get("images", 0) for s in steps), complete=result.complete,
+                wall_s=round(wall, 1), setup_s=round(setup_s, 1), first_step_s=round(steps[0].get("images", 0)
+                / steps[0]["images_per_sec"], 1) if steps and steps[0].get("images_per_sec") else None,
+                median_img_per_s=rates[len(rates) // 2] if rates else None,
+                final_loss=steps[-1]["loss"] if steps else None,
+                final_val=(log.get("validation") or [{}])[-1].get("mean"), overrides=overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,16 +317,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--peer", default=None, help="path to peer_baselines.py")
     ap.add_argument("--no-peer", action="store_true", help="skip the diffusers-script baseline")
-    ap.add_argument("--variants", default="animelora_bf16,animelora_bf16_gc,diffusers_script_fp16")
+    ap.add_argument("--variants", default="diffusers_script_fp16,animelora_plain,animelora_plain_gc,"
+                                          "animelora_fast,animelora_fast_gc")
+    ap.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="card's bf16 rate for MFU")
+    ap.add_argument("--loss-tol", type=float, default=2e-2, help="relative loss difference allowed (bf16)")
+    ap.add_argument("--e2e", action="store_true", help="also run a whole phase2a training run (600 images)")
+    ap.add_argument("--e2e-images", type=int, default=600)
+    ap.add_argument("--e2e-epochs", type=int, default=20)
+    ap.add_argument("--e2e-dir", default=None, help="work folder for --e2e (default: a temporary one)")
     a = ap.parse_args(argv)
     steps = a.steps if a.steps is not None else (2 if a.smoke else 20)
     warm = a.warm if a.warm is not None else (1 if a.smoke else 5)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    print("device", torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch", torch.__version__,
-          "smoke" if a.smoke else "full SD1.5", flush=True)
+    card = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
+    print("device", card, "torch", torch.__version__, "smoke" if a.smoke else "full SD1.5", flush=True)
 
     peer = None
-    if not a.no_peer:
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    if not a.no_peer and any(not v.startswith("animelora") for v in variants):
         path = find_peer(a.peer)
         if path is None:
             print("error: peer_baselines.py not found (shared/bench/ or ../shared/bench/); pass --peer PATH "
@@ -165,33 +342,66 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         peer = load_peer(path)
 
+    out = os.environ.get("OUT")
     rows: list[dict[str, Any]] = []
-    for name in [v.strip() for v in a.variants.split(",") if v.strip()]:
+    extra: dict[str, Any] = {}
+
+    def save() -> None:
+        if out:
+            Path(out, "bench_train.json").write_text(json.dumps(
+                {"device": card, "smoke": a.smoke, "rows": rows, **extra}, indent=1))
+
+    for name in variants:
         try:
             if name.startswith("animelora"):
                 row = animelora_variant(name, smoke=a.smoke, batch=a.batch, rank=16, alpha=64, steps=steps,
-                                        warm=warm, dev=dev, checkpointing=name.endswith("_gc"))
+                                        warm=warm, dev=dev)
             elif peer is not None:
                 row = peer.run_variant(name, a.smoke, a.batch, 16, 64, steps, warm, dev)
             else:
                 continue
+            row["mfu"] = row["img_per_s"] * GFLOP_PER_IMAGE * 1e9 / (a.peak_tflops * 1e12)
         except Exception as exc:  # noqa: BLE001 - OOM or an unsupported op: report it in the table
-            row = dict(variant=name, batch=a.batch, error=f"{type(exc).__name__}: {exc}"[:200])
+            row = dict(variant=name, batch=a.batch, error=f"{type(exc).__name__}: {exc}"[:300])
             if dev == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save()
+    extra["loss_checks"] = loss_checks(rows, a.loss_tol)
+    save()
+    if a.e2e:
+        import tempfile
 
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, "bench_train.json").write_text(json.dumps({"device": dev, "smoke": a.smoke, "rows": rows}, indent=1))
-    print(f"{'variant':26s} {'batch':>5s} {'images/s':>9s} {'peak GiB':>9s}")
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(a.e2e_dir) if a.e2e_dir else Path(tmp)
+            try:
+                extra["e2e"] = end_to_end(a.smoke, work, a.e2e_images, a.e2e_epochs, {})
+            except Exception as exc:  # noqa: BLE001
+                extra["e2e"] = dict(variant="e2e_phase2a", error=f"{type(exc).__name__}: {exc}"[:300])
+        print(json.dumps(extra["e2e"]), flush=True)
+        save()
+
+    base = next((r for r in rows if r["variant"] == "diffusers_script_fp16" and "img_per_s" in r), None)
+    print(f"card: {card}")
+    print(f"{'variant':28s} {'batch':>5s} {'images/s':>9s} {'x peer':>7s} {'peak GiB':>9s} {'MFU':>6s} {'1st step s':>10s} {'reserved':>8s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:26s} {r['batch']:>5d} ERROR {r['error'][:70]}")
-        else:
-            print(f"{r['variant']:26s} {r['batch']:>5d} {r['img_per_s']:9.2f} {r['peak_gib']:9.2f}")
-    return 1 if any("error" in r and r["variant"].startswith("animelora") for r in rows) else 0
+            print(f"{r['variant']:28s} {r['batch']:>5d} ERROR {r['error'][:90]}")
+            continue
+        speed = f"{r['img_per_s'] / base['img_per_s']:7.2f}" if base else f"{'-':>7s}"
+        first = f"{r['first_step_s']:10.1f}" if "first_step_s" in r else f"{'-':>10s}"
+        res = f"{r['peak_reserved_gib']:8.2f}" if "peak_reserved_gib" in r else f"{'-':>8s}"
+        print(f"{r['variant']:28s} {r['batch']:>5d} {r['img_per_s']:9.2f} {speed} {r['peak_gib']:9.2f} "
+              f"{r['mfu']:6.1%} {first} {res}")
+    for c in extra["loss_checks"]:
+        print(f"loss check {c['variant']} vs {c['against']}: rel diff step1..3 "
+              f"{', '.join(f'{x:.2e}' for x in c['rel_diff'])} -> {'OK' if c['ok'] else 'MISMATCH'}")
+    if "e2e" in extra:
+        print("e2e:", json.dumps(extra["e2e"]))
+    bad = any("error" in r and r["variant"].startswith("animelora") for r in rows)
+    bad = bad or any(not c["ok"] for c in extra["loss_checks"]) or "error" in extra.get("e2e", {})
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

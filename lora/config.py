@@ -46,7 +46,7 @@ _TINY_RESOLUTION_FALLBACK = 64
 #: Fields that may change between segments of one run without changing what is trained.
 RESUME_TOLERANT_FIELDS = frozenset({
     "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
-    "cache_dir",
+    "cache_dir", "compile", "cuda_graphs", "channels_last",
 })
 
 
@@ -107,6 +107,11 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     # speed / memory
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    # CUDA fast path (lora/train/fastpath.py); "auto" = on for a CUDA device, off on CPU.
+    # None of these changes what is trained, so a run may switch them between segments.
+    compile: Literal["auto", "on", "off"] = "auto"
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
     seed: int = Field(default=42, ge=0)
 
     # validation

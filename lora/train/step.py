@@ -5,8 +5,9 @@ runs, on a UNet it builds itself.
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,14 @@ from .cache import CachedItems
 from .noise import draw_step, loss_weights, target_for
 from .seeds import derive_seed
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .fastpath import FastOptions
+
 #: Test/chaos hook: comma-separated global step numbers whose first attempt raises
 #: ``torch.OutOfMemoryError`` inside the forward pass (the real recovery path then runs).
 FAKE_OOM_ENV = "ANIMELORA_FAKE_OOM_AT_STEP"
+
+log = logging.getLogger(__name__)
 
 
 def mixed_precision(cfg: TrainConfig) -> str:
@@ -123,13 +129,61 @@ class StepRunner:
 
     def __init__(self, cfg: TrainConfig, accelerator, unet, optimizer, lr_scheduler, noise_scheduler,
                  params: list[torch.nn.Parameter], cache: CachedItems,
-                 text_for: Callable[[list[int], object], torch.Tensor]) -> None:
+                 text_for: Callable[[list[int], object], torch.Tensor],
+                 fast: "FastOptions | None" = None) -> None:
+        from .fastpath import FastOptions, GraphedSteps, prepare_forward, resolve_fast_options
+
         self.cfg, self.accelerator, self.unet = cfg, accelerator, unet
         self.optimizer, self.lr_scheduler, self.noise_scheduler = optimizer, lr_scheduler, noise_scheduler
         self.params, self.cache, self.text_for = params, cache, text_for
         self.device = accelerator.device
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device)
         self.fake_oom = fake_oom_steps()
+        if fast is None:
+            fast = resolve_fast_options(cfg, self.device, accelerator.num_processes,
+                                        str(accelerator.mixed_precision))
+        self.fast: FastOptions = fast
+        #: the UNet forward a step calls: the module itself, or compiled / channels-last (fastpath.py)
+        self.forward = prepare_forward(unet, fast)
+        self.graphs = GraphedSteps(self) if fast.cuda_graphs else None
+
+    def _fall_back(self, exc: Exception) -> bool:
+        """A compile or capture failure (not out-of-memory, not a test hook): turn off the failing
+        part of the fast path, say so, and let the caller retry the step. True if it did."""
+        from .fastpath import FastOptions
+
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            return False
+        if self.fast.compile:
+            log.warning("torch.compile failed (%s: %s); continuing without compile",
+                        type(exc).__name__, " ".join(str(exc).split())[:300])
+            self.fast = FastOptions(compile=False, cuda_graphs=self.fast.cuda_graphs,
+                                    channels_last=self.fast.channels_last)
+            self.forward = self.unet
+            if self.graphs is not None:
+                self.graphs.invalidate()
+            return True
+        if self.graphs is not None:
+            log.warning("CUDA graph capture failed (%s: %s); continuing without CUDA graphs",
+                        type(exc).__name__, " ".join(str(exc).split())[:300])
+            self.graphs = None
+            self.fast = FastOptions(compile=False, cuda_graphs=False, channels_last=self.fast.channels_last)
+            return True
+        return False
+
+    def micro_loss(self, lat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor,
+                   n_total: int) -> torch.Tensor:
+        """A micro-batch's share of the step's mean loss; the one loss both paths train on."""
+        noisy = self.noise_scheduler.add_noise(lat, noise, t)
+        with self.accelerator.autocast():
+            pred = self.forward(noisy, t, ehs, return_dict=False)[0]
+        target = target_for(self.noise_scheduler, lat, noise, t)
+        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = loss_weights(self.alphas_cumprod, t, self.cfg.min_snr_gamma,
+                               self.noise_scheduler.config.prediction_type)
+        if weights is not None:
+            per = per * weights
+        return per.sum() / n_total  # the step's mean, however it is split
 
     def run(self, step_number: int, batches: list[list[int]], divisor: int = 1) -> tuple[float, float]:
         """Returns (mean loss over the step's images, gradient norm before clipping)."""
@@ -139,34 +193,45 @@ class StepRunner:
                           num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
                           noise_offset=cfg.noise_offset, flip=cfg.flip)
         torch.manual_seed(derive_seed(cfg.seed, "torch-global", step_number))  # dropout etc.
+        def micro_inputs():
+            """Each micro-batch's (latents, noise, timesteps, text), made when it is needed."""
+            pos = 0
+            for micro in split_micro_batches(batches, divisor):
+                n = len(micro)
+                sl = slice(pos, pos + n)
+                lat = torch.stack([
+                    cache.latents_flip[i] if (cache.latents_flip and draws.flip[pos + k]) else cache.latents[i]
+                    for k, i in enumerate(micro)
+                ]).to(self.device, non_blocking=True)
+                noise = torch.stack(draws.noise[sl]).to(self.device, non_blocking=True)
+                t = draws.timesteps[sl].to(self.device, non_blocking=True)
+                ehs = self.text_for(micro, draws.caption_rng)
+                if step_number in self.fake_oom and divisor == 1 and n > 1:
+                    raise torch.OutOfMemoryError(f"fake out of memory at step {step_number} ({FAKE_OOM_ENV})")
+                yield lat, noise, t, ehs
+                pos += n
+
+        if self.graphs is not None:  # CUDA graphs (fastpath.py): same draws, same loss, same optimizer
+            try:
+                loss_sum, norm = self.graphs.step(list(micro_inputs()), len(flat))
+            except Exception as exc:  # noqa: BLE001 - fall back to a slower path, never stop training
+                if not self._fall_back(exc):
+                    raise
+                return self.run(step_number, batches, divisor)
+            self.lr_scheduler.step()
+            loss_value, norm_value = torch.stack([loss_sum, norm.float()]).tolist()  # one host sync
+            return loss_value, norm_value
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
-        pos = 0
-        prediction = self.noise_scheduler.config.prediction_type
-        for micro in split_micro_batches(batches, divisor):
-            n = len(micro)
-            sl = slice(pos, pos + n)
-            lat = torch.stack([
-                cache.latents_flip[i] if (cache.latents_flip and draws.flip[pos + k]) else cache.latents[i]
-                for k, i in enumerate(micro)
-            ]).to(self.device, non_blocking=True)
-            noise = torch.stack(draws.noise[sl]).to(self.device, non_blocking=True)
-            t = draws.timesteps[sl].to(self.device, non_blocking=True)
-            ehs = self.text_for(micro, draws.caption_rng)
-            noisy = self.noise_scheduler.add_noise(lat, noise, t)
-            if step_number in self.fake_oom and divisor == 1 and n > 1:
-                raise torch.OutOfMemoryError(f"fake out of memory at step {step_number} ({FAKE_OOM_ENV})")
-            with self.accelerator.autocast():
-                pred = self.unet(noisy, t, ehs, return_dict=False)[0]
-            target = target_for(self.noise_scheduler, lat, noise, t)
-            per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            weights = loss_weights(self.alphas_cumprod, t, cfg.min_snr_gamma, prediction)
-            if weights is not None:
-                per = per * weights
-            loss = per.sum() / len(flat)  # the step's mean, however it is split
-            self.accelerator.backward(loss)
-            losses.append(loss.detach())
-            pos += n
+        try:
+            for lat, noise, t, ehs in micro_inputs():
+                loss = self.micro_loss(lat, noise, t, ehs, len(flat))
+                self.accelerator.backward(loss)
+                losses.append(loss.detach())
+        except Exception as exc:  # noqa: BLE001
+            if not self._fall_back(exc):
+                raise
+            return self.run(step_number, batches, divisor)
         if cfg.max_grad_norm:
             grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
         else:  # the norm is still logged; foreach kernels keep it cheap for hundreds of tensors

@@ -1,0 +1,312 @@
+"""The CUDA fast path of a training step: channels-last, ``torch.compile`` and CUDA graphs.
+
+Why: at the phase2a settings (batch 4, 512 px) a step on an H200 is bound by kernel *launches*,
+not arithmetic: the UNet's ~2,000 small kernels plus the loss, gradient norm and optimizer
+kernels each cost CPU time. The fast path
+
+- compiles the UNet forward/backward (``torch.compile``, default mode: fused elementwise
+  kernels, no autotuning so the warm-up stays around a minute);
+- captures the *whole* step in CUDA graphs, one per micro-batch shape (bucket): the noise
+  mixing, the UNet, the loss and its backward in one graph, and gradient norm, clipping, the
+  (fused, capturable) AdamW update and the zeroing of the gradients in a second one. A step is
+  then a few host-to-device copies of the step's draws and two graph replays;
+- keeps what is trained the same: the same seeded draws (made on the host exactly as in the
+  plain path), the same loss function (:meth:`StepRunner.micro_loss`), the same optimizer
+  object and state, so checkpoints are interchangeable with the plain path. Warm-up runs
+  before a capture are undone (parameters and optimizer state restored), so capturing changes
+  no weights.
+
+Every part is a switch in :class:`~lora.config.TrainConfig` (``compile``, ``cuda_graphs``,
+``channels_last``: ``auto`` = on for CUDA only). Where graphs cannot be used (LoRA dropout,
+a trained text encoder, several processes) the step falls back to the plain path, compiled
+when ``compile`` is on.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from lora.config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .step import StepRunner
+
+log = logging.getLogger(__name__)
+
+#: torch.compile backend of the fast path. Tests on CPU swap in "aot_eager" (same tracing and
+#: autograd split, no C++/Triton code generation).
+COMPILE_BACKEND = "inductor"
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    compile: bool = False
+    cuda_graphs: bool = False
+    channels_last: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.compile or self.cuda_graphs or self.channels_last
+
+
+def _switch(value: str, name: str, default: bool) -> bool:
+    if value == "auto":
+        return default
+    if value in ("on", "off"):
+        return value == "on"
+    raise ConfigError(f"invalid training config: {name}: expected auto, on or off, got {value!r}")
+
+
+def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_processes: int = 1,
+                         mixed_precision: str = "bf16") -> FastOptions:
+    """``auto`` means on for a CUDA device, off elsewhere (CPU keeps the bit-exact plain path).
+
+    CUDA graphs are off (``auto``) or refused (``on``) where they would change what is trained
+    or cannot be captured: no CUDA device, LoRA dropout (its random mask), a trained text
+    encoder (its backward runs outside the UNet) and several processes (DDP's all-reduce).
+    """
+    cuda = torch.device(device).type == "cuda"
+    compile_on = _switch(cfg.compile, "compile", cuda)
+    channels_last = _switch(cfg.channels_last, "channels_last", cuda)
+    blockers = []
+    if not cuda:
+        blockers.append("needs a CUDA device")
+    if cfg.lora_dropout > 0:
+        blockers.append("lora_dropout > 0 draws a random mask each step")
+    if cfg.train_text_encoder:
+        blockers.append("train_text_encoder runs the text encoder's backward outside the graph")
+    if mixed_precision == "fp16":
+        blockers.append("fp16 uses a dynamic loss scaler that skips steps")
+    if num_processes > 1:
+        blockers.append("several processes (DDP all-reduce)")
+    graphs = _switch(cfg.cuda_graphs, "cuda_graphs", not blockers)
+    if graphs and blockers:
+        raise ConfigError(f"invalid training config: cuda_graphs: on is not possible here: {'; '.join(blockers)}")
+    return FastOptions(compile=compile_on, cuda_graphs=graphs, channels_last=channels_last)
+
+
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """One compiled graph per bucket shape: lift dynamo's default of 8 recompiles."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
+
+
+def prepare_forward(unet: torch.nn.Module, opts: FastOptions) -> Callable[..., Any]:
+    """The callable a step uses for the UNet forward: the module, channels-last and/or compiled."""
+    if opts.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if not opts.compile:
+        return unet
+    _raise_recompile_limit()
+    return torch.compile(unet, dynamic=False, backend=COMPILE_BACKEND)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA graphs
+
+
+@dataclass
+class _MicroGraph:
+    graph: torch.cuda.CUDAGraph
+    lat: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    ehs: torch.Tensor
+    loss: torch.Tensor   # static output, read right after each replay
+
+
+@dataclass
+class WarmupRecord:
+    shape: tuple[int, ...]
+    seconds: float
+
+
+@dataclass
+class GraphedSteps:
+    """CUDA graphs of one runner: a micro-batch graph per input shape and one optimizer graph.
+
+    All graphs share one memory pool. That is safe because they are replayed one at a time on
+    one stream and each graph's outputs (the loss and the gradient norm) are copied out right
+    after its replay; gradients, optimizer state and inputs live outside the pool.
+    """
+
+    runner: "StepRunner"
+    pool: Any = None
+    micro: dict[tuple, _MicroGraph] = field(default_factory=dict)
+    opt_graph: torch.cuda.CUDAGraph | None = None
+    grad_norm: torch.Tensor | None = None
+    grads: list[torch.Tensor] = field(default_factory=list)
+    warmups: list[WarmupRecord] = field(default_factory=list)
+    lr_tensors: list[torch.Tensor] = field(default_factory=list)
+
+    # -- optimizer in a graph --------------------------------------------------------------
+
+    def _tensor_lrs(self) -> None:
+        """Give each param group a device ``lr`` tensor (the scheduler ``fill_``s it in place),
+        and keep ``state_dict()`` / ``load_state_dict()`` in the plain path's float format."""
+        opt = self.runner.optimizer
+        base = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps it
+        dev = self.runner.device
+        self.lr_tensors = []
+        for group in base.param_groups:
+            lr = group["lr"]
+            value = float(lr) if not torch.is_tensor(lr) else float(lr.item())
+            tensor = torch.tensor(value, dtype=torch.float32, device=dev)
+            group["lr"] = tensor
+            group["capturable"] = True
+            self.lr_tensors.append(tensor)
+
+        def to_floats(_opt, state: dict) -> dict:
+            for g in state["param_groups"]:
+                if torch.is_tensor(g.get("lr")):
+                    g["lr"] = float(g["lr"].item())
+                g["capturable"] = False
+            return state
+
+        def back_to_tensors(_opt) -> None:
+            for group, tensor in zip(base.param_groups, self.lr_tensors):
+                value = group["lr"]
+                tensor.fill_(float(value.item()) if torch.is_tensor(value) else float(value))
+                group["lr"] = tensor
+                group["capturable"] = True
+            self.invalidate()  # load_state_dict replaced the state tensors the graph points at
+
+        base.register_state_dict_post_hook(to_floats)
+        base.register_load_state_dict_post_hook(back_to_tensors)
+
+    def invalidate(self) -> None:
+        self.micro.clear()
+        self.opt_graph = None
+
+    def _optimizer_tail(self) -> torch.Tensor:
+        """Gradient norm, clipping, AdamW and zeroed gradients: what the optimizer graph runs."""
+        r = self.runner
+        if r.cfg.max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(r.params, r.cfg.max_grad_norm, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm(self.grads, foreach=True)
+        r.optimizer.step()
+        torch._foreach_zero_(self.grads)
+        return norm
+
+    # -- capture ---------------------------------------------------------------------------
+
+    def _snapshot(self) -> tuple[list[torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+        base = getattr(self.runner.optimizer, "optimizer", self.runner.optimizer)
+        params = [p.detach().clone() for p in self.runner.params]
+        states = {id(p): {k: v.clone() for k, v in base.state[p].items() if torch.is_tensor(v)}
+                  for p in self.runner.params if p in base.state}
+        return params, states
+
+    def _restore(self, snap) -> None:
+        """Undo the warm-up's optimizer step in place (the graph keeps these very tensors)."""
+        params, states = snap
+        base = getattr(self.runner.optimizer, "optimizer", self.runner.optimizer)
+        with torch.no_grad():
+            for p, saved in zip(self.runner.params, params):
+                p.copy_(saved)
+            for p in self.runner.params:
+                st = base.state.get(p, {})
+                saved_state = states.get(id(p))
+                for k, v in st.items():
+                    if not torch.is_tensor(v):
+                        continue
+                    if saved_state is not None and k in saved_state:
+                        v.copy_(saved_state[k])
+                    else:  # fresh AdamW state: step 0, zero moments
+                        v.zero_()
+            torch._foreach_zero_(self.grads)
+
+    def _ensure_grads(self) -> None:
+        """Gradients exist before any capture, so every graph accumulates into these tensors."""
+        if self.grads:
+            if self.runner.params[0].grad is not self.grads[0]:  # the plain path ran in between
+                for p, g in zip(self.runner.params, self.grads):
+                    p.grad = g
+            return
+        for p in self.runner.params:
+            if p.grad is None or p.grad.data_ptr() == 0:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+        self.grads = [p.grad for p in self.runner.params]
+
+    def _capture(self, key: tuple, lat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                 ehs: torch.Tensor, n_total: int) -> _MicroGraph:
+        r = self.runner
+        t0 = time.perf_counter()
+        if self.opt_graph is None and not self.lr_tensors:
+            self._tensor_lrs()
+        self._ensure_grads()
+        # the scheduler's state is untouched: only params, grads and optimizer state can change
+        snap = self._snapshot()
+        static = _MicroGraph(torch.cuda.CUDAGraph(), lat.clone(), noise.clone(), t.clone(), ehs.clone(),
+                             torch.zeros((), device=r.device))
+
+        def micro() -> torch.Tensor:
+            loss = r.micro_loss(static.lat, static.noise, static.t, static.ehs, n_total)
+            loss.backward()
+            return loss.detach()
+
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # compile (first call), cuBLAS/cuDNN handles, autotune caches
+                    micro()
+                self._optimizer_tail()  # creates the optimizer state outside the graph pool
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            self._restore(snap)
+            torch.cuda.synchronize()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(static.graph, pool=self.pool):
+                out = micro()
+            static.loss = out
+            if self.opt_graph is None:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self.pool):
+                    self.grad_norm = self._optimizer_tail()
+                self.opt_graph = g
+            torch.cuda.synchronize()
+        except BaseException:
+            torch.cuda.synchronize()
+            self._restore(snap)  # a failed warm-up or capture must not leave a half step behind
+            raise
+        # capturing ran nothing, but be exact: grads zero, params and state as they were
+        self._restore(snap)
+        torch.cuda.synchronize()
+        self.micro[key] = static
+        torch.cuda.empty_cache()  # hand back the warm-up's cached blocks; the graph pool stays
+        self.warmups.append(WarmupRecord(tuple(key[0]), time.perf_counter() - t0))
+        log.info("captured CUDA graphs for micro-batch shape %s in %.1f s", tuple(key[0]), time.perf_counter() - t0)
+        return static
+
+    # -- one step --------------------------------------------------------------------------
+
+    def step(self, micro_inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+             n_total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replays the graphs for a step's micro-batches; returns (loss sum, grad norm) on device."""
+        total = None
+        self._ensure_grads()
+        for lat, noise, t, ehs in micro_inputs:
+            key = (tuple(lat.shape), tuple(ehs.shape), n_total)
+            g = self.micro.get(key)
+            if g is None:
+                g = self._capture(key, lat, noise, t, ehs, n_total)
+            g.lat.copy_(lat, non_blocking=True)
+            g.noise.copy_(noise, non_blocking=True)
+            g.t.copy_(t, non_blocking=True)
+            g.ehs.copy_(ehs, non_blocking=True)
+            g.graph.replay()
+            total = g.loss.clone() if total is None else total + g.loss
+        assert self.opt_graph is not None and self.grad_norm is not None and total is not None
+        self.opt_graph.replay()
+        return total, self.grad_norm.clone()

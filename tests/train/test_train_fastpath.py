@@ -1,0 +1,105 @@
+"""The CUDA fast path (lora/train/fastpath.py) trains the same function as the plain path.
+
+CUDA graphs need a GPU (bench/train.py checks them on the card); here, on the tiny model, the
+parts that run on CPU are compared with the plain step: the compiled (traced) UNet forward and
+channels-last, through the very ``StepRunner`` the trainer uses.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora.config import ConfigError, config_differences, resolve_config
+from lora.train import fastpath
+from lora.train.fastpath import FastOptions, resolve_fast_options
+
+
+def _runner(fast: FastOptions, seed: int = 7):
+    from lora.model import load_components
+    from lora.train.cache import CachedItems
+    from lora.train.step import StepRunner, make_accelerator, make_optimizer, make_scheduler, setup_lora_unet
+
+    cfg = resolve_config("phase2a", {"model": "tiny", "mixed_precision": "no", "max_grad_norm": 1.0,
+                                     "min_snr_gamma": 5.0, "seed": seed})
+    comps = load_components("tiny")
+    acc = make_accelerator("no", cpu=True)
+    trainable = setup_lora_unet(cfg, comps.unet, acc.device, torch.float32)
+    params = list(trainable.values())
+    opt = make_optimizer(cfg, [{"params": params, "lr": cfg.learning_rate}])
+    unet, opt = acc.prepare(comps.unet, opt)
+    sched = make_scheduler(cfg, opt, 100)
+    side = cfg.resolution // comps.vae_scale_factor
+    g = torch.Generator().manual_seed(0)
+    dim = comps.text_encoder.config.hidden_size
+    cache = CachedItems(latents=[torch.randn(4, side, side, generator=g) for _ in range(8)], latents_flip=None,
+                        text=[torch.randn(77, dim, generator=g) for _ in range(8)])
+
+    def text_for(idx, _rng):
+        return torch.stack([cache.text[i] for i in idx])
+
+    return StepRunner(cfg, acc, unet, opt, sched, comps.noise_scheduler, params, cache, text_for, fast=fast), trainable
+
+
+def test_defaults_keep_the_plain_path_on_cpu():
+    cfg = resolve_config("phase2a", {"model": "tiny"})
+    assert resolve_fast_options(cfg, "cpu") == FastOptions(False, False, False)
+    assert resolve_fast_options(cfg, "cuda") == FastOptions(True, True, True)
+
+
+def test_graphs_refused_where_they_would_change_training():
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        resolve_fast_options(resolve_config("phase2a", {"model": "tiny", "cuda_graphs": "on"}), "cpu")
+    dropout = resolve_config("phase2a", {"model": "tiny", "lora_dropout": 0.1})
+    assert not resolve_fast_options(dropout, "cuda").cuda_graphs  # random mask per step
+    assert not resolve_fast_options(resolve_config("phase2a", {"model": "tiny"}), "cuda", num_processes=2).cuda_graphs
+    assert not resolve_fast_options(resolve_config("phase2a", {"model": "tiny"}), "cuda",
+                                    mixed_precision="fp16").cuda_graphs
+
+
+def test_switches_may_change_between_segments():
+    a = resolve_config("phase2a", {"model": "tiny"}).model_dump()
+    b = resolve_config("phase2a", {"model": "tiny", "compile": "off", "cuda_graphs": "off",
+                                   "channels_last": "on"}).model_dump()
+    assert config_differences(a, b) == []
+    with pytest.raises(ConfigError, match="compile"):
+        resolve_config("phase2a", {"model": "tiny", "compile": "yes"})
+
+
+def test_compiled_channels_last_step_matches_plain_loss_and_gradients(monkeypatch, tiny_model):
+    monkeypatch.setattr(fastpath, "COMPILE_BACKEND", "aot_eager")  # no C++ build on CI
+    plain, plain_params = _runner(FastOptions())
+    fast, fast_params = _runner(FastOptions(compile=True, cuda_graphs=False, channels_last=True))
+    assert fast.forward is not fast.unet  # really compiled
+
+    # one micro-batch: loss and every LoRA gradient
+    g = torch.Generator().manual_seed(3)
+    lat = torch.randn(4, 4, 8, 8, generator=g)
+    noise = torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 300, 650, 999])
+    ehs = torch.randn(4, 77, plain.cache.text[0].shape[-1], generator=g)
+    grads = []
+    for runner, params in ((plain, plain_params), (fast, fast_params)):
+        runner.optimizer.zero_grad(set_to_none=True)
+        loss = runner.micro_loss(lat, noise, t, ehs, 4)
+        loss.backward()
+        grads.append((float(loss.detach()), {k: p.grad.clone() for k, p in params.items()}))
+    (l0, g0), (l1, g1) = grads
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+
+    # whole optimizer steps through run(): same losses, norms and trained weights
+    for runner in (plain, fast):
+        runner.optimizer.zero_grad(set_to_none=True)
+    init = {k: p.detach().clone() for k, p in plain_params.items()}
+    for step in range(1, 4):
+        batch = [[(step * 4 + i) % 8 for i in range(4)]]
+        a, b = plain.run(step, batch), fast.run(step, batch)
+        assert b[0] == pytest.approx(a[0], rel=1e-5) and b[1] == pytest.approx(a[1], rel=1e-4)
+    # Adam moves each weight by about lr (5e-5) a step, whatever the gradient's size, so where
+    # a gradient is near zero rounding can flip an update's sign: compare at a fraction of lr
+    moved = max(float((plain_params[k].detach() - init[k]).abs().max()) for k in plain_params)
+    assert moved > 5e-5
+    for k in plain_params:
+        torch.testing.assert_close(fast_params[k].detach(), plain_params[k].detach(), rtol=1e-4, atol=2e-5)
