@@ -6,11 +6,11 @@ Public API (used by ``lora.commands.train`` and the Prefect tasks, one call per 
     plan_total_steps(cfg, dataset_dir=None) -> int
 """
 from .dataset import DatasetError
-from .loop import TrainingError, TrainResult, lora_files, train
+from .loop import NonFiniteLossError, TrainingError, TrainResult, lora_files, train
 from .step import FAKE_OOM_ENV
 from .plan import DataPlan, make_plan, plan_total_steps
 
 __all__ = [
-    "DataPlan", "DatasetError", "FAKE_OOM_ENV", "TrainResult", "TrainingError",
+    "DataPlan", "DatasetError", "FAKE_OOM_ENV", "NonFiniteLossError", "TrainResult", "TrainingError",
     "lora_files", "make_plan", "plan_total_steps", "train",
 ]

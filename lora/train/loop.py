@@ -57,6 +57,10 @@ class TrainingError(RuntimeError):
     """Training cannot continue (e.g. out of memory even at half the micro-batch)."""
 
 
+class NonFiniteLossError(TrainingError):
+    """The loss or gradient norm became NaN/inf (divergence); retry resumes from a checkpoint."""
+
+
 @dataclass
 class TrainResult:
     global_step: int
@@ -481,6 +485,15 @@ def train(
                 raise
             state["micro_batch_divisor"] = divisor
             oom_retry = True
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # The optimizer has already applied this step in memory, so stop before anything is
+            # saved: a retry resumes from the last good checkpoint on disk, and a run that
+            # diverges the same way every time fails with this message instead of looping.
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step_number} (loss {loss}, gradient norm {grad_norm}); "
+                "nothing after the last checkpoint was saved. If it repeats, lower learning_rate, "
+                "set max_grad_norm, or use mixed_precision=bf16 instead of fp16"
+            )
         dt = time.monotonic() - t0
         step_times.append(dt)
         n_images = sum(len(b) for b in batches)

@@ -161,3 +161,24 @@ def test_text_encoder_lora_checkpointing_bf16_and_min_snr(tmp_path, tiny_cfg):
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in keys)
     diffusers = load_file(str(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"))
     assert any(k.startswith("text_encoder.") for k in diffusers)
+
+
+def test_diverging_run_stops_before_saving_a_bad_step(tmp_path, tiny_cfg):
+    """An absurd learning rate blows the loss up; nothing after the last good step is saved."""
+    from lora.train import NonFiniteLossError
+
+    run = tmp_path / "run"
+    cfg = tiny_cfg("phase2a", learning_rate=1e12, max_grad_norm=None, checkpoint_every_steps=1,
+                   max_steps=30)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step") as info:
+        train(cfg, run)
+    print(info.value)
+    assert any((run / "checkpoints").glob("step-*")), "it diverged before any good step was saved"
+    log = json.loads((run / "training_log.json").read_text()) if (run / "training_log.json").exists() else {"steps": []}
+    assert all(s["loss"] == s["loss"] and abs(s["loss"]) != float("inf") for s in log["steps"])
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        for name, tensor in load_file(next(ckpt.glob("*.safetensors"))).items():
+            assert torch.isfinite(tensor).all(), (ckpt.name, name)
+    # The same run diverges the same way on a retry, instead of looping or saving NaN weights.
+    with pytest.raises(NonFiniteLossError):
+        train(cfg, run)
