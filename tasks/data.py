@@ -39,6 +39,7 @@ from lora.data.refresh import (
 from lora.data.state import QueryCursor
 from lora.data.summary import RefreshSummary
 from tasks.artifacts import ProgressReporter, artifact_key
+from tasks.retry import retry_unless
 
 __all__ = [
     "resolve_credentials",
@@ -68,15 +69,8 @@ def resolve_credentials(block_name: str | None) -> Credentials | None:
     return Credentials.from_env()
 
 
-def _not_a_config_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry network trouble; a refused key or query fails the same way every time."""
-    try:
-        state.result()
-    except (BooruAuthError, BooruQueryError, ValueError):
-        return False
-    except Exception:
-        return True
-    return True
+#: Retry network trouble; a refused key or query fails the same way every time.
+_not_a_config_error = retry_unless(BooruAuthError, BooruQueryError, ValueError)
 
 
 @task(name="recover-dataset", cache_policy=NO_CACHE)

@@ -18,6 +18,7 @@ from prefect.concurrency.sync import concurrency
 from lora.config import TrainConfig
 from lora.train import train
 from tasks.artifacts import ProgressReporter
+from tasks.retry import retry_unless
 
 #: Name of the global concurrency limit that keeps two trainings off one GPU.
 GPU_LIMIT = "gpu"
@@ -31,15 +32,8 @@ class InjectedFault(RuntimeError):
     """A deliberate one-off failure (see FAULT_ONCE_ENV)."""
 
 
-def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry failures that a resume can fix; a bad config fails the same way every time."""
-    try:
-        state.result()
-    except (pydantic.ValidationError, ValueError, FileNotFoundError, TypeError):
-        return False
-    except Exception:
-        return True
-    return True
+#: Retry failures that a resume can fix; a bad config fails the same way every time.
+_is_transient = retry_unless(pydantic.ValidationError, ValueError, FileNotFoundError, TypeError)
 
 
 def _maybe_inject_fault() -> None:
