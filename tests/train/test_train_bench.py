@@ -17,6 +17,18 @@ def _bench():
     return module
 
 
+def test_smoke_bench_prints_our_step_without_the_peer(tmp_path, capsys, monkeypatch):
+    """Where ../shared/bench is absent (a bare clone), our own step still benchmarks."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    code = _bench().main(["--smoke", "--no-peer", "--steps", "1", "--warm", "0",
+                          "--variants", "animelora_plain"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = json.loads((tmp_path / "bench_train.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["animelora_plain"]
+    assert rows[0]["img_per_s"] > 0 and rows[0]["loss"] == rows[0]["loss"]  # not NaN
+
+
 def test_smoke_bench_prints_both_steps(tmp_path, capsys, monkeypatch):
     bench = _bench()
     if bench.find_peer(None) is None:
