@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from lora.data import versions as data_versions
+from lora.data.manifest import DatasetPaths
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_VERSION_RE = re.compile(r"^v(\d+)$")
 #: Version label used for plain folders (no versions/ folder).
 PLAIN_FOLDER_VERSION = "folder"
 
@@ -46,11 +47,8 @@ def _read_caption(image: Path) -> str:
 
 
 def list_versions(dataset_dir: Path) -> list[str]:
-    folder = Path(dataset_dir) / "versions"
-    if not folder.is_dir():
-        return []
-    names = [p.stem for p in folder.glob("v*.json") if _VERSION_RE.match(p.stem)]
-    return sorted(names, key=lambda n: int(n[1:]))
+    """The folder's version names, oldest first, by the data-set layer's own naming rule."""
+    return data_versions.list_versions(DatasetPaths(Path(dataset_dir)))
 
 
 def resolve_version(dataset_dir: Path, version: str | None) -> str:
