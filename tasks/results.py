@@ -7,7 +7,6 @@ links to the files a user wants to open.
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +50,7 @@ def analyze_run(run_dir: str, run_name: str, compare_dir: str | None = None) -> 
     metrics = analysis.to_dict()
     logger.info("verdict: %s", metrics.get("verdict"))
 
-    losses = metrics.get("losses") or json.loads(
-        (Path(run_dir) / "training_log.json").read_text()
-    ).get("losses", [])
+    losses = metrics.get("losses", [])
     create_table_artifact(
         key=artifact_key("epoch-losses", run_name),
         table=[{k: _fmt(v) for k, v in row.items()} for row in losses],
