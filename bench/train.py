@@ -101,17 +101,20 @@ PEAK_TFLOPS = 790.0
 
 
 def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
-    """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl]`` -> settings.
+    """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl][_<kernel>attn][_nocudnnbench]``
+    -> settings (``<kernel>``: default, cudnn, flash, efficient, math).
 
     ``plain``: every fast-path switch off (the trainer's plain step). ``fast`` or neither: the
     trainer's defaults (``auto``: on for CUDA, off on CPU). ``bf16`` is accepted as a no-op.
     """
     parts = name.split("_")[1:]
     opts: dict[str, Any] = {"batch": default_batch, "checkpointing": False, "compile": "auto",
-                            "cuda_graphs": "auto", "channels_last": "auto"}
+                            "cuda_graphs": "auto", "channels_last": "auto", "attention": "auto",
+                            "cudnn_benchmark": "auto"}
     for part in parts:
         if part == "plain":
-            opts.update(compile="off", cuda_graphs="off", channels_last="off")
+            opts.update(compile="off", cuda_graphs="off", channels_last="off", attention="default",
+                        cudnn_benchmark="off")
         elif part == "gc":
             opts["checkpointing"] = True
         elif part.startswith("b") and part[1:].isdigit():
@@ -122,6 +125,10 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
             opts["cuda_graphs"] = "off"
         elif part == "nocl":
             opts["channels_last"] = "off"
+        elif part.endswith("attn") and part[:-4] in ("default", "cudnn", "flash", "efficient", "math"):
+            opts["attention"] = part[:-4]
+        elif part == "nocudnnbench":
+            opts["cudnn_benchmark"] = "off"
         elif part in ("fast", "bf16"):
             pass
         else:
@@ -129,9 +136,12 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
     return opts
 
 
-def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, steps: int,
-                      warm: int, dev: str, checkpointing: bool | None = None) -> dict[str, Any]:
-    """The trainer's step (StepRunner) on a random-weight SD1.5-architecture UNet."""
+def make_step(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, dev: str,
+              checkpointing: bool | None = None) -> tuple[Callable[[], float], Any, dict[str, Any], list[float]]:
+    """The trainer's step (StepRunner) on a random-weight SD1.5-architecture UNet.
+
+    Returns ``(step, runner, options, first_losses)``: each ``step()`` call runs the next
+    optimizer step on the same seeded inputs in every variant (the loss check below)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from lora.config import resolve_config
@@ -153,12 +163,15 @@ def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: i
         "batch_size": batch, "lora_rank": rank, "lora_alpha": alpha, "resolution": res,
         "mixed_precision": "bf16", "gradient_checkpointing": opts["checkpointing"],
         "compile": opts["compile"], "cuda_graphs": opts["cuda_graphs"], "channels_last": opts["channels_last"],
+        "attention": opts["attention"], "cudnn_benchmark": opts["cudnn_benchmark"],
     })
+    torch.backends.cudnn.benchmark = False  # process-wide: each variant sets it from its own options
     accelerator = make_accelerator("bf16", cpu=dev == "cpu")
     trainable = setup_lora_unet(cfg, unet, accelerator.device, torch.bfloat16)
     params = list(trainable.values())
     optimizer = make_optimizer(cfg, [{"params": params, "lr": cfg.learning_rate}])
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet = accelerator.prepare_model(unet, evaluation_mode=True)
+    optimizer = accelerator.prepare_optimizer(optimizer)
     lr_scheduler = make_scheduler(cfg, optimizer, 10**6)
     noise_scheduler = DDPMScheduler(**SD15_SCHEDULER)
     # cached latents (res/8) and CLIP hidden states, on the host as in the trainer; the same
@@ -184,6 +197,15 @@ def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: i
             first_losses.append(loss)
         return loss
 
+    return step, runner, opts, first_losses
+
+
+def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, steps: int,
+                      warm: int, dev: str, checkpointing: bool | None = None) -> dict[str, Any]:
+    """Times the trainer's step: the first step (compile + capture) apart, then the median."""
+    step, runner, opts, first_losses = make_step(name, smoke=smoke, batch=batch, rank=rank, alpha=alpha,
+                                                 dev=dev, checkpointing=checkpointing)
+    batch = opts["batch"]
     # the first step pays torch.compile and CUDA-graph capture: timed on its own
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -197,13 +219,14 @@ def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: i
     fast = runner.fast
     warmups = [dict(shape=list(w.shape), seconds=round(w.seconds, 2)) for w in
                (runner.graphs.warmups if runner.graphs is not None else [])]
-    del runner, unet, optimizer
+    del runner, step
     if dev == "cuda":
         torch.cuda.empty_cache()
     return dict(variant=name, batch=batch, rank=rank, s_per_step=sec, img_per_s=batch / sec,
                 peak_gib=peak, peak_reserved_gib=reserved, loss=loss, first_losses=first_losses, first_step_s=round(first_step_s, 2),
                 graph_warmups=warmups, checkpointing=opts["checkpointing"],
-                fast=dict(compile=fast.compile, cuda_graphs=fast.cuda_graphs, channels_last=fast.channels_last))
+                fast=dict(compile=fast.compile, cuda_graphs=fast.cuda_graphs, channels_last=fast.channels_last,
+                          attention=fast.attention, cudnn_benchmark=fast.cudnn_benchmark))
 
 
 def loss_checks(rows: list[dict[str, Any]], tol: float) -> list[dict[str, Any]]:

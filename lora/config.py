@@ -46,7 +46,7 @@ _TINY_RESOLUTION_FALLBACK = 64
 #: Fields that may change between segments of one run without changing what is trained.
 RESUME_TOLERANT_FIELDS = frozenset({
     "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
-    "cache_dir", "compile", "cuda_graphs", "channels_last",
+    "cache_dir", "compile", "cuda_graphs", "channels_last", "attention", "cudnn_benchmark",
 })
 
 
@@ -112,6 +112,11 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     compile: Literal["auto", "on", "off"] = "auto"
     cuda_graphs: Literal["auto", "on", "off"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
+    # scaled-dot-product attention kernel: "auto" = the fast path's measured choice on CUDA
+    # (bench/README.md), PyTorch's own choice elsewhere; "default" = always PyTorch's choice
+    attention: Literal["auto", "default", "cudnn", "flash", "efficient", "math"] = "auto"
+    # cuDNN tries its convolution algorithms once per shape and keeps the fastest
+    cudnn_benchmark: Literal["auto", "on", "off"] = "auto"
     seed: int = Field(default=42, ge=0)
 
     # validation

@@ -23,9 +23,10 @@ when ``compile`` is on.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -33,6 +34,7 @@ import torch
 from lora.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .distributed import GradientSync
     from .step import StepRunner
 
 log = logging.getLogger(__name__)
@@ -42,15 +44,23 @@ log = logging.getLogger(__name__)
 COMPILE_BACKEND = "inductor"
 
 
+#: What ``attention=auto`` picks on a CUDA device (measured: bench/README.md).
+AUTO_CUDA_ATTENTION = "default"
+
+
 @dataclass(frozen=True)
 class FastOptions:
     compile: bool = False
     cuda_graphs: bool = False
     channels_last: bool = False
+    #: scaled-dot-product attention kernel preferred in the training forward ("default": PyTorch's)
+    attention: str = "default"
+    #: let cuDNN time its convolution algorithms per shape (process-wide setting)
+    cudnn_benchmark: bool = False
 
-    @property
-    def any(self) -> bool:
-        return self.compile or self.cuda_graphs or self.channels_last
+    def without(self, **changes: bool) -> "FastOptions":
+        """A copy with some switches changed (the step's fall-back turns parts off)."""
+        return replace(self, **changes)
 
 
 def _switch(value: str, name: str, default: bool) -> bool:
@@ -67,11 +77,14 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
 
     CUDA graphs are off (``auto``) or refused (``on``) where they would change what is trained
     or cannot be captured: no CUDA device, LoRA dropout (its random mask), a trained text
-    encoder (its backward runs outside the UNet) and several processes (DDP's all-reduce).
+    encoder (its backward runs outside the UNet) and fp16's loss scaler. Several processes keep
+    them: the gradient all-reduce runs between the graphs (lora/train/distributed.py).
     """
     cuda = torch.device(device).type == "cuda"
     compile_on = _switch(cfg.compile, "compile", cuda)
     channels_last = _switch(cfg.channels_last, "channels_last", cuda)
+    cudnn_benchmark = _switch(cfg.cudnn_benchmark, "cudnn_benchmark", cuda)
+    attention = cfg.attention if cfg.attention != "auto" else (AUTO_CUDA_ATTENTION if cuda else "default")
     blockers = []
     if not cuda:
         blockers.append("needs a CUDA device")
@@ -81,12 +94,28 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
         blockers.append("train_text_encoder runs the text encoder's backward outside the graph")
     if mixed_precision == "fp16":
         blockers.append("fp16 uses a dynamic loss scaler that skips steps")
-    if num_processes > 1:
-        blockers.append("several processes (DDP all-reduce)")
     graphs = _switch(cfg.cuda_graphs, "cuda_graphs", not blockers)
     if graphs and blockers:
         raise ConfigError(f"invalid training config: cuda_graphs: on is not possible here: {'; '.join(blockers)}")
-    return FastOptions(compile=compile_on, cuda_graphs=graphs, channels_last=channels_last)
+    return FastOptions(compile=compile_on, cuda_graphs=graphs, channels_last=channels_last,
+                       attention=attention, cudnn_benchmark=cudnn_benchmark)
+
+
+_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+             "math": "MATH"}
+
+
+def attention_context(name: str) -> contextlib.AbstractContextManager:
+    """Prefer one SDPA kernel for the forward it wraps; the others stay as fall-backs for shapes
+    it does not support. ``torch.compile`` bakes the kernel chosen at trace time into its graph,
+    so wrapping the compiled call is enough."""
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = getattr(SDPBackend, _BACKENDS[name])
+    order = [first] + [getattr(SDPBackend, b) for b in _BACKENDS.values() if getattr(SDPBackend, b) != first]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:
@@ -99,6 +128,8 @@ def _raise_recompile_limit(limit: int = 64) -> None:
 
 def prepare_forward(unet: torch.nn.Module, opts: FastOptions) -> Callable[..., Any]:
     """The callable a step uses for the UNet forward: the module, channels-last and/or compiled."""
+    if opts.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # process-wide; off by default, never turned off here
     if opts.channels_last:
         unet.to(memory_format=torch.channels_last)
     if not opts.compile:
@@ -292,8 +323,11 @@ class GraphedSteps:
     # -- one step --------------------------------------------------------------------------
 
     def step(self, micro_inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-             n_total: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replays the graphs for a step's micro-batches; returns (loss sum, grad norm) on device."""
+             n_total: int, sync: "GradientSync | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replays the graphs for a step's micro-batches; returns (loss sum, grad norm) on device.
+
+        With several processes, ``sync`` sums gradients and loss between the micro-batch graphs
+        and the optimizer graph, so the optimizer graph sees the whole step's gradients."""
         total = None
         self._ensure_grads()
         for lat, noise, t, ehs in micro_inputs:
@@ -307,6 +341,14 @@ class GraphedSteps:
             g.ehs.copy_(ehs, non_blocking=True)
             g.graph.replay()
             total = g.loss.clone() if total is None else total + g.loss
-        assert self.opt_graph is not None and self.grad_norm is not None and total is not None
+        if total is None:  # this process had no image in this step (fewer images than processes)
+            total = torch.zeros((), device=self.runner.device)
+        if sync is not None:
+            total = sync.sum_(total)
+        if self.opt_graph is None:  # nothing captured yet on this process: run the tail eagerly
+            if not self.lr_tensors:
+                self._tensor_lrs()
+            return total, self._optimizer_tail().detach().clone()
+        assert self.grad_norm is not None
         self.opt_graph.replay()
         return total, self.grad_norm.clone()

@@ -36,6 +36,7 @@ from lora.config import ConfigError, TrainConfig, config_differences, make_confi
 from . import checkpoint as ckpt
 from .batching import epoch_steps
 from .cache import build_cache, encode_prompts
+from .distributed import any_process, is_main_launched_process, launched_rank
 from .log import LOG_NAME, close_epoch, new_log, write_log
 from .noise import shuffle_caption
 from .plan import DataPlan, dataset_dir_of, make_plan
@@ -210,7 +211,12 @@ class _Trainer:
         self.cfg, self.run_dir, self.plan = cfg, run_dir, plan
         self.on_progress = on_progress
         self.mp = mixed_precision(cfg)
-        self.accelerator = make_accelerator(self.mp)
+        # cpu=True lets accelerate form a gloo process group when launched on a machine without CUDA
+        self.accelerator = make_accelerator(self.mp, cpu=not torch.cuda.is_available())
+        launched = launched_rank()[1]
+        if launched != self.accelerator.num_processes:  # never train N independent copies
+            raise TrainingError(f"launched as {launched} processes but accelerate formed a group of "
+                                f"{self.accelerator.num_processes}; start with `accelerate launch` or torchrun")
         self.device = self.accelerator.device
         comps = load_components(cfg.model, dtype=torch.float32, device=self.device)
         self.noise_scheduler = comps.noise_scheduler
@@ -222,8 +228,11 @@ class _Trainer:
         common = dict(root=cache_root, model_id=comps.model_id, vae=comps.vae,
                       text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                       resolution=cfg.resolution, device=self.device)
-        self.train_cache = build_cache(plan.train_items, plan.train_buckets, flip=cfg.flip, **common)
-        self.val_cache = build_cache(plan.val_items, plan.val_buckets, flip=False, **common)
+        self.is_main = self.accelerator.is_main_process
+        self.world = self.accelerator.num_processes
+        with self.accelerator.main_process_first():  # one process encodes, the others read the cache
+            self.train_cache = build_cache(plan.train_items, plan.train_buckets, flip=cfg.flip, **common)
+            self.val_cache = build_cache(plan.val_items, plan.val_buckets, flip=False, **common)
         comps.vae.to("cpu")
         comps.vae = None  # a step runs only the UNet (and the text encoder when captions change)
         if not self.live_text:
@@ -258,7 +267,10 @@ class _Trainer:
                 enable()
             self.text_encoder.train()
         optimizer = make_optimizer(cfg, groups)
-        self.unet, self.optimizer = self.accelerator.prepare(comps.unet, optimizer)
+        # evaluation_mode: autocast without a DDP wrapper; several processes average gradients
+        # themselves, between the CUDA graphs (lora/train/distributed.py)
+        self.unet = self.accelerator.prepare_model(comps.unet, evaluation_mode=True)
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
         self.lr_scheduler = make_scheduler(cfg, self.optimizer, plan.total_steps)
         self.runner = StepRunner(cfg, self.accelerator, self.unet, self.optimizer, self.lr_scheduler,
                                  self.noise_scheduler, list(self.trainable.values()), self.train_cache,
@@ -278,7 +290,10 @@ class _Trainer:
         self.lr_scheduler.load_state_dict(data.scheduler)
         ckpt.rng_restore(data.rng_json, data.rng_tensors)
 
-    def save(self, state: dict[str, Any], log_data: dict[str, Any]) -> Path:
+    def save(self, state: dict[str, Any], log_data: dict[str, Any]) -> Path | None:
+        """Checkpoint + log; only the main process writes (every process holds the same weights)."""
+        if not self.is_main:
+            return None
         t = time.monotonic()
         folder = ckpt.write_checkpoint(
             self.run_dir / "checkpoints", state["global_step"],
@@ -322,10 +337,14 @@ class _Trainer:
         )
 
     def export(self, state: dict[str, Any]) -> list[Path]:
-        """Write both LoRA formats into ``run_dir/lora`` (temporary folder, then rename)."""
+        """Write both LoRA formats into ``run_dir/lora`` (temporary folder, then rename);
+        the main process writes, the others wait for it."""
         from lora.model import export_diffusers, export_kohya
 
         cfg = self.cfg
+        if not self.is_main:
+            self.accelerator.wait_for_everyone()
+            return lora_files(self.run_dir, cfg.run_name or self.run_dir.name)
         unet = self.accelerator.unwrap_model(self.unet)
         te = self.text_encoder if cfg.train_text_encoder else None
         out = self.run_dir / LORA_DIR
@@ -340,6 +359,7 @@ class _Trainer:
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
         shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         return lora_files(self.run_dir, cfg.run_name or self.run_dir.name)
 
 
@@ -377,11 +397,14 @@ def train(
     if plan.total_steps < 1:
         raise ConfigError("invalid training config: the run has no steps (max_steps or epochs)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, cfg, plan)
+    main = is_main_launched_process()  # several processes (accelerate launch): one writes
+    if main:
+        _write_config(run_dir, cfg, plan)
     run_name = cfg.run_name or run_dir.name
     total = plan.total_steps
     ckpt_root = run_dir / "checkpoints"
-    ckpt.clean_temporaries(ckpt_root)
+    if main:
+        ckpt.clean_temporaries(ckpt_root)
 
     latest = ckpt.latest_valid(ckpt_root)
     done_step = 0
@@ -394,7 +417,7 @@ def train(
     if stop_at_step is not None and done_step >= stop_at_step and done_step < total:
         return TrainResult(done_step, total, False, "step-target", run_dir, [])
 
-    trainer = _Trainer(cfg, run_dir, plan, on_progress)
+    trainer = _Trainer(cfg, run_dir, plan, on_progress if main else None)
     state: dict[str, Any] = {"global_step": 0, "epoch": 1, "step_in_epoch": 0, "micro_batch_divisor": 1,
                              "train_time_s": 0.0, "images_seen": 0}
     log_data = new_log(cfg, run_name=run_name, dataset_version=plan.version, total_steps=total,
@@ -431,7 +454,7 @@ def train(
         if deadline is not None:
             predicted = ((max(step_times) if step_times else 0.0) + trainer.last_save_s + trainer.last_val_s
                          + BUDGET_MARGIN_S)
-            if time.monotonic() + predicted > deadline:
+            if any_process(time.monotonic() + predicted > deadline, trainer.device, trainer.world):
                 reason = "time-budget"
                 break
         epoch = state["epoch"]
@@ -522,7 +545,7 @@ def train(
             state["step_in_epoch"] = 0
 
         avg = sum(step_times) / len(step_times)
-        _progress_call(on_progress, {
+        _progress_call(trainer.on_progress, {
             "step": step_number, "total_steps": total, "epoch": epoch, "loss": loss, "lr": lr,
             "eta_s": avg * (total - step_number), "images_per_sec": record["images_per_sec"],
         })
@@ -541,15 +564,17 @@ def train(
         files = trainer.export(state)
         log_data["complete"] = True
         log_data["global_step"] = state["global_step"]
-        write_log(run_dir, log_data)
+        if trainer.is_main:
+            write_log(run_dir, log_data)
         log.info("run %s complete at step %d; LoRA files in %s", run_name, state["global_step"],
                  run_dir / LORA_DIR)
         return TrainResult(state["global_step"], total, True, "complete", run_dir, files)
 
     if saved_step != state["global_step"] and state["global_step"] > 0:
         checkpoint_now()
-    else:
+    elif trainer.is_main:
         write_log(run_dir, {**log_data, "global_step": state["global_step"]})
+    trainer.accelerator.wait_for_everyone()  # the checkpoint is on disk before any process returns
     log.info("stopped at step %d/%d (%s)", state["global_step"], total, reason)
     return TrainResult(state["global_step"], total, False, reason, run_dir, [])
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +16,10 @@ from lora.config import ConfigError, TrainConfig
 
 from .batching import split_micro_batches
 from .cache import CachedItems
+from .distributed import GradientSync, rank_share
+from .fastpath import FastOptions, GraphedSteps, attention_context, prepare_forward, resolve_fast_options
 from .noise import draw_step, loss_weights, target_for
 from .seeds import derive_seed
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .fastpath import FastOptions
 
 #: Test/chaos hook: comma-separated global step numbers whose first attempt raises
 #: ``torch.OutOfMemoryError`` inside the forward pass (the real recovery path then runs).
@@ -70,6 +69,8 @@ def setup_lora_unet(cfg: TrainConfig, unet, device, dtype: torch.dtype) -> dict[
         unet.to(device)
     attach_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
                 dropout=cfg.lora_dropout, init_seed=derive_seed(cfg.seed, "lora-init"))
+    if dtype != torch.float32:
+        keep_activation_dtype(unet)
     trainable: dict[str, torch.nn.Parameter] = {}
     for name, p in unet.named_parameters():
         if p.requires_grad:
@@ -79,6 +80,19 @@ def setup_lora_unet(cfg: TrainConfig, unet, device, dtype: torch.dtype) -> dict[
         unet.enable_gradient_checkpointing()
     unet.train()
     return trainable
+
+
+def keep_activation_dtype(module: torch.nn.Module) -> None:
+    """Stop peft from casting each LoRA layer's input to the fp32 LoRA weights' dtype.
+
+    Why: every training forward runs under autocast, which casts a linear layer's input back
+    to bf16/fp16 anyway, so peft's cast is a full-size activation copy there and back (~100
+    large copies a step, a quarter of an H200's step time at batch 4) that changes nothing:
+    the LoRA matmuls see the same bf16 values either way.
+    """
+    for m in module.modules():
+        if hasattr(m, "cast_input_dtype_enabled"):
+            m.cast_input_dtype_enabled = False
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -130,15 +144,16 @@ class StepRunner:
     def __init__(self, cfg: TrainConfig, accelerator, unet, optimizer, lr_scheduler, noise_scheduler,
                  params: list[torch.nn.Parameter], cache: CachedItems,
                  text_for: Callable[[list[int], object], torch.Tensor],
-                 fast: "FastOptions | None" = None) -> None:
-        from .fastpath import FastOptions, GraphedSteps, prepare_forward, resolve_fast_options
-
+                 fast: FastOptions | None = None) -> None:
         self.cfg, self.accelerator, self.unet = cfg, accelerator, unet
         self.optimizer, self.lr_scheduler, self.noise_scheduler = optimizer, lr_scheduler, noise_scheduler
         self.params, self.cache, self.text_for = params, cache, text_for
         self.device = accelerator.device
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device)
         self.fake_oom = fake_oom_steps()
+        #: several processes: each takes its share of every micro-batch (lora/train/distributed.py)
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.sync = GradientSync(params, self.device) if self.world > 1 else None
         if fast is None:
             fast = resolve_fast_options(cfg, self.device, accelerator.num_processes,
                                         str(accelerator.mixed_precision))
@@ -150,15 +165,12 @@ class StepRunner:
     def _fall_back(self, exc: Exception) -> bool:
         """A compile or capture failure (not out-of-memory, not a test hook): turn off the failing
         part of the fast path, say so, and let the caller retry the step. True if it did."""
-        from .fastpath import FastOptions
-
         if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
             return False
         if self.fast.compile:
             log.warning("torch.compile failed (%s: %s); continuing without compile",
                         type(exc).__name__, " ".join(str(exc).split())[:300])
-            self.fast = FastOptions(compile=False, cuda_graphs=self.fast.cuda_graphs,
-                                    channels_last=self.fast.channels_last)
+            self.fast = self.fast.without(compile=False)
             self.forward = self.unet
             if self.graphs is not None:
                 self.graphs.invalidate()
@@ -167,7 +179,7 @@ class StepRunner:
             log.warning("CUDA graph capture failed (%s: %s); continuing without CUDA graphs",
                         type(exc).__name__, " ".join(str(exc).split())[:300])
             self.graphs = None
-            self.fast = FastOptions(compile=False, cuda_graphs=False, channels_last=self.fast.channels_last)
+            self.fast = self.fast.without(compile=False, cuda_graphs=False)
             return True
         return False
 
@@ -175,7 +187,7 @@ class StepRunner:
                    n_total: int) -> torch.Tensor:
         """A micro-batch's share of the step's mean loss; the one loss both paths train on."""
         noisy = self.noise_scheduler.add_noise(lat, noise, t)
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), attention_context(self.fast.attention):
             pred = self.forward(noisy, t, ehs, return_dict=False)[0]
         target = target_for(self.noise_scheduler, lat, noise, t)
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -196,11 +208,16 @@ class StepRunner:
         def micro_inputs():
             """Each micro-batch's (latents, noise, timesteps, text), made when it is needed."""
             pos = 0
-            for micro in split_micro_batches(batches, divisor):
+            for whole in split_micro_batches(batches, divisor):
+                start, end = rank_share(len(whole), self.rank, self.world)
+                micro, first = whole[start:end], pos + start
+                pos += len(whole)
                 n = len(micro)
-                sl = slice(pos, pos + n)
+                if n == 0:  # more processes than images in this micro-batch
+                    continue
+                sl = slice(first, first + n)
                 lat = torch.stack([
-                    cache.latents_flip[i] if (cache.latents_flip and draws.flip[pos + k]) else cache.latents[i]
+                    cache.latents_flip[i] if (cache.latents_flip and draws.flip[first + k]) else cache.latents[i]
                     for k, i in enumerate(micro)
                 ]).to(self.device, non_blocking=True)
                 noise = torch.stack(draws.noise[sl]).to(self.device, non_blocking=True)
@@ -209,11 +226,10 @@ class StepRunner:
                 if step_number in self.fake_oom and divisor == 1 and n > 1:
                     raise torch.OutOfMemoryError(f"fake out of memory at step {step_number} ({FAKE_OOM_ENV})")
                 yield lat, noise, t, ehs
-                pos += n
 
         if self.graphs is not None:  # CUDA graphs (fastpath.py): same draws, same loss, same optimizer
             try:
-                loss_sum, norm = self.graphs.step(list(micro_inputs()), len(flat))
+                loss_sum, norm = self.graphs.step(list(micro_inputs()), len(flat), self.sync)
             except Exception as exc:  # noqa: BLE001 - fall back to a slower path, never stop training
                 if not self._fall_back(exc):
                     raise
@@ -221,7 +237,7 @@ class StepRunner:
             self.lr_scheduler.step()
             loss_value, norm_value = torch.stack([loss_sum, norm.float()]).tolist()  # one host sync
             return loss_value, norm_value
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grads()
         losses = []
         try:
             for lat, noise, t, ehs in micro_inputs():
@@ -232,6 +248,9 @@ class StepRunner:
             if not self._fall_back(exc):
                 raise
             return self.run(step_number, batches, divisor)
+        loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+        if self.sync is not None:  # every process now holds the whole step's gradients and loss
+            loss_sum = self.sync.sum_(loss_sum)
         if cfg.max_grad_norm:
             grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
         else:  # the norm is still logged; foreach kernels keep it cheap for hundreds of tensors
@@ -240,6 +259,12 @@ class StepRunner:
             grad_norm = _total_norm(grads)
         self.optimizer.step()
         self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grads()
         # one host sync per step, after the optimizer step was queued
-        return float(torch.stack(losses).sum()), float(grad_norm)
+        return float(loss_sum), float(grad_norm)
+
+    def _zero_grads(self) -> None:
+        if self.sync is not None:
+            self.sync.zero_()  # keep the gradients as views of the all-reduce buffer
+        else:
+            self.optimizer.zero_grad(set_to_none=True)

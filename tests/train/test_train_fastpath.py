@@ -42,8 +42,10 @@ def _runner(fast: FastOptions, seed: int = 7):
 
 def test_defaults_keep_the_plain_path_on_cpu():
     cfg = resolve_config("phase2a", {"model": "tiny"})
-    assert resolve_fast_options(cfg, "cpu") == FastOptions(False, False, False)
-    assert resolve_fast_options(cfg, "cuda") == FastOptions(True, True, True)
+    assert resolve_fast_options(cfg, "cpu") == FastOptions(False, False, False, "default", False)
+    assert resolve_fast_options(cfg, "cuda") == FastOptions(True, True, True, fastpath.AUTO_CUDA_ATTENTION, True)
+    # several processes keep the graphs: the gradient all-reduce runs between them
+    assert resolve_fast_options(cfg, "cuda", num_processes=2).cuda_graphs
 
 
 def test_graphs_refused_where_they_would_change_training():
@@ -51,7 +53,6 @@ def test_graphs_refused_where_they_would_change_training():
         resolve_fast_options(resolve_config("phase2a", {"model": "tiny", "cuda_graphs": "on"}), "cpu")
     dropout = resolve_config("phase2a", {"model": "tiny", "lora_dropout": 0.1})
     assert not resolve_fast_options(dropout, "cuda").cuda_graphs  # random mask per step
-    assert not resolve_fast_options(resolve_config("phase2a", {"model": "tiny"}), "cuda", num_processes=2).cuda_graphs
     assert not resolve_fast_options(resolve_config("phase2a", {"model": "tiny"}), "cuda",
                                     mixed_precision="fp16").cuda_graphs
 
@@ -68,7 +69,8 @@ def test_switches_may_change_between_segments():
 def test_compiled_channels_last_step_matches_plain_loss_and_gradients(monkeypatch, tiny_model):
     monkeypatch.setattr(fastpath, "COMPILE_BACKEND", "aot_eager")  # no C++ build on CI
     plain, plain_params = _runner(FastOptions())
-    fast, fast_params = _runner(FastOptions(compile=True, cuda_graphs=False, channels_last=True))
+    fast, fast_params = _runner(FastOptions(compile=True, cuda_graphs=False, channels_last=True, attention="math",
+                                            cudnn_benchmark=True))
     assert fast.forward is not fast.unet  # really compiled
 
     # one micro-batch: loss and every LoRA gradient

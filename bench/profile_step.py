@@ -1,0 +1,143 @@
+"""Where a training step's GPU time goes: kernel categories and the top kernels of one variant.
+
+Runs the trainer's step (bench/train.py's ``make_step``) with CUDA graphs off (a graph replay
+hides its kernels from the profiler), profiles a few steps with ``torch.profiler`` and prints
+the GPU time per category (attention, matrix products, convolutions, fused Triton kernels,
+other elementwise work, the optimizer) and the top kernels. ``--sdpa`` also times each
+scaled-dot-product attention kernel alone, forward + backward, at the SD1.5 shapes.
+
+    python bench/profile_step.py --variant animelora_fast_nographs_nocompile --batch 4 [--sdpa]
+
+Writes ``$OUT/profile_<variant>.json`` when ``OUT`` is set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train import make_step  # noqa: E402  (bench/train.py)
+
+#: (category, substrings of the kernel name), first match wins
+CATEGORIES = [
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("convolution", ("conv", "implicit", "wgrad", "dgrad", "fprop")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "cublas", "splitk")),
+    ("triton (fused)", ("triton",)),
+    ("norm", ("norm", "welford")),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other elementwise/copy"
+
+
+def profile_variant(variant: str, batch: int, steps: int) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    step, runner, opts, _ = make_step(variant, smoke=False, batch=batch, rank=16, alpha=64, dev="cuda")
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if dev_us and evt.key and not evt.key.startswith("ProfilerStep"):
+            kernels[evt.key] += dev_us / steps
+    # key_averages mixes operators and kernels; keep kernels (no "aten::" / "cuda" API entries)
+    kernels = {k: v for k, v in kernels.items() if not k.startswith(("aten::", "cuda", "Memcpy", "Memset",
+                                                                      "autograd", "torch", "Torch"))}
+    cats: dict[str, float] = defaultdict(float)
+    for k, v in kernels.items():
+        cats[category(k)] += v
+    total = sum(cats.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    return dict(variant=variant, batch=batch, gpu_ms_per_step=total / 1e3,
+                categories={k: round(v / 1e3, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+                top=[(k[:120], round(v / 1e3, 3)) for k, v in top], fast=runner.fast.__dict__)
+
+
+def sdpa_table(batch: int) -> list[dict[str, Any]]:
+    """SDPA forward+backward per kernel at the UNet's attention shapes (bf16)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from triton.testing import do_bench
+
+    shapes = [  # (name, query tokens, key tokens, heads, head dim)
+        ("self 64x64", 4096, 4096, 8, 40), ("cross 64x64", 4096, 77, 8, 40),
+        ("self 32x32", 1024, 1024, 8, 80), ("self 16x16", 256, 256, 8, 160),
+    ]
+    rows = []
+    for label, nq, nk, heads, d in shapes:
+        q = torch.randn(batch, heads, nq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(batch, heads, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(batch, heads, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        row: dict[str, Any] = {"shape": label, "batch": batch}
+        for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                              ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+            def run() -> None:
+                with sdpa_kernel([backend]):
+                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                out.sum().backward()
+            try:
+                row[name + "_ms"] = round(do_bench(run, warmup=10, rep=50), 3)
+            except Exception as exc:  # noqa: BLE001 - a kernel that refuses the shape
+                row[name + "_ms"] = f"n/a ({type(exc).__name__})"
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", action="append", default=None,
+                    help="bench/train.py variant name (repeatable); CUDA graphs are forced off")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--sdpa", action="store_true", help="also time each SDPA kernel alone")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step.py needs a CUDA device", file=sys.stderr)
+        return 2
+    print("device", torch.cuda.get_device_name(0), "torch", torch.__version__, flush=True)
+    out = os.environ.get("OUT")
+    results: dict[str, Any] = {}
+    if a.sdpa:
+        results["sdpa"] = sdpa_table(a.batch)
+        for row in results["sdpa"]:
+            print("sdpa", json.dumps(row), flush=True)
+    for variant in a.variant or ["animelora_fast_nographs_nocompile"]:
+        if "nographs" not in variant:
+            variant += "_nographs"
+        res = profile_variant(variant, a.batch, a.steps)
+        results[variant] = res
+        print(f"\n{variant} batch {a.batch}: {res['gpu_ms_per_step']:.2f} GPU ms per step (kernels)")
+        for cat, ms in res["categories"].items():
+            print(f"  {cat:24s} {ms:8.2f} ms  {ms / res['gpu_ms_per_step']:6.1%}")
+        for name, ms in res["top"][:15]:
+            print(f"    {ms:7.3f} ms  {name}")
+        torch.cuda.empty_cache()
+    if out:
+        Path(out, "profile.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
