@@ -348,11 +348,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e-images", type=int, default=600)
     ap.add_argument("--e2e-epochs", type=int, default=20)
     ap.add_argument("--e2e-dir", default=None, help="work folder for --e2e (default: a temporary one)")
+    ap.add_argument("--out-name", default="bench_train.json", help="file name under $OUT")
     a = ap.parse_args(argv)
     steps = a.steps if a.steps is not None else (2 if a.smoke else 20)
     warm = a.warm if a.warm is not None else (1 if a.smoke else 5)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # under torchrun / accelerate launch each process trains its share of every step (the
+    # trainer's own data parallelism); --batch and the images/s column are for all processes
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if dev == "cuda" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 reports for all
     card = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
+    if world > 1:
+        card = f"{world}x {card}"
     print("device", card, "torch", torch.__version__, "smoke" if a.smoke else "full SD1.5", flush=True)
 
     peer = None
@@ -365,13 +375,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         peer = load_peer(path)
 
-    out = os.environ.get("OUT")
+    out = os.environ.get("OUT") if rank == 0 else None
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
 
     def save() -> None:
         if out:
-            Path(out, "bench_train.json").write_text(json.dumps(
+            Path(out, a.out_name).write_text(json.dumps(
                 {"device": card, "smoke": a.smoke, "rows": rows, **extra}, indent=1))
 
     for name in variants:
@@ -379,11 +389,13 @@ def main(argv: list[str] | None = None) -> int:
             if name.startswith("animelora"):
                 row = animelora_variant(name, smoke=a.smoke, batch=a.batch, rank=16, alpha=64, steps=steps,
                                         warm=warm, dev=dev)
-            elif peer is not None:
+            elif peer is not None and world == 1:
                 row = peer.run_variant(name, a.smoke, a.batch, 16, 64, steps, warm, dev)
             else:
                 continue
-            row["mfu"] = row["img_per_s"] * GFLOP_PER_IMAGE * 1e9 / (a.peak_tflops * 1e12)
+            row["processes"] = world
+            # MFU per card: the images/s of all processes over the rate of all their cards
+            row["mfu"] = row["img_per_s"] * GFLOP_PER_IMAGE * 1e9 / (a.peak_tflops * 1e12 * world)
         except Exception as exc:  # noqa: BLE001 - OOM or an unsupported op: report it in the table
             row = dict(variant=name, batch=a.batch, error=f"{type(exc).__name__}: {exc}"[:300])
             if dev == "cuda":
