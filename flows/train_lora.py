@@ -105,6 +105,7 @@ def train_lora(
     private: bool = False,
     hub_token_block: str | None = None,
     hub_endpoint: str | None = None,
+    gpus: int = 1,
 ) -> dict[str, Any]:
     """Fetch → train (segments) → analyze → samples → publish, resumable by ``run_name``.
 
@@ -112,8 +113,12 @@ def train_lora(
     grows 300 → 600); ``segment_minutes`` is each training segment's time budget (a Colab
     session's limit); ``max_steps`` caps training for demos and tests; ``compare_to`` names an
     earlier run in the same workspace to compare, sample against and gate publishing on.
+    ``gpus`` > 1 trains each segment data-parallel on that many of the worker's GPUs
+    (docs/gpu.md).
     """
     logger = get_run_logger()
+    if gpus < 1:
+        raise ValueError(f"gpus: expected 1 or more, got {gpus}")
     ws = Path(workspace).expanduser().resolve()
     dataset_dir = ws / "datasets" / dataset
     run_name = run_name or default_run_name(preset, dataset)
@@ -168,6 +173,7 @@ def train_lora(
                 stop_at_step=min(total, (segment) * per_segment),
                 time_budget_s=segment_minutes * 60 if segment_minutes else None,
                 progress_artifact_id=str(progress.artifact_id) if progress.artifact_id else None,
+                gpus=gpus,
             )
             complete = bool(result["complete"])
             stalled = 0 if result["global_step"] > step else stalled + 1

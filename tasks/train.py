@@ -17,6 +17,7 @@ from prefect.concurrency.sync import concurrency
 
 from lora.config import TrainConfig
 from lora.train import train
+from lora.train.launch import run_segment_processes
 from tasks.artifacts import ProgressReporter
 from tasks.retry import retry_unless
 
@@ -58,12 +59,20 @@ def train_segment(
     stop_at_step: int,
     time_budget_s: float | None = None,
     progress_artifact_id: str | None = None,
+    gpus: int = 1,
 ) -> dict[str, Any]:
-    """Resume the run from its latest checkpoint and train until ``stop_at_step`` or the budget."""
+    """Resume the run from its latest checkpoint and train until ``stop_at_step`` or the budget.
+
+    ``gpus`` > 1 trains the segment data-parallel in that many processes, one per visible GPU
+    (lora/train/launch.py); the run holds one slot of the ``gpu`` limit either way, since the
+    limit counts trainings on this worker's GPUs. Those segments report progress when they end.
+    """
     logger = get_run_logger()
     cfg = TrainConfig(**config)
     with concurrency(GPU_LIMIT, occupy=1):
         _maybe_inject_fault()
+        if gpus > 1:
+            return _train_in_processes(cfg, run_dir, segment, stop_at_step, time_budget_s, gpus)
         result = train(
             cfg,
             Path(run_dir),
@@ -84,3 +93,17 @@ def train_segment(
         "stopped_reason": result.stopped_reason,
         "lora_files": [str(p) for p in result.lora_files],
     }
+
+
+def _train_in_processes(cfg: TrainConfig, run_dir: str, segment: int, stop_at_step: int,
+                        time_budget_s: float | None, gpus: int) -> dict[str, Any]:
+    logger = get_run_logger()
+    logger.info("segment %d: training in %d processes (torchrun)", segment, gpus)
+    # a ConfigError (a ValueError) is not retried; SegmentLaunchError is, resuming from the checkpoint
+    outcome = run_segment_processes(cfg, Path(run_dir), gpus, stop_at_step=stop_at_step,
+                                    time_budget_s=time_budget_s)
+    logger.info("segment %d stopped at step %d/%d (%s)", segment, outcome.global_step, outcome.total_steps,
+                outcome.stopped_reason)
+    return {"global_step": outcome.global_step, "total_steps": outcome.total_steps,
+            "complete": outcome.complete, "stopped_reason": outcome.stopped_reason,
+            "lora_files": outcome.lora_files}

@@ -88,6 +88,10 @@ def _handler(args: argparse.Namespace) -> int:
         name = type(exc).__name__
         print(f"error: training failed: {name}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        from lora.train.distributed import close_process_group
+
+        close_process_group()  # launched with accelerate launch / torchrun
     if result.complete:
         print(f"run complete at step {result.global_step}/{result.total_steps}; LoRA files:")
         for path in result.lora_files:

@@ -91,3 +91,11 @@ def any_process(flag: bool, device: torch.device, world: int) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def close_process_group() -> None:
+    """End the process group a launched run formed (torch warns at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

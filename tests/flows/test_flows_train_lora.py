@@ -86,6 +86,22 @@ def test_segment_failure_is_retried_and_resumes(prefect_api, flow_params, worksp
     assert state.result()["global_step"] == 8
 
 
+def test_segments_on_two_processes(prefect_api, flow_params, workspace):
+    """gpus=2: each segment is a torchrun process group (gloo on CPU, NCCL on GPUs)."""
+    state = train_lora(**flow_params(run_name="two-gpus", segment_steps=4, gpus=2, sample=False),
+                       return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["global_step"] == 8
+    run_dir = Path(result["run_dir"])
+    log = json.loads((run_dir / "training_log.json").read_text())
+    assert [s["step"] for s in log["steps"]] == list(range(1, 9)) and log["complete"] is True
+    assert (run_dir / "lora" / "two-gpus.safetensors").exists()
+    assert not list(run_dir.glob(".segment-*"))  # the launch's temporary files are gone
+    runs = [t for t in _task_runs(_flow_run(state).id) if t.name.startswith("train-segment")]
+    assert sorted(t.name for t in runs) == ["train-segment-1", "train-segment-2"]
+
+
 def test_config_error_fails_without_retry_loop(prefect_api, flow_params, workspace):
     state = train_lora(**flow_params(run_name="bad",
                                      overrides={"learning_rate": -1.0}), return_state=True)

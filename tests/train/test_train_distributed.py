@@ -107,3 +107,15 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(tmp_path,
     _train(dataset, resumed_in_one, cli_env, processes=2, stop_at=4)
     _train(dataset, resumed_in_one, cli_env, processes=1)
     _assert_same_training(one, resumed_in_one)
+
+
+def test_launched_segment_repeats_a_config_error_as_one(tmp_path, tiny_cfg):
+    """A Prefect worker launches segments through run_segment_processes: a bad data set comes
+    back as a ConfigError naming it (not retried), not as torchrun's generic failure."""
+    from lora.config import ConfigError
+    from lora.train.launch import run_segment_processes
+
+    cfg = tiny_cfg(dataset=str(tmp_path / "no-such-dataset"))
+    with pytest.raises(ConfigError, match="no-such-dataset"):
+        run_segment_processes(cfg, tmp_path / "run", 2, stop_at_step=2)
+    assert not list((tmp_path / "run").glob(".segment-*"))
