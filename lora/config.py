@@ -47,6 +47,7 @@ _TINY_RESOLUTION_FALLBACK = 64
 RESUME_TOLERANT_FIELDS = frozenset({
     "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
     "cache_dir", "compile", "cuda_graphs", "channels_last", "attention", "cudnn_benchmark",
+    "low_memory",
 })
 
 
@@ -107,6 +108,9 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     # speed / memory
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    # fit a consumer card (8 GB) at batch 4: gradient checkpointing on, compile and CUDA graphs
+    # off unless set "on", expandable allocator segments (2.84 GiB held on an H200: bench/README.md)
+    low_memory: bool = False
     # CUDA fast path (lora/train/fastpath.py); "auto" = on for a CUDA device, off on CPU.
     # None of these changes what is trained, so a run may switch them between segments.
     compile: Literal["auto", "on", "off"] = "auto"

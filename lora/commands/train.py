@@ -47,6 +47,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "learning_rate": args.lr,
         "run_name": args.run_name,
+        "low_memory": True if args.low_memory else None,
     }
     values.update(_parse_set(args.set))
     return values
@@ -127,6 +128,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint-every-minutes", type=float, default=None)
     parser.add_argument("--time-budget-minutes", type=float, default=None,
                         help="stop with a checkpoint before this much time has passed (exit 3)")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="fit an 8 GB card at batch 4 (gradient checkpointing, no CUDA graphs/compile)")
     parser.add_argument("--stop-at-step", type=int, default=None, help="stop at this global step (exit 3)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-step progress lines")
     parser.set_defaults(func=_handler)

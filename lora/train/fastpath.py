@@ -81,7 +81,8 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     them: the gradient all-reduce runs between the graphs (lora/train/distributed.py).
     """
     cuda = torch.device(device).type == "cuda"
-    compile_on = _switch(cfg.compile, "compile", cuda)
+    # low_memory: the compiled kernels' and graphs' pools cost ~0.5-1 GiB more than they save
+    compile_on = _switch(cfg.compile, "compile", cuda and not cfg.low_memory)
     channels_last = _switch(cfg.channels_last, "channels_last", cuda)
     cudnn_benchmark = _switch(cfg.cudnn_benchmark, "cudnn_benchmark", cuda)
     attention = cfg.attention if cfg.attention != "auto" else (AUTO_CUDA_ATTENTION if cuda else "default")
@@ -94,7 +95,7 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
         blockers.append("train_text_encoder runs the text encoder's backward outside the graph")
     if mixed_precision == "fp16":
         blockers.append("fp16 uses a dynamic loss scaler that skips steps")
-    graphs = _switch(cfg.cuda_graphs, "cuda_graphs", not blockers)
+    graphs = _switch(cfg.cuda_graphs, "cuda_graphs", not blockers and not cfg.low_memory)
     if graphs and blockers:
         raise ConfigError(f"invalid training config: cuda_graphs: on is not possible here: {'; '.join(blockers)}")
     return FastOptions(compile=compile_on, cuda_graphs=graphs, channels_last=channels_last,
@@ -116,6 +117,20 @@ def attention_context(name: str) -> contextlib.AbstractContextManager:
     first = getattr(SDPBackend, _BACKENDS[name])
     order = [first] + [getattr(SDPBackend, b) for b in _BACKENDS.values() if getattr(SDPBackend, b) != first]
     return sdpa_kernel(order, set_priority=True)
+
+
+def use_expandable_segments() -> bool:
+    """Let the CUDA caching allocator grow segments instead of caching fixed blocks, so the
+    memory held stays close to the memory in use (takes effect for new allocations). True if set."""
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is None or not torch.cuda.is_available():
+        return False
+    try:
+        setter("expandable_segments:True")
+    except (RuntimeError, ValueError) as exc:  # an allocator that does not support it
+        log.warning("could not enable expandable CUDA memory segments: %s", exc)
+        return False
+    return True
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:

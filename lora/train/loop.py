@@ -176,7 +176,7 @@ def _kohya_metadata(cfg: TrainConfig, plan: DataPlan, state: dict[str, Any], mp:
         "ss_min_snr_gamma": cfg.min_snr_gamma or 0,
         "ss_noise_offset": cfg.noise_offset,
         "ss_mixed_precision": mp,
-        "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+        "ss_gradient_checkpointing": cfg.gradient_checkpointing or cfg.low_memory,
         "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.optimizer == "adamw8bit" else "torch.optim.AdamW",
         "ss_seed": cfg.seed,
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
@@ -218,6 +218,10 @@ class _Trainer:
             raise TrainingError(f"launched as {launched} processes but accelerate formed a group of "
                                 f"{self.accelerator.num_processes}; start with `accelerate launch` or torchrun")
         self.device = self.accelerator.device
+        if cfg.low_memory:
+            from .fastpath import use_expandable_segments
+
+            use_expandable_segments()  # before the first model tensor reaches the card
         comps = load_components(cfg.model, dtype=torch.float32, device=self.device)
         self.noise_scheduler = comps.noise_scheduler
         self.tokenizer = comps.tokenizer
@@ -261,7 +265,7 @@ class _Trainer:
                     self.trainable[f"text_encoder.{name}"] = p
                     te_params.append(p)
             groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
-            if cfg.gradient_checkpointing:
+            if cfg.gradient_checkpointing or cfg.low_memory:
                 enable = getattr(self.text_encoder, "activation_checkpointing_enable", None) or \
                     self.text_encoder.gradient_checkpointing_enable
                 enable()
@@ -481,7 +485,7 @@ def train(
             if math.ceil(biggest / divisor) <= 1:
                 raise TrainingError(
                     f"out of memory at step {step_number} with a micro-batch of 1 ({oom_message}); enable "
-                    "gradient_checkpointing, use mixed_precision=bf16 or a lower resolution"
+                    "low_memory (or gradient_checkpointing), use mixed_precision=bf16 or a lower resolution"
                 )
             trainer.optimizer.zero_grad(set_to_none=True)
             gc.collect()
@@ -503,7 +507,7 @@ def train(
                 if _is_oom(again):
                     raise TrainingError(
                         f"out of memory at step {step_number} even with micro-batch {micro}; enable "
-                        "gradient_checkpointing, use mixed_precision=bf16, or lower batch_size/resolution"
+                        "low_memory (or gradient_checkpointing), use mixed_precision=bf16, or lower batch_size/resolution"
                     ) from None
                 raise
             state["micro_batch_divisor"] = divisor

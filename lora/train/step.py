@@ -76,7 +76,7 @@ def setup_lora_unet(cfg: TrainConfig, unet, device, dtype: torch.dtype) -> dict[
         if p.requires_grad:
             p.data = p.data.float()
             trainable[f"unet.{name}"] = p
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing or cfg.low_memory:
         unet.enable_gradient_checkpointing()
     unet.train()
     return trainable

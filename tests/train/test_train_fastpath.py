@@ -105,3 +105,17 @@ def test_compiled_channels_last_step_matches_plain_loss_and_gradients(monkeypatc
     assert moved > 5e-5
     for k in plain_params:
         torch.testing.assert_close(fast_params[k].detach(), plain_params[k].detach(), rtol=1e-4, atol=2e-5)
+
+
+def test_low_memory_turns_on_checkpointing_and_off_the_graph_pools(tiny_model):
+    from lora.model import load_components
+    from lora.train.step import setup_lora_unet
+
+    cfg = resolve_config("phase2a", {"model": "tiny", "low_memory": True})
+    opts = resolve_fast_options(cfg, "cuda")
+    assert (opts.compile, opts.cuda_graphs, opts.channels_last) == (False, False, True)
+    forced = resolve_config("phase2a", {"model": "tiny", "low_memory": True, "compile": "on"})
+    assert resolve_fast_options(forced, "cuda").compile  # an explicit "on" still wins
+    unet = load_components("tiny").unet
+    setup_lora_unet(cfg, unet, "cpu", torch.float32)
+    assert unet.is_gradient_checkpointing
