@@ -17,9 +17,11 @@ kernels each cost CPU time. The fast path
   no weights.
 
 Every part is a switch in :class:`~lora.config.TrainConfig` (``compile``, ``cuda_graphs``,
-``channels_last``: ``auto`` = on for CUDA only). Where graphs cannot be used (LoRA dropout,
-a trained text encoder, several processes) the step falls back to the plain path, compiled
-when ``compile`` is on.
+``channels_last``, ``cudnn_benchmark``: ``auto`` = on for CUDA only; ``attention`` picks the
+SDPA kernel; ``low_memory`` turns compile and graphs off by default). Where graphs cannot be
+used (LoRA dropout, a trained text encoder, fp16) the step falls back to the plain path,
+compiled when ``compile`` is on. Several processes keep the graphs: the gradient all-reduce
+runs between the micro-batch graphs and the optimizer graph (lora/train/distributed.py).
 """
 from __future__ import annotations
 
