@@ -129,6 +129,7 @@ def test_killed_run_continues_without_repeating_segments(prefect_api, flow_param
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    _free_orphaned_gpu_slot()
 
     state = train_lora(**params, return_state=True)
     assert state.is_completed(), state
@@ -139,6 +140,22 @@ def test_killed_run_continues_without_repeating_segments(prefect_api, flow_param
     log = json.loads((workspace / "runs" / "killed" / "training_log.json").read_text())
     steps = [s["step"] for s in log["steps"]]
     assert steps == sorted(set(steps)) and steps[-1] == 12
+
+
+def _free_orphaned_gpu_slot() -> None:
+    """The killed run may have held the `gpu` slot (when `animelora serve` made that limit on
+    this shared server). A real server's lease repossessor frees it once the 300 s lease runs
+    out; the test server runs no services, so do what the repossessor would."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    from tasks.train import GPU_LIMIT
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=0))
+        except ObjectNotFound:
+            pass  # no limit on this server: nothing was held
 
 
 def _write_baseline(workspace: Path, name: str, val_loss: float) -> None:
