@@ -274,9 +274,10 @@ class GraphedSteps:
     def _ensure_grads(self) -> None:
         """Gradients exist before any capture, so every graph accumulates into these tensors."""
         if self.grads:
-            if self.runner.params[0].grad is not self.grads[0]:  # the plain path ran in between
+            if self.runner.params[0].grad is not self.grads[0]:  # the plain path or an OOM retry ran
                 for p, g in zip(self.runner.params, self.grads):
                     p.grad = g
+                torch._foreach_zero_(self.grads)  # a step starts from zero; drop a failed attempt's sums
             return
         for p in self.runner.params:
             if p.grad is None or p.grad.data_ptr() == 0:
