@@ -7,6 +7,7 @@ checkpoint, so a retry never repeats finished steps.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from prefect.concurrency.sync import concurrency
 
 from lora.config import TrainConfig
 from lora.train import train
-from lora.train.launch import run_segment_processes
+from lora.train.launch import SegmentOutcome, run_segment_processes
 from tasks.artifacts import ProgressReporter
 from tasks.retry import retry_unless
 
@@ -72,38 +73,22 @@ def train_segment(
     with concurrency(GPU_LIMIT, occupy=1):
         _maybe_inject_fault()
         if gpus > 1:
-            return _train_in_processes(cfg, run_dir, segment, stop_at_step, time_budget_s, gpus)
-        result = train(
-            cfg,
-            Path(run_dir),
-            stop_at_step=stop_at_step,
-            time_budget_s=time_budget_s,
-            on_progress=ProgressReporter(progress_artifact_id).training_callback(cfg.run_name or "train")
-            if progress_artifact_id
-            else None,
-        )
+            logger.info("segment %d: training in %d processes (torchrun)", segment, gpus)
+            # a ConfigError (a ValueError) is not retried; SegmentLaunchError is, resuming from the checkpoint
+            outcome = run_segment_processes(cfg, Path(run_dir), gpus, stop_at_step=stop_at_step,
+                                            time_budget_s=time_budget_s)
+        else:
+            outcome = SegmentOutcome.from_result(train(
+                cfg,
+                Path(run_dir),
+                stop_at_step=stop_at_step,
+                time_budget_s=time_budget_s,
+                on_progress=ProgressReporter(progress_artifact_id).training_callback(cfg.run_name or "train")
+                if progress_artifact_id
+                else None,
+            ))
     logger.info(
         "segment %d stopped at step %d/%d (%s)",
-        segment, result.global_step, result.total_steps, result.stopped_reason,
+        segment, outcome.global_step, outcome.total_steps, outcome.stopped_reason,
     )
-    return {
-        "global_step": result.global_step,
-        "total_steps": result.total_steps,
-        "complete": result.complete,
-        "stopped_reason": result.stopped_reason,
-        "lora_files": [str(p) for p in result.lora_files],
-    }
-
-
-def _train_in_processes(cfg: TrainConfig, run_dir: str, segment: int, stop_at_step: int,
-                        time_budget_s: float | None, gpus: int) -> dict[str, Any]:
-    logger = get_run_logger()
-    logger.info("segment %d: training in %d processes (torchrun)", segment, gpus)
-    # a ConfigError (a ValueError) is not retried; SegmentLaunchError is, resuming from the checkpoint
-    outcome = run_segment_processes(cfg, Path(run_dir), gpus, stop_at_step=stop_at_step,
-                                    time_budget_s=time_budget_s)
-    logger.info("segment %d stopped at step %d/%d (%s)", segment, outcome.global_step, outcome.total_steps,
-                outcome.stopped_reason)
-    return {"global_step": outcome.global_step, "total_steps": outcome.total_steps,
-            "complete": outcome.complete, "stopped_reason": outcome.stopped_reason,
-            "lora_files": outcome.lora_files}
+    return asdict(outcome)

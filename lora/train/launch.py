@@ -18,12 +18,15 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lora.config import ConfigError, TrainConfig
 from lora.fsutil import atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lora.train.loop import TrainResult
 
 EXIT_BAD_CONFIG = 2
 #: marks the one-line error a child prints, so the parent can repeat it
@@ -36,11 +39,18 @@ class SegmentLaunchError(RuntimeError):
 
 @dataclass
 class SegmentOutcome:
+    """What a segment reports, in one process or several (JSON-able: the task returns it)."""
+
     global_step: int
     total_steps: int
     complete: bool
     stopped_reason: str
     lora_files: list[str]
+
+    @classmethod
+    def from_result(cls, result: "TrainResult") -> "SegmentOutcome":
+        return cls(result.global_step, result.total_steps, result.complete, result.stopped_reason,
+                   [str(p) for p in result.lora_files])
 
 
 def launch_command(config_file: Path, run_dir: Path, result_file: Path, processes: int,
@@ -106,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         raise
     if is_main_launched_process():
-        outcome: dict[str, Any] = {"global_step": result.global_step, "total_steps": result.total_steps,
-                                   "complete": result.complete, "stopped_reason": result.stopped_reason,
-                                   "lora_files": [str(p) for p in result.lora_files]}
-        atomic_write_text(Path(a.result), json.dumps(outcome))
+        atomic_write_text(Path(a.result), json.dumps(asdict(SegmentOutcome.from_result(result))))
     close_process_group()
     return 0
 
