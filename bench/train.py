@@ -101,7 +101,7 @@ PEAK_TFLOPS = 790.0
 
 
 def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
-    """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl][_<kernel>attn][_nocudnnbench]``
+    """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl][_<kernel>attn][_nocudnnbench][_nostage]``
     -> settings (``<kernel>``: default, cudnn, flash, efficient, math).
 
     ``plain``: every fast-path switch off (the trainer's plain step). ``fast`` or neither: the
@@ -110,7 +110,7 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
     parts = name.split("_")[1:]
     opts: dict[str, Any] = {"batch": default_batch, "checkpointing": False, "compile": "auto",
                             "cuda_graphs": "auto", "channels_last": "auto", "attention": "auto",
-                            "cudnn_benchmark": "auto"}
+                            "cudnn_benchmark": "auto", "stage": True}
     for part in parts:
         if part == "plain":
             opts.update(compile="off", cuda_graphs="off", channels_last="off", attention="default",
@@ -129,6 +129,8 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
             opts["attention"] = part[:-4]
         elif part == "nocudnnbench":
             opts["cudnn_benchmark"] = "off"
+        elif part == "nostage":
+            opts["stage"] = False
         elif part in ("fast", "bf16"):
             pass
         else:
@@ -146,7 +148,8 @@ def make_step(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, dev:
 
     from lora.config import resolve_config
     from lora.train.cache import CachedItems
-    from lora.train.step import StepRunner, make_accelerator, make_optimizer, make_scheduler, setup_lora_unet
+    from lora.train.step import (StepRunner, make_accelerator, make_optimizer, make_scheduler, setup_lora_unet,
+                                 stack_to_device)
 
     opts = parse_variant(name, batch)
     batch = opts["batch"]
@@ -183,7 +186,7 @@ def make_step(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, dev:
                         text=[torch.randn(77, text_dim, generator=g) for _ in range(n_items)])
 
     def text_for(indices, _rng):
-        return torch.stack([cache.text[i] for i in indices]).to(accelerator.device, non_blocking=True)
+        return stack_to_device([cache.text[i] for i in indices], accelerator.device)
 
     runner = StepRunner(cfg, accelerator, unet, optimizer, lr_scheduler, noise_scheduler, params, cache, text_for)
     batches = [[list(range(k * batch, (k + 1) * batch))] for k in range(4)]
@@ -192,7 +195,10 @@ def make_step(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, dev:
 
     def step() -> float:
         counter[0] += 1
-        loss, _ = runner.run(counter[0], batches[counter[0] % 4])
+        n = counter[0]
+        # as the trainer's loop does: the next step's inputs are staged while this one runs
+        upcoming = (n + 1, batches[(n + 1) % 4]) if opts["stage"] else None
+        loss, _ = runner.run(n, batches[n % 4], upcoming=upcoming)
         if len(first_losses) < 3:
             first_losses.append(loss)
         return loss

@@ -41,7 +41,7 @@ from .log import LOG_NAME, close_epoch, new_log, write_log
 from .noise import shuffle_caption
 from .plan import DataPlan, dataset_dir_of, make_plan
 from .seeds import derive_seed
-from .step import (StepRunner, make_accelerator, make_optimizer, make_scheduler, mixed_precision,
+from .step import (StepRunner, stack_to_device, make_accelerator, make_optimizer, make_scheduler, mixed_precision,
                    setup_lora_unet, weight_dtype)
 from .validation import validation_loss
 
@@ -317,7 +317,7 @@ class _Trainer:
 
     def _text_for(self, indices: list[int], captions_rng) -> torch.Tensor:
         if not self.live_text:
-            return torch.stack([self.train_cache.text[i] for i in indices]).to(self.device)
+            return stack_to_device([self.train_cache.text[i] for i in indices], self.device)
         captions = []
         for i in indices:
             caption = self.plan.train_items[i].caption
@@ -330,8 +330,9 @@ class _Trainer:
         with torch.no_grad():
             return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device).float()
 
-    def run_step(self, step_number: int, batches: list[list[int]], divisor: int) -> tuple[float, float]:
-        return self.runner.run(step_number, batches, divisor)
+    def run_step(self, step_number: int, batches: list[list[int]], divisor: int,
+                 upcoming: tuple[int, list[list[int]]] | None = None) -> tuple[float, float]:
+        return self.runner.run(step_number, batches, divisor, upcoming)
 
     def validate(self) -> dict | None:
         return validation_loss(
@@ -468,13 +469,16 @@ def train(
         steps = epoch_plan[1]
         batches = steps[state["step_in_epoch"]]
         step_number = state["global_step"] + 1
+        # the next step of this epoch: the runner prepares its inputs while this step runs
+        following = state["step_in_epoch"] + 1
+        upcoming = (step_number + 1, steps[following]) if following < len(steps) and step_number < total else None
         lr = float(trainer.lr_scheduler.get_last_lr()[0])
         t0 = time.monotonic()
         divisor = state["micro_batch_divisor"]
         oom_retry = False
         oom_message = None
         try:
-            loss, grad_norm = trainer.run_step(step_number, batches, divisor)
+            loss, grad_norm = trainer.run_step(step_number, batches, divisor, upcoming)
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -502,7 +506,7 @@ def train(
                 "effective_batch": cfg.batch_size * cfg.gradient_accumulation,
             })
             try:
-                loss, grad_norm = trainer.run_step(step_number, batches, divisor)
+                loss, grad_norm = trainer.run_step(step_number, batches, divisor, upcoming)
             except Exception as again:
                 if _is_oom(again):
                     raise TrainingError(

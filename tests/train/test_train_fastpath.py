@@ -119,3 +119,40 @@ def test_low_memory_turns_on_checkpointing_and_off_the_graph_pools(tiny_model):
     unet = load_components("tiny").unet
     setup_lora_unet(cfg, unet, "cpu", torch.float32)
     assert unet.is_gradient_checkpointing
+
+
+def test_staging_the_next_step_changes_nothing_that_is_trained(tiny_model):
+    """``run(..., upcoming=...)`` draws the next step's noise while this step runs; the draws
+    are seeded by step, so the losses and weights are bit-identical to building them in time,
+    and a staged step that does not come next (an OOM retry, a new epoch order) is rebuilt."""
+    built, built_params = _runner(FastOptions())
+    staged, staged_params = _runner(FastOptions())
+    order = [[[0, 1, 2, 3]], [[4, 5, 6, 7]], [[1, 3, 5, 7]], [[0, 2, 4, 6]]]
+    for step in range(1, 5):
+        nxt = (step + 1, order[step % 4])
+        a = built.run(step, order[step - 1])
+        b = staged.run(step, order[step - 1], upcoming=nxt)
+        assert a == b
+        assert staged._staged is not None and staged._staged[0][0] == step + 1  # really staged
+    for k in built_params:
+        assert torch.equal(staged_params[k], built_params[k]), k
+
+    # what was staged (step 5, order[0]) does not match: step 5 with other images and two
+    # micro-batches is built afresh, and still equals the unstaged run
+    a = built.run(5, order[2], divisor=2)
+    b = staged.run(5, order[2], divisor=2, upcoming=(6, order[3]))
+    assert a == b
+    for k in built_params:
+        assert torch.equal(staged_params[k], built_params[k]), k
+
+
+def test_staged_inputs_reach_the_device_from_page_locked_memory():
+    """The copies must not make the host wait for the running step (pinned memory, CUDA only)."""
+    from lora.train.step import stack_to_device, to_device
+
+    parts = [torch.randn(4, 8, 8) for _ in range(3)]
+    out = stack_to_device(parts, torch.device("cpu"))
+    assert torch.equal(out, torch.stack(parts))
+    assert torch.equal(to_device(parts[0], torch.device("cpu")), parts[0])
+    if torch.cuda.is_available():  # pragma: no cover - GPU machines only
+        assert torch.equal(stack_to_device(parts, torch.device("cuda")).cpu(), torch.stack(parts))
