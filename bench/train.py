@@ -101,7 +101,7 @@ PEAK_TFLOPS = 790.0
 
 
 def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
-    """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl][_<kernel>attn][_nocudnnbench][_nostage]``
+    """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl][_<kernel>attn][_nocudnnbench][_nostage][_allthreads]``
     -> settings (``<kernel>``: default, cudnn, flash, efficient, math).
 
     ``plain``: every fast-path switch off (the trainer's plain step). ``fast`` or neither: the
@@ -110,7 +110,7 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
     parts = name.split("_")[1:]
     opts: dict[str, Any] = {"batch": default_batch, "checkpointing": False, "compile": "auto",
                             "cuda_graphs": "auto", "channels_last": "auto", "attention": "auto",
-                            "cudnn_benchmark": "auto", "stage": True}
+                            "cudnn_benchmark": "auto", "stage": True, "host_threads": True}
     for part in parts:
         if part == "plain":
             opts.update(compile="off", cuda_graphs="off", channels_last="off", attention="default",
@@ -131,6 +131,8 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
             opts["cudnn_benchmark"] = "off"
         elif part == "nostage":
             opts["stage"] = False
+        elif part == "allthreads":
+            opts["host_threads"] = False
         elif part in ("fast", "bf16"):
             pass
         else:
@@ -208,7 +210,17 @@ def make_step(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, dev:
 
 def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, steps: int,
                       warm: int, dev: str, checkpointing: bool | None = None) -> dict[str, Any]:
-    """Times the trainer's step: the first step (compile + capture) apart, then the median."""
+    """Times the trainer's step: the first step (compile + capture) apart, then the median.
+    CPU threads as the trainer sets them on a GPU (lora/train/host.py) unless ``_allthreads``."""
+    from lora.train.host import host_threads_for
+
+    with host_threads_for(dev == "cuda" and parse_variant(name, batch)["host_threads"]):
+        return _timed_variant(name, smoke=smoke, batch=batch, rank=rank, alpha=alpha, steps=steps, warm=warm,
+                              dev=dev, checkpointing=checkpointing)
+
+
+def _timed_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, steps: int,
+                   warm: int, dev: str, checkpointing: bool | None) -> dict[str, Any]:
     step, runner, opts, first_losses = make_step(name, smoke=smoke, batch=batch, rank=rank, alpha=alpha,
                                                  dev=dev, checkpointing=checkpointing)
     batch = opts["batch"]

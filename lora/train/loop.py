@@ -39,10 +39,11 @@ from .cache import build_cache, encode_prompts
 from .distributed import any_process, is_main_launched_process, launched_rank
 from .log import LOG_NAME, close_epoch, new_log, write_log
 from .noise import shuffle_caption
+from .host import host_threads_for
 from .plan import DataPlan, dataset_dir_of, make_plan
 from .seeds import derive_seed
-from .step import (StepRunner, stack_to_device, make_accelerator, make_optimizer, make_scheduler, mixed_precision,
-                   setup_lora_unet, weight_dtype)
+from .step import (StepRunner, make_accelerator, make_optimizer, make_scheduler, mixed_precision, setup_lora_unet,
+                   stack_to_device, weight_dtype)
 from .validation import validation_loss
 
 log = logging.getLogger(__name__)
@@ -390,8 +391,23 @@ def train(
     Stops at the end of the run ("complete"), at ``stop_at_step`` ("step-target") or before
     ``time_budget_s`` seconds since the call are spent ("time-budget"), always with a
     checkpoint on disk. ``on_progress`` gets ``{step, total_steps, epoch, loss, lr, eta_s,
-    images_per_sec}`` after every step.
+    images_per_sec}`` after every step. On a GPU the run uses one torch CPU thread unless
+    ``OMP_NUM_THREADS`` says otherwise (lora/train/host.py says why).
     """
+    with host_threads_for(torch.cuda.is_available()):
+        return _train_segment(cfg, run_dir, stop_at_step=stop_at_step, time_budget_s=time_budget_s,
+                              on_progress=on_progress)
+
+
+def _train_segment(
+    cfg: TrainConfig,
+    run_dir: Path | str,
+    *,
+    stop_at_step: int | None,
+    time_budget_s: float | None,
+    on_progress: Callable[[dict], None] | None,
+) -> TrainResult:
+    """The body of :func:`train`."""
     started = time.monotonic()
     deadline = started + time_budget_s if time_budget_s is not None else None
     run_dir = Path(run_dir).expanduser().resolve()

@@ -48,3 +48,17 @@ def test_smoke_bench_prints_both_steps(tmp_path, capsys, monkeypatch):
 def test_missing_peer_is_a_clear_error(tmp_path, capsys):
     assert _bench().main(["--smoke", "--peer", str(tmp_path / "nope.py")]) == 2
     assert "peer_baselines.py not found" in capsys.readouterr().err
+
+
+def test_host_threads_bench_prints_both_settings_side_by_side():
+    """bench/host_threads.py starts the processes side by side and prints its table."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "host_threads.py"), "--batch", "2",
+                          "--seconds", "0.3", "--processes", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any("torch default threads" in line and line.split()[-4] == "2" for line in lines), out.stdout
+    trainer = [line for line in lines if line.startswith("trainer on a GPU")]
+    assert [line.split()[-5] for line in trainer] == ["1", "1"]  # one thread, alone and side by side

@@ -156,3 +156,29 @@ def test_staged_inputs_reach_the_device_from_page_locked_memory():
     assert torch.equal(to_device(parts[0], torch.device("cpu")), parts[0])
     if torch.cuda.is_available():  # pragma: no cover - GPU machines only
         assert torch.equal(stack_to_device(parts, torch.device("cuda")).cpu(), torch.stack(parts))
+
+
+def test_a_gpu_run_uses_one_cpu_thread_and_gives_the_setting_back(monkeypatch):
+    """Trainings side by side on one host must not wait on each other's spinning CPU threads
+    (lora/train/host.py); the worker process gets its own setting back afterwards, a CPU run
+    and an explicit OMP_NUM_THREADS keep theirs."""
+    from lora.train.host import GPU_RUN_THREADS, host_threads_for
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with host_threads_for(True) as n:
+            assert n == GPU_RUN_THREADS == torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            with host_threads_for(True):
+                raise RuntimeError("a failed run")
+        assert torch.get_num_threads() == 2
+        with host_threads_for(False) as n:
+            assert n == torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        with host_threads_for(True) as n:
+            assert n == torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
