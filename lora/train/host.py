@@ -7,8 +7,9 @@ spinning threads: on this project's 2-core machine the host part of a batch-32 s
 3.5 ms alone or with one thread per process, and 250 ms with two processes side by side at the
 default thread count (``python bench/host_threads.py``). Two single-GPU trainings on one
 2xH200 host (one Prefect worker per GPU, docs/gpu.md) measured 63 images/s each at batch 32
-against 158-169 alone, which matches that. torchrun sets ``OMP_NUM_THREADS=1`` for its
-processes for the same reason; a training on a GPU now does so itself.
+against 158-169 alone: ~0.3 s more a step, the size of that wait (not yet re-measured there
+with one thread). torchrun sets ``OMP_NUM_THREADS=1`` for its processes for the same reason;
+a training on a GPU now does so itself.
 """
 from __future__ import annotations
 

@@ -37,9 +37,9 @@ from . import checkpoint as ckpt
 from .batching import epoch_steps
 from .cache import build_cache, encode_prompts
 from .distributed import any_process, is_main_launched_process, launched_rank
+from .host import host_threads_for
 from .log import LOG_NAME, close_epoch, new_log, write_log
 from .noise import shuffle_caption
-from .host import host_threads_for
 from .plan import DataPlan, dataset_dir_of, make_plan
 from .seeds import derive_seed
 from .step import (StepRunner, make_accelerator, make_optimizer, make_scheduler, mixed_precision, setup_lora_unet,

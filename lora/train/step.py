@@ -314,7 +314,6 @@ class StepRunner:
             if not self._fall_back(exc):
                 raise
             return self.run(step_number, batches, divisor, upcoming)
-        del inputs  # the micro-batches' activations are gone; let their inputs go too
         loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
         if self.sync is not None:  # every process now holds the whole step's gradients and loss
             loss_sum = self.sync.sum_(loss_sum)
