@@ -298,25 +298,14 @@ def build_random_sd15(folder: Path, smoke: bool) -> Path:
 
 
 def make_dataset(root: Path, n: int, size: int) -> Path:
-    """A data-set folder per docs/architecture.md: images/<id>.png + .txt, versions/v0001.json."""
-    import numpy as np
-    from PIL import Image
+    """``n`` square synthetic images with captions and version v0001 (a fresh folder each call)."""
+    import shutil
 
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "versions").mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    files = []
-    for i in range(n):
-        base = rng.integers(0, 255, (1, 1, 3))
-        arr = np.clip(base + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(root / "images" / f"{1000 + i}.png", compress_level=1)
-        (root / "images" / f"{1000 + i}.txt").write_text(f"1girl, solo, tag{i % 7}, color{i % 5}")
-        files.append(f"images/{1000 + i}.png")
-    version = {"version": "v0001", "parent": None, "created_at": "2025-01-01T00:00:00Z",
-               "queries": {"main": "1girl"}, "post_ids": list(range(1000, 1000 + n)),
-               "files": files, "count": n}
-    (root / "versions" / "v0001.json").write_text(json.dumps(version))
-    return root
+    from lora.testing.datasets import write_synthetic_dataset
+
+    shutil.rmtree(root, ignore_errors=True)  # a reused --e2e-dir: versions are never overwritten
+    return write_synthetic_dataset(root, n, [(size, size)], first_id=1000, compress_level=1,
+                                   caption=lambda i: f"1girl, solo, tag{i % 7}, color{i % 5}")
 
 
 def end_to_end(smoke: bool, work: Path, train_images: int, epochs: int, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -5,14 +5,13 @@ is built once per session; runs share its latent cache as real runs on one data 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from lora.testing.datasets import write_synthetic_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SIZES = [(96, 96), (128, 80), (80, 128)]
@@ -20,22 +19,7 @@ SIZES = [(96, 96), (128, 80), (80, 128)]
 
 def make_dataset(root: Path, n: int = 12, seed: int = 0) -> Path:
     """A data-set folder per docs/architecture.md: images/<id>.png + .txt, versions/v0001.json."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "versions").mkdir(exist_ok=True)
-    rng = np.random.default_rng(seed)
-    files = []
-    for i in range(n):
-        w, h = SIZES[i % len(SIZES)]
-        base = rng.integers(0, 255, (1, 1, 3))
-        arr = np.clip(base + rng.integers(-40, 40, (h, w, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(root / "images" / f"{100 + i}.png")
-        (root / "images" / f"{100 + i}.txt").write_text(f"1girl, solo, tag{i % 4}, color{i % 3}, scene{i % 2}")
-        files.append(f"images/{100 + i}.png")
-    version = {"version": "v0001", "parent": None, "created_at": "2025-01-01T00:00:00Z",
-               "queries": {"main": "1girl"}, "post_ids": list(range(100, 100 + n)),
-               "files": files, "count": n}
-    (root / "versions" / "v0001.json").write_text(json.dumps(version))
-    return root
+    return write_synthetic_dataset(root, n, SIZES, seed=seed)
 
 
 #: One thread: the tiny model's ops are too small to split, and on a shared 2-core machine two
