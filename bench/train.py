@@ -362,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     # under torchrun / accelerate launch each process trains its share of every step (the
     # trainer's own data parallelism); --batch and the images/s column are for all processes
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    from lora.train.distributed import launched_rank
+
+    rank, world = launched_rank()
     if dev == "cuda" and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if rank != 0:
