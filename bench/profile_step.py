@@ -6,7 +6,7 @@ the GPU time per category (attention, matrix products, convolutions, fused Trito
 other elementwise work, the optimizer) and the top kernels. ``--sdpa`` also times each
 scaled-dot-product attention kernel alone, forward + backward, at the SD1.5 shapes.
 
-    python bench/profile_step.py --variant animelora_fast_nographs_nocompile --batch 4 [--sdpa]
+    python bench/profile_step.py --variant animelora_fast_nographs_nocompile --batch 4 [--sdpa] [--by-shape]
 
 Writes ``$OUT/profile_<variant>.json`` when ``OUT`` is set.
 """
@@ -46,14 +46,21 @@ def category(name: str) -> str:
     return "other elementwise/copy"
 
 
-def profile_variant(variant: str, batch: int, steps: int) -> dict[str, Any]:
+#: aten ops whose device time is grouped by input shape with --by-shape
+SHAPED_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::convolution", "aten::convolution_backward",
+              "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_cudnn_attention_backward",
+              "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_backward")
+
+
+def profile_variant(variant: str, batch: int, steps: int, by_shape: bool = False, rank: int = 16) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
-    step, runner, opts, _ = make_step(variant, smoke=False, batch=batch, rank=16, alpha=64, dev="cuda")
+    step, runner, opts, _ = make_step(variant, smoke=False, batch=batch, rank=rank, alpha=64, dev="cuda")
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if by_shape else [])
+    with profile(activities=activities, record_shapes=by_shape) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
@@ -70,9 +77,30 @@ def profile_variant(variant: str, batch: int, steps: int) -> dict[str, Any]:
         cats[category(k)] += v
     total = sum(cats.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
-    return dict(variant=variant, batch=batch, gpu_ms_per_step=total / 1e3,
-                categories={k: round(v / 1e3, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-                top=[(k[:120], round(v / 1e3, 3)) for k, v in top], fast=runner.fast.__dict__)
+    result = dict(variant=variant, batch=batch, gpu_ms_per_step=total / 1e3,
+                  categories={k: round(v / 1e3, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+                  top=[(k[:120], round(v / 1e3, 3)) for k, v in top], fast=runner.fast.__dict__)
+    if by_shape:
+        result.update(shaped_ops(prof, steps, rank))
+    return result
+
+
+def shaped_ops(prof, steps: int, rank: int) -> dict[str, Any]:
+    """Device ms per step of matrix products, convolutions and attention by input shape, and
+    the share of matrix products with a LoRA-rank dimension (the skinny LoRA products)."""
+    rows: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.key in SHAPED_OPS:
+            dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+            rows[(evt.key, str(evt.input_shapes))][0] += dev_us / steps / 1e3
+            rows[(evt.key, str(evt.input_shapes))][1] += evt.count / steps
+    mm = {k: v for k, v in rows.items() if k[0] in ("aten::mm", "aten::addmm")}
+    lora = {k: v for k, v in mm.items() if f", {rank}]" in k[1] or f"[{rank}," in k[1]}
+    ordered = sorted(rows.items(), key=lambda kv: -kv[1][0])
+    return dict(matmul_ms=round(sum(v[0] for v in mm.values()), 3),
+                lora_matmul_ms=round(sum(v[0] for v in lora.values()), 3),
+                lora_matmul_calls=round(sum(v[1] for v in lora.values())),
+                by_shape=[(op, shapes[:160], round(ms, 3), round(calls)) for (op, shapes), (ms, calls) in ordered[:60]])
 
 
 def sdpa_table(batch: int) -> list[dict[str, Any]]:
@@ -83,13 +111,15 @@ def sdpa_table(batch: int) -> list[dict[str, Any]]:
 
     shapes = [  # (name, query tokens, key tokens, heads, head dim)
         ("self 64x64", 4096, 4096, 8, 40), ("cross 64x64", 4096, 77, 8, 40),
-        ("self 32x32", 1024, 1024, 8, 80), ("self 16x16", 256, 256, 8, 160),
+        ("self 32x32", 1024, 1024, 8, 80), ("cross 32x32", 1024, 77, 8, 80),
+        ("self 16x16", 256, 256, 8, 160), ("cross 16x16", 256, 77, 8, 160),
     ]
     rows = []
     for label, nq, nk, heads, d in shapes:
-        q = torch.randn(batch, heads, nq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(batch, heads, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(batch, heads, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        # (batch, tokens, heads, dim) seen as (batch, heads, tokens, dim): the strides diffusers passes
+        q = torch.randn(batch, nq, heads, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+        k = torch.randn(batch, nk, heads, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+        v = torch.randn(batch, nk, heads, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
         row: dict[str, Any] = {"shape": label, "batch": batch}
         for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                               ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
@@ -112,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sdpa", action="store_true", help="also time each SDPA kernel alone")
+    ap.add_argument("--by-shape", action="store_true",
+                    help="also group matrix products, convolutions and attention by input shape (LoRA's share)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_step.py needs a CUDA device", file=sys.stderr)
@@ -126,13 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     for variant in a.variant or ["animelora_fast_nographs_nocompile"]:
         if "nographs" not in variant:
             variant += "_nographs"
-        res = profile_variant(variant, a.batch, a.steps)
+        res = profile_variant(variant, a.batch, a.steps, by_shape=a.by_shape)
         results[variant] = res
         print(f"\n{variant} batch {a.batch}: {res['gpu_ms_per_step']:.2f} GPU ms per step (kernels)")
         for cat, ms in res["categories"].items():
             print(f"  {cat:24s} {ms:8.2f} ms  {ms / res['gpu_ms_per_step']:6.1%}")
         for name, ms in res["top"][:15]:
             print(f"    {ms:7.3f} ms  {name}")
+        if a.by_shape:
+            print(f"  matrix products {res['matmul_ms']:.2f} ms, of which LoRA rank-16 products "
+                  f"{res['lora_matmul_ms']:.2f} ms ({res['lora_matmul_calls']} a step)")
+            for op, shapes, ms, calls in res["by_shape"][:30]:
+                print(f"    {ms:7.3f} ms x{calls:<4d} {op} {shapes}")
         torch.cuda.empty_cache()
     if out:
         Path(out, "profile.json").write_text(json.dumps(results, indent=1))

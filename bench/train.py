@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,22 +67,27 @@ def load_peer(path: Path):
     return module
 
 
-def timed(step: Callable[[], Any], n: int, warm: int, dev: str) -> tuple[float, float, float]:
-    """Median seconds per step, peak GiB after warm-up (as peer_baselines measures), last loss."""
+def timed_run(step: "TrainerStep", n: int, warm: int, dev: str) -> tuple[float, float, float]:
+    """Seconds per step over ``n`` steps run as the trainer's loop runs them (no extra wait
+    between steps: with ``overlap_steps`` a step's loss is read while the next one runs), peak
+    GiB after warm-up, last loss."""
     for _ in range(warm):
         step()
+    step.drain()
     if dev == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, loss = [], float("nan")
+    t = time.perf_counter()
+    loss = float("nan")
     for _ in range(n):
-        t = time.perf_counter()
         loss = step()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    last = step.drain()  # with overlap_steps: the last step's loss, read now
+    loss = last if last == last else loss
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    sec = (time.perf_counter() - t) / n
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
-    return statistics.median(times), peak, float(loss)
+    return sec, peak, float(loss)
 
 
 def peak_reserved() -> float:
@@ -101,7 +105,8 @@ PEAK_TFLOPS = 790.0
 
 
 def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
-    """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl][_<kernel>attn][_nocudnnbench][_nostage][_allthreads]``
+    """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl][_<kernel>attn][_nocudnnbench][_nostage]
+    [_nofuse][_nooverlap][_allthreads]``
     -> settings (``<kernel>``: default, cudnn, flash, efficient, math).
 
     ``plain``: every fast-path switch off (the trainer's plain step). ``fast`` or neither: the
@@ -110,11 +115,12 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
     parts = name.split("_")[1:]
     opts: dict[str, Any] = {"batch": default_batch, "checkpointing": False, "compile": "auto",
                             "cuda_graphs": "auto", "channels_last": "auto", "attention": "auto",
-                            "cudnn_benchmark": "auto", "stage": True, "host_threads": True}
+                            "cudnn_benchmark": "auto", "fused_qkv": "auto", "overlap_steps": "auto", "stage": True,
+                            "host_threads": True}
     for part in parts:
         if part == "plain":
             opts.update(compile="off", cuda_graphs="off", channels_last="off", attention="default",
-                        cudnn_benchmark="off")
+                        cudnn_benchmark="off", fused_qkv="off", overlap_steps="off")
         elif part == "gc":
             opts["checkpointing"] = True
         elif part.startswith("b") and part[1:].isdigit():
@@ -131,6 +137,10 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
             opts["cudnn_benchmark"] = "off"
         elif part == "nostage":
             opts["stage"] = False
+        elif part == "nofuse":
+            opts["fused_qkv"] = "off"
+        elif part == "nooverlap":
+            opts["overlap_steps"] = "off"
         elif part == "allthreads":
             opts["host_threads"] = False
         elif part in ("fast", "bf16"):
@@ -140,8 +150,42 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
     return opts
 
 
+class TrainerStep:
+    """Each call queues the trainer's next optimizer step as its loop does: the step after is
+    staged while this one runs, and with ``overlap_steps`` the loss read is that of the step
+    before (:meth:`drain` reads the last one). Returns the loss read (nan if none yet)."""
+
+    def __init__(self, runner, batches: list[list[list[int]]], stage: bool, overlap: bool,
+                 first_losses: list[float]) -> None:
+        self.runner, self.batches, self.stage, self.overlap = runner, batches, stage, overlap
+        self.first_losses = first_losses
+        self.count = 0
+        self.pending = None
+
+    def _read(self, pending) -> float:
+        loss, _ = pending.values()
+        if len(self.first_losses) < 3:
+            self.first_losses.append(loss)
+        return loss
+
+    def __call__(self) -> float:
+        self.count += 1
+        n, k = self.count, len(self.batches)
+        upcoming = (n + 1, self.batches[(n + 1) % k]) if self.stage else None
+        queued = self.runner.queue(n, self.batches[n % k], upcoming=upcoming)
+        if not self.overlap:
+            return self._read(queued)
+        before, self.pending = self.pending, queued
+        return self._read(before) if before is not None else float("nan")
+
+    def drain(self) -> float:
+        """Read the step still in flight (overlap), so every queued step has finished."""
+        before, self.pending = self.pending, None
+        return self._read(before) if before is not None else float("nan")
+
+
 def make_step(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, dev: str,
-              checkpointing: bool | None = None) -> tuple[Callable[[], float], Any, dict[str, Any], list[float]]:
+              checkpointing: bool | None = None) -> tuple[TrainerStep, Any, dict[str, Any], list[float]]:
     """The trainer's step (StepRunner) on a random-weight SD1.5-architecture UNet.
 
     Returns ``(step, runner, options, first_losses)``: each ``step()`` call runs the next
@@ -169,6 +213,7 @@ def make_step(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, dev:
         "mixed_precision": "bf16", "gradient_checkpointing": opts["checkpointing"],
         "compile": opts["compile"], "cuda_graphs": opts["cuda_graphs"], "channels_last": opts["channels_last"],
         "attention": opts["attention"], "cudnn_benchmark": opts["cudnn_benchmark"],
+        "fused_qkv": opts["fused_qkv"], "overlap_steps": opts["overlap_steps"],
     })
     torch.backends.cudnn.benchmark = False  # process-wide: each variant sets it from its own options
     accelerator = make_accelerator("bf16", cpu=dev == "cpu")
@@ -192,25 +237,15 @@ def make_step(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, dev:
 
     runner = StepRunner(cfg, accelerator, unet, optimizer, lr_scheduler, noise_scheduler, params, cache, text_for)
     batches = [[list(range(k * batch, (k + 1) * batch))] for k in range(4)]
-    counter = [0]
     first_losses: list[float] = []
-
-    def step() -> float:
-        counter[0] += 1
-        n = counter[0]
-        # as the trainer's loop does: the next step's inputs are staged while this one runs
-        upcoming = (n + 1, batches[(n + 1) % 4]) if opts["stage"] else None
-        loss, _ = runner.run(n, batches[n % 4], upcoming=upcoming)
-        if len(first_losses) < 3:
-            first_losses.append(loss)
-        return loss
-
+    step = TrainerStep(runner, batches, opts["stage"], runner.fast.overlap_steps, first_losses)
     return step, runner, opts, first_losses
 
 
 def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, steps: int,
                       warm: int, dev: str, checkpointing: bool | None = None) -> dict[str, Any]:
-    """Times the trainer's step: the first step (compile + capture) apart, then the median.
+    """Times the trainer's step: the first step (compile + capture) apart, then the mean of the
+    timed steps run back to back (:func:`timed_run`).
     CPU threads as the trainer sets them on a GPU (lora/train/host.py) unless ``_allthreads``."""
     from lora.train.host import host_threads_for
 
@@ -231,8 +266,9 @@ def _timed_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: int,
     step()
     if dev == "cuda":
         torch.cuda.synchronize()
+    step.drain()
     first_step_s = time.perf_counter() - t0
-    sec, peak, loss = timed(step, steps, max(0, warm - 1), dev)
+    sec, peak, loss = timed_run(step, steps, max(0, warm - 1), dev)
     reserved = peak_reserved()
     fast = runner.fast
     warmups = [dict(shape=list(w.shape), seconds=round(w.seconds, 2)) for w in
@@ -244,7 +280,8 @@ def _timed_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: int,
                 peak_gib=peak, peak_reserved_gib=reserved, loss=loss, first_losses=first_losses, first_step_s=round(first_step_s, 2),
                 graph_warmups=warmups, checkpointing=opts["checkpointing"],
                 fast=dict(compile=fast.compile, cuda_graphs=fast.cuda_graphs, channels_last=fast.channels_last,
-                          attention=fast.attention, cudnn_benchmark=fast.cudnn_benchmark))
+                          attention=fast.attention, cudnn_benchmark=fast.cudnn_benchmark,
+                          fused_qkv=fast.fused_qkv, overlap_steps=fast.overlap_steps))
 
 
 def loss_checks(rows: list[dict[str, Any]], tol: float) -> list[dict[str, Any]]:
@@ -336,7 +373,7 @@ def end_to_end(smoke: bool, work: Path, train_images: int, epochs: int, override
                 / steps[0]["images_per_sec"], 1) if steps and steps[0].get("images_per_sec") else None,
                 median_img_per_s=rates[len(rates) // 2] if rates else None,
                 final_loss=steps[-1]["loss"] if steps else None,
-                final_val=(log.get("validation") or [{}])[-1].get("mean"), overrides=overrides)
+                final_val=(log.get("validation") or [{}])[-1].get("loss"), overrides=overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

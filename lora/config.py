@@ -47,7 +47,7 @@ _TINY_RESOLUTION_FALLBACK = 64
 RESUME_TOLERANT_FIELDS = frozenset({
     "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
     "cache_dir", "compile", "cuda_graphs", "channels_last", "attention", "cudnn_benchmark",
-    "low_memory",
+    "fused_qkv", "overlap_steps", "low_memory",
 })
 
 
@@ -121,6 +121,13 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     attention: Literal["auto", "default", "cudnn", "flash", "efficient", "math"] = "auto"
     # cuDNN tries its convolution algorithms once per shape and keeps the fastest
     cudnn_benchmark: Literal["auto", "on", "off"] = "auto"
+    # q/k/v (and cross-attention k/v) projections of each attention layer, LoRA included, as one
+    # matrix product each instead of three (lora/train/fused_qkv.py); weights are stored as before
+    fused_qkv: Literal["auto", "on", "off"] = "auto"
+    # queue step n+1 before reading step n's loss, so the GPU never waits for the host's
+    # bookkeeping; losses, progress and a NaN check arrive one step later (nothing is saved
+    # in between)
+    overlap_steps: Literal["auto", "on", "off"] = "auto"
     seed: int = Field(default=42, ge=0)
 
     # validation

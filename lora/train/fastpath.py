@@ -59,6 +59,10 @@ class FastOptions:
     attention: str = "default"
     #: let cuDNN time its convolution algorithms per shape (process-wide setting)
     cudnn_benchmark: bool = False
+    #: one matrix product for each attention layer's q/k/v (and cross-attention k/v), LoRA included
+    fused_qkv: bool = False
+    #: the loop queues step n+1 before it reads step n's loss (lora/train/loop.py)
+    overlap_steps: bool = False
 
     def without(self, **changes: bool) -> "FastOptions":
         """A copy with some switches changed (the step's fall-back turns parts off)."""
@@ -87,6 +91,9 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     compile_on = _switch(cfg.compile, "compile", cuda and not cfg.low_memory)
     channels_last = _switch(cfg.channels_last, "channels_last", cuda)
     cudnn_benchmark = _switch(cfg.cudnn_benchmark, "cudnn_benchmark", cuda)
+    # LoRA dropout draws a mask per projection: the fused product cannot share one input
+    fused_qkv = _switch(cfg.fused_qkv, "fused_qkv", cuda and cfg.lora_dropout == 0)
+    overlap_steps = _switch(cfg.overlap_steps, "overlap_steps", cuda)
     attention = cfg.attention if cfg.attention != "auto" else (AUTO_CUDA_ATTENTION if cuda else "default")
     blockers = []
     if not cuda:
@@ -101,7 +108,8 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     if graphs and blockers:
         raise ConfigError(f"invalid training config: cuda_graphs: on is not possible here: {'; '.join(blockers)}")
     return FastOptions(compile=compile_on, cuda_graphs=graphs, channels_last=channels_last,
-                       attention=attention, cudnn_benchmark=cudnn_benchmark)
+                       attention=attention, cudnn_benchmark=cudnn_benchmark, fused_qkv=fused_qkv,
+                       overlap_steps=overlap_steps)
 
 
 _BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -149,6 +157,11 @@ def prepare_forward(unet: torch.nn.Module, opts: FastOptions) -> Callable[..., A
         torch.backends.cudnn.benchmark = True  # process-wide; off by default, never turned off here
     if opts.channels_last:
         unet.to(memory_format=torch.channels_last)
+    if opts.fused_qkv:
+        from .fused_qkv import install_fused_qkv
+
+        fused = install_fused_qkv(unet)
+        log.info("fused q/k/v projections in %d attention layers", fused)
     if not opts.compile:
         return unet
     _raise_recompile_limit()

@@ -42,8 +42,8 @@ from .log import LOG_NAME, close_epoch, new_log, write_log
 from .noise import shuffle_caption
 from .plan import DataPlan, dataset_dir_of, make_plan
 from .seeds import derive_seed
-from .step import (StepRunner, make_accelerator, make_optimizer, make_scheduler, mixed_precision, setup_lora_unet,
-                   stack_to_device, weight_dtype)
+from .step import (PendingStep, StepRunner, make_accelerator, make_optimizer, make_scheduler, mixed_precision,
+                   setup_lora_unet, stack_to_device, weight_dtype)
 from .validation import validation_loss
 
 log = logging.getLogger(__name__)
@@ -331,9 +331,9 @@ class _Trainer:
         with torch.no_grad():
             return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device).float()
 
-    def run_step(self, step_number: int, batches: list[list[int]], divisor: int,
-                 upcoming: tuple[int, list[list[int]]] | None = None) -> tuple[float, float]:
-        return self.runner.run(step_number, batches, divisor, upcoming)
+    def queue_step(self, step_number: int, batches: list[list[int]], divisor: int,
+                   upcoming: tuple[int, list[list[int]]] | None = None) -> PendingStep:
+        return self.runner.queue(step_number, batches, divisor, upcoming)
 
     def validate(self) -> dict | None:
         return validation_loss(
@@ -367,6 +367,64 @@ class _Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return lora_files(self.run_dir, cfg.run_name or self.run_dir.name)
+
+
+@dataclass
+class _QueuedStep:
+    """A step whose GPU work is queued and whose loss has not been read yet."""
+
+    step: int
+    epoch: int
+    lr: float
+    t0: float
+    images: int
+    divisor: int
+    oom_retry: bool
+    pending: PendingStep
+
+
+def _queue_with_oom_retry(trainer: "_Trainer", cfg: TrainConfig, log_data: dict[str, Any], step_number: int,
+                          batches: list[list[int]], divisor: int,
+                          upcoming: tuple[int, list[list[int]]] | None) -> tuple[PendingStep, int, bool]:
+    """Queue a step; out of memory: retry once with micro-batches half the size (same effective
+    batch). Returns (the queued step, the micro-batch divisor used, whether it was retried)."""
+    oom_message = None
+    try:
+        return trainer.queue_step(step_number, batches, divisor, upcoming), divisor, False
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        # keep only the text: the traceback pins the failed step's activations in memory
+        oom_message = " ".join(str(exc).split())[:200]
+    biggest = max(len(b) for b in batches)
+    if math.ceil(biggest / divisor) <= 1:
+        raise TrainingError(
+            f"out of memory at step {step_number} with a micro-batch of 1 ({oom_message}); enable "
+            "low_memory (or gradient_checkpointing), use mixed_precision=bf16 or a lower resolution"
+        )
+    trainer.optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    divisor *= 2
+    micro = math.ceil(cfg.batch_size / divisor)
+    log.warning("out of memory at step %d: retrying with micro-batch %d and %dx accumulation "
+                "(same effective batch of %d)", step_number, micro,
+                cfg.gradient_accumulation * divisor, cfg.batch_size * cfg.gradient_accumulation)
+    log_data.setdefault("events", []).append({
+        "step": step_number, "event": "oom-retry", "micro_batch": micro,
+        "gradient_accumulation": cfg.gradient_accumulation * divisor,
+        "effective_batch": cfg.batch_size * cfg.gradient_accumulation,
+    })
+    try:
+        return trainer.queue_step(step_number, batches, divisor, upcoming), divisor, True
+    except Exception as again:
+        if _is_oom(again):
+            raise TrainingError(
+                f"out of memory at step {step_number} even with micro-batch {micro}; enable "
+                "low_memory (or gradient_checkpointing), use mixed_precision=bf16, or lower batch_size/resolution"
+            ) from None
+        raise
 
 
 def _progress_call(callback: Callable[[dict], None] | None, info: dict) -> None:
@@ -460,6 +518,10 @@ def _train_segment(
     last_save = time.monotonic()
     saved_step = state["global_step"] if latest is not None else -1
     epoch_plan: tuple[int, list[list[list[int]]]] | None = None
+    # read step n's loss while step n+1 runs (StepRunner.queue); off: read it before going on
+    overlap = trainer.runner.fast.overlap_steps
+    pending: _QueuedStep | None = None
+    last_read = time.monotonic()
 
     def checkpoint_now() -> None:
         nonlocal last_save, saved_step
@@ -468,13 +530,49 @@ def _train_segment(
         last_save = time.monotonic()
         saved_step = state["global_step"]
 
+    def finish(q: _QueuedStep) -> None:
+        """Read a queued step's loss (waiting for its GPU work), check it and log the step."""
+        nonlocal last_read
+        loss, grad_norm = q.pending.values()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # The optimizer has already applied this step in memory (and with overlap_steps the
+            # next one too), so stop before anything is saved: a retry resumes from the last
+            # good checkpoint on disk, and a run that diverges the same way every time fails
+            # with this message instead of looping.
+            raise NonFiniteLossError(
+                f"non-finite loss at step {q.step} (loss {loss}, gradient norm {grad_norm}); "
+                "nothing after the last checkpoint was saved. If it repeats, lower learning_rate, "
+                "set max_grad_norm, or use mixed_precision=bf16 instead of fp16"
+            )
+        now = time.monotonic()
+        dt = now - max(q.t0, last_read)  # overlapped: the time since the step before was read
+        last_read = now
+        step_times.append(dt)
+        state["train_time_s"] += dt
+        record = {"step": q.step, "epoch": q.epoch, "loss": loss, "lr": q.lr, "grad_norm": grad_norm,
+                  "images_per_sec": q.images / dt if dt > 0 else None, "images": q.images}
+        if q.oom_retry or q.divisor > 1:
+            record["micro_batch"] = math.ceil(cfg.batch_size / q.divisor)
+            record["gradient_accumulation"] = cfg.gradient_accumulation * q.divisor
+        if q.oom_retry:
+            record["oom_retry"] = True
+        log_data["steps"].append(record)
+        log_data["global_step"] = q.step
+        avg = sum(step_times) / len(step_times)
+        _progress_call(trainer.on_progress, {
+            "step": q.step, "total_steps": total, "epoch": q.epoch, "loss": loss, "lr": q.lr,
+            "eta_s": avg * (total - q.step), "images_per_sec": record["images_per_sec"],
+        })
+
     while state["global_step"] < total:
         if stop_at_step is not None and state["global_step"] >= stop_at_step:
             reason = "step-target"
             break
         if deadline is not None:
-            predicted = ((max(step_times) if step_times else 0.0) + trainer.last_save_s + trainer.last_val_s
-                         + BUDGET_MARGIN_S)
+            slowest = max(step_times) if step_times else 0.0
+            # the next step, and the one still running on the GPU when steps overlap
+            in_flight = slowest if pending is not None else 0.0
+            predicted = slowest + in_flight + trainer.last_save_s + trainer.last_val_s + BUDGET_MARGIN_S
             if any_process(time.monotonic() + predicted > deadline, trainer.device, trainer.world):
                 reason = "time-budget"
                 break
@@ -491,92 +589,36 @@ def _train_segment(
         lr = float(trainer.lr_scheduler.get_last_lr()[0])
         t0 = time.monotonic()
         divisor = state["micro_batch_divisor"]
-        oom_retry = False
-        oom_message = None
-        try:
-            loss, grad_norm = trainer.run_step(step_number, batches, divisor, upcoming)
-        except Exception as exc:
-            if not _is_oom(exc):
-                raise
-            # keep only the text: the traceback pins the failed step's activations in memory
-            oom_message = " ".join(str(exc).split())[:200]
-        if oom_message is not None:
-            biggest = max(len(b) for b in batches)
-            if math.ceil(biggest / divisor) <= 1:
-                raise TrainingError(
-                    f"out of memory at step {step_number} with a micro-batch of 1 ({oom_message}); enable "
-                    "low_memory (or gradient_checkpointing), use mixed_precision=bf16 or a lower resolution"
-                )
-            trainer.optimizer.zero_grad(set_to_none=True)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            divisor *= 2
-            micro = math.ceil(cfg.batch_size / divisor)
-            log.warning("out of memory at step %d: retrying with micro-batch %d and %dx accumulation "
-                        "(same effective batch of %d)", step_number, micro,
-                        cfg.gradient_accumulation * divisor, cfg.batch_size * cfg.gradient_accumulation)
-            log_data.setdefault("events", []).append({
-                "step": step_number, "event": "oom-retry", "micro_batch": micro,
-                "gradient_accumulation": cfg.gradient_accumulation * divisor,
-                "effective_batch": cfg.batch_size * cfg.gradient_accumulation,
-            })
-            try:
-                loss, grad_norm = trainer.run_step(step_number, batches, divisor, upcoming)
-            except Exception as again:
-                if _is_oom(again):
-                    raise TrainingError(
-                        f"out of memory at step {step_number} even with micro-batch {micro}; enable "
-                        "low_memory (or gradient_checkpointing), use mixed_precision=bf16, or lower batch_size/resolution"
-                    ) from None
-                raise
-            state["micro_batch_divisor"] = divisor
-            oom_retry = True
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            # The optimizer has already applied this step in memory, so stop before anything is
-            # saved: a retry resumes from the last good checkpoint on disk, and a run that
-            # diverges the same way every time fails with this message instead of looping.
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step_number} (loss {loss}, gradient norm {grad_norm}); "
-                "nothing after the last checkpoint was saved. If it repeats, lower learning_rate, "
-                "set max_grad_norm, or use mixed_precision=bf16 instead of fp16"
-            )
-        dt = time.monotonic() - t0
-        step_times.append(dt)
-        n_images = sum(len(b) for b in batches)
+        queued, divisor, oom_retry = _queue_with_oom_retry(trainer, cfg, log_data, step_number, batches,
+                                                           divisor, upcoming)
+        state["micro_batch_divisor"] = divisor
+        if pending is not None:
+            finish(pending)  # the step before, read while this one runs on the GPU
+        pending = _QueuedStep(step_number, epoch, lr, t0, sum(len(b) for b in batches), divisor, oom_retry,
+                              queued)
         state["global_step"] = step_number
         state["step_in_epoch"] += 1
-        state["train_time_s"] += dt
-        state["images_seen"] += n_images
-        record = {"step": step_number, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "images_per_sec": n_images / dt if dt > 0 else None, "images": n_images}
-        if oom_retry or divisor > 1:
-            record["micro_batch"] = math.ceil(cfg.batch_size / divisor)
-            record["gradient_accumulation"] = cfg.gradient_accumulation * divisor
-        if oom_retry:
-            record["oom_retry"] = True
-        log_data["steps"].append(record)
-        log_data["global_step"] = step_number
+        state["images_seen"] += pending.images
 
         epoch_done = state["step_in_epoch"] >= len(steps)
+        due_val = (step_number % cfg.validate_every_steps == 0) if cfg.validate_every_steps else epoch_done
+        due_ckpt = (cfg.checkpoint_every_steps and step_number % cfg.checkpoint_every_steps == 0) or (
+            cfg.checkpoint_every_minutes and time.monotonic() - last_save >= cfg.checkpoint_every_minutes * 60)
+        if not overlap or epoch_done or due_val or due_ckpt or step_number == total:
+            finish(pending)  # what follows (epoch summary, validation, a checkpoint) needs this step
+            pending = None
         if epoch_done:
             close_epoch(log_data, epoch, state["train_time_s"])
-        due_val = (step_number % cfg.validate_every_steps == 0) if cfg.validate_every_steps else epoch_done
         if due_val or step_number == total:
             _validate_into(trainer, log_data, step_number, epoch)
         if epoch_done:
             state["epoch"] += 1
             state["step_in_epoch"] = 0
-
-        avg = sum(step_times) / len(step_times)
-        _progress_call(trainer.on_progress, {
-            "step": step_number, "total_steps": total, "epoch": epoch, "loss": loss, "lr": lr,
-            "eta_s": avg * (total - step_number), "images_per_sec": record["images_per_sec"],
-        })
-        due_ckpt = (cfg.checkpoint_every_steps and step_number % cfg.checkpoint_every_steps == 0) or (
-            cfg.checkpoint_every_minutes and time.monotonic() - last_save >= cfg.checkpoint_every_minutes * 60)
         if due_ckpt and step_number < total:
             checkpoint_now()
+    if pending is not None:  # stopped early (step target, time budget): log the last step first
+        finish(pending)
+        pending = None
 
     if state["global_step"] >= total:
         last_epoch = state["epoch"] - (1 if state["step_in_epoch"] == 0 else 0)

@@ -161,6 +161,40 @@ def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads]))
 
 
+class PendingStep:
+    """A queued step's loss sum and gradient norm, copied to the host as soon as the GPU gets there.
+
+    Why: reading a loss makes the host wait for the GPU. The copy into page-locked memory is
+    queued right behind the step, so :meth:`values` waits for *this* step only, even when the
+    next step has been queued since (the loop reads step n while step n+1 runs).
+    """
+
+    def __init__(self, host: torch.Tensor, done: "torch.cuda.Event | None") -> None:
+        self._host, self._done = host, done
+
+    @classmethod
+    def of(cls, loss_sum: torch.Tensor, grad_norm: torch.Tensor | float) -> "PendingStep":
+        norm = grad_norm if torch.is_tensor(grad_norm) else torch.tensor(float(grad_norm))
+        both = torch.stack([loss_sum.detach().float().reshape(()), norm.detach().float().reshape(()).to(loss_sum.device)])
+        if both.device.type != "cuda":
+            return cls(both, None)
+        host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+        host.copy_(both, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(host, done)
+
+    def ready(self) -> bool:
+        return self._done is None or self._done.query()
+
+    def values(self) -> tuple[float, float]:
+        """(loss sum, gradient norm); waits for the step's GPU work if it has not finished."""
+        if self._done is not None:
+            self._done.synchronize()
+        loss, norm = self._host.tolist()
+        return loss, norm
+
+
 class StepRunner:
     """Runs optimizer step ``n``: seeded draws, micro-batches, backward, clip, optimizer step.
 
@@ -284,6 +318,12 @@ class StepRunner:
 
         ``upcoming`` = (step number, batches) of the next step: its inputs are staged (see
         :meth:`stage`) after this step's GPU work is queued and before its loss is read."""
+        return self.queue(step_number, batches, divisor, upcoming).values()
+
+    def queue(self, step_number: int, batches: list[list[int]], divisor: int = 1,
+              upcoming: tuple[int, list[list[int]]] | None = None) -> "PendingStep":
+        """Queue step ``step_number`` (forward, backward, optimizer) and return without waiting
+        for the GPU; :meth:`PendingStep.values` reads its loss and gradient norm later."""
         cfg = self.cfg
         n_total = sum(len(b) for b in batches)
         torch.manual_seed(derive_seed(cfg.seed, "torch-global", step_number))  # dropout etc.
@@ -297,12 +337,12 @@ class StepRunner:
             except Exception as exc:  # noqa: BLE001 - fall back to a slower path, never stop training
                 if not self._fall_back(exc):
                     raise
-                return self.run(step_number, batches, divisor, upcoming)
+                return self.queue(step_number, batches, divisor, upcoming)
             self.lr_scheduler.step()
+            pending = PendingStep.of(loss_sum, norm)
             if upcoming is not None:
                 self.stage(upcoming[0], upcoming[1], divisor)
-            loss_value, norm_value = torch.stack([loss_sum, norm.float()]).tolist()  # one host sync
-            return loss_value, norm_value
+            return pending
         self._zero_grads()
         losses = []
         try:
@@ -313,7 +353,7 @@ class StepRunner:
         except Exception as exc:  # noqa: BLE001
             if not self._fall_back(exc):
                 raise
-            return self.run(step_number, batches, divisor, upcoming)
+            return self.queue(step_number, batches, divisor, upcoming)
         loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
         if self.sync is not None:  # every process now holds the whole step's gradients and loss
             loss_sum = self.sync.sum_(loss_sum)
@@ -323,13 +363,13 @@ class StepRunner:
             self.accelerator.unscale_gradients()
             grads = [p.grad for p in self.params if p.grad is not None]
             grad_norm = _total_norm(grads)
+        pending = PendingStep.of(loss_sum, grad_norm)  # before the optimizer changes anything
         self.optimizer.step()
         self.lr_scheduler.step()
         self._zero_grads()
         if upcoming is not None:
             self.stage(upcoming[0], upcoming[1], divisor)
-        # the host waits here, after the optimizer step (and the next step's inputs) was queued
-        return float(loss_sum), float(grad_norm)
+        return pending
 
     def _zero_grads(self) -> None:
         if self.sync is not None:

@@ -1,8 +1,8 @@
 """The CUDA fast path (lora/train/fastpath.py) trains the same function as the plain path.
 
 CUDA graphs need a GPU (bench/train.py checks them on the card); here, on the tiny model, the
-parts that run on CPU are compared with the plain step: the compiled (traced) UNet forward and
-channels-last, through the very ``StepRunner`` the trainer uses.
+parts that run on CPU are compared with the plain step: the compiled (traced) UNet forward,
+channels-last and the fused q/k/v projections, through the very ``StepRunner`` the trainer uses.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from lora.config import ConfigError, config_differences, resolve_config
 from lora.train import fastpath
 from lora.train.fastpath import FastOptions, resolve_fast_options
+from lora.train.fused_qkv import FusedLoraAttnProcessor
 
 
 def _runner(fast: FastOptions, seed: int = 7):
@@ -43,7 +44,8 @@ def _runner(fast: FastOptions, seed: int = 7):
 def test_defaults_keep_the_plain_path_on_cpu():
     cfg = resolve_config("phase2a", {"model": "tiny"})
     assert resolve_fast_options(cfg, "cpu") == FastOptions(False, False, False, "default", False)
-    assert resolve_fast_options(cfg, "cuda") == FastOptions(True, True, True, fastpath.AUTO_CUDA_ATTENTION, True)
+    assert resolve_fast_options(cfg, "cuda") == FastOptions(True, True, True, fastpath.AUTO_CUDA_ATTENTION, True,
+                                                            fused_qkv=True, overlap_steps=True)
     # several processes keep the graphs: the gradient all-reduce runs between them
     assert resolve_fast_options(cfg, "cuda", num_processes=2).cuda_graphs
 
@@ -53,6 +55,7 @@ def test_graphs_refused_where_they_would_change_training():
         resolve_fast_options(resolve_config("phase2a", {"model": "tiny", "cuda_graphs": "on"}), "cpu")
     dropout = resolve_config("phase2a", {"model": "tiny", "lora_dropout": 0.1})
     assert not resolve_fast_options(dropout, "cuda").cuda_graphs  # random mask per step
+    assert not resolve_fast_options(dropout, "cuda").fused_qkv  # a mask per projection
     assert not resolve_fast_options(resolve_config("phase2a", {"model": "tiny"}), "cuda",
                                     mixed_precision="fp16").cuda_graphs
 
@@ -66,12 +69,13 @@ def test_switches_may_change_between_segments():
         resolve_config("phase2a", {"model": "tiny", "compile": "yes"})
 
 
-def test_compiled_channels_last_step_matches_plain_loss_and_gradients(monkeypatch, tiny_model):
+def test_compiled_channels_last_fused_step_matches_plain_loss_and_gradients(monkeypatch, tiny_model):
     monkeypatch.setattr(fastpath, "COMPILE_BACKEND", "aot_eager")  # no C++ build on CI
     plain, plain_params = _runner(FastOptions())
     fast, fast_params = _runner(FastOptions(compile=True, cuda_graphs=False, channels_last=True, attention="math",
-                                            cudnn_benchmark=True))
+                                            cudnn_benchmark=True, fused_qkv=True))
     assert fast.forward is not fast.unet  # really compiled
+    assert any(isinstance(m.processor, FusedLoraAttnProcessor) for m in fast.unet.modules() if hasattr(m, "processor"))
 
     # one micro-batch: loss and every LoRA gradient
     g = torch.Generator().manual_seed(3)
