@@ -65,7 +65,11 @@ def profile_variant(variant: str, batch: int, steps: int, by_shape: bool = False
             step()
         torch.cuda.synchronize()
     kernels: dict[str, float] = defaultdict(float)
+    from torch.autograd import DeviceType
+
     for evt in prof.key_averages():
+        if by_shape and getattr(evt, "device_type", None) == DeviceType.CPU:
+            continue  # with CPU activity on, operators carry their kernels' time too: count kernels once
         dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
         if dev_us and evt.key and not evt.key.startswith("ProfilerStep"):
             kernels[evt.key] += dev_us / steps
@@ -97,7 +101,16 @@ def shaped_ops(prof, steps: int, rank: int) -> dict[str, Any]:
     mm = {k: v for k, v in rows.items() if k[0] in ("aten::mm", "aten::addmm")}
     lora = {k: v for k, v in mm.items() if f", {rank}]" in k[1] or f"[{rank}," in k[1]}
     ordered = sorted(rows.items(), key=lambda kv: -kv[1][0])
-    return dict(matmul_ms=round(sum(v[0] for v in mm.values()), 3),
+    # which operator launched the copy kernels (the launching op and the op around it)
+    copies: dict[tuple[str, str, str], float] = defaultdict(float)
+    for evt in prof.events():
+        for kernel in getattr(evt, "kernels", None) or []:
+            if "copy" in kernel.name.lower():
+                parent = evt.cpu_parent.name if evt.cpu_parent is not None else "-"
+                copies[(evt.name, parent, str(getattr(evt, "input_shapes", ""))[:120])] += kernel.duration / steps / 1e3
+    top_copies = sorted(copies.items(), key=lambda kv: -kv[1])[:15]
+    return dict(copy_kernels_by_op=[(op, parent, shapes, round(ms, 3)) for (op, parent, shapes), ms in top_copies],
+                matmul_ms=round(sum(v[0] for v in mm.values()), 3),
                 lora_matmul_ms=round(sum(v[0] for v in lora.values()), 3),
                 lora_matmul_calls=round(sum(v[1] for v in lora.values())),
                 by_shape=[(op, shapes[:160], round(ms, 3), round(calls)) for (op, shapes), (ms, calls) in ordered[:60]])
@@ -170,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{res['lora_matmul_ms']:.2f} ms ({res['lora_matmul_calls']} a step)")
             for op, shapes, ms, calls in res["by_shape"][:30]:
                 print(f"    {ms:7.3f} ms x{calls:<4d} {op} {shapes}")
+            print("  copy kernels by launching operator (op, the op around it, shapes):")
+            for op, parent, shapes, ms in res["copy_kernels_by_op"]:
+                print(f"    {ms:7.3f} ms  {op} < {parent} {shapes}")
         torch.cuda.empty_cache()
     if out:
         Path(out, "profile.json").write_text(json.dumps(results, indent=1))
