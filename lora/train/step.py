@@ -175,7 +175,8 @@ class PendingStep:
     @classmethod
     def of(cls, loss_sum: torch.Tensor, grad_norm: torch.Tensor | float) -> "PendingStep":
         norm = grad_norm if torch.is_tensor(grad_norm) else torch.tensor(float(grad_norm))
-        both = torch.stack([loss_sum.detach().float().reshape(()), norm.detach().float().reshape(()).to(loss_sum.device)])
+        norm = norm.detach().float().reshape(()).to(loss_sum.device)
+        both = torch.stack([loss_sum.detach().float().reshape(()), norm])
         if both.device.type != "cuda":
             return cls(both, None)
         host = torch.empty(2, dtype=torch.float32, pin_memory=True)
