@@ -383,12 +383,12 @@ class _QueuedStep:
     pending: PendingStep
 
 
-def _queue_with_oom_retry(trainer: "_Trainer", cfg: TrainConfig, log_data: dict[str, Any], step_number: int,
+def _queue_with_oom_retry(trainer: "_Trainer", log_data: dict[str, Any], step_number: int,
                           batches: list[list[int]], divisor: int,
                           upcoming: tuple[int, list[list[int]]] | None) -> tuple[PendingStep, int, bool]:
     """Queue a step; out of memory: retry once with micro-batches half the size (same effective
     batch). Returns (the queued step, the micro-batch divisor used, whether it was retried)."""
-    oom_message = None
+    cfg = trainer.cfg
     try:
         return trainer.queue_step(step_number, batches, divisor, upcoming), divisor, False
     except Exception as exc:
@@ -589,8 +589,8 @@ def _train_segment(
         lr = float(trainer.lr_scheduler.get_last_lr()[0])
         t0 = time.monotonic()
         divisor = state["micro_batch_divisor"]
-        queued, divisor, oom_retry = _queue_with_oom_retry(trainer, cfg, log_data, step_number, batches,
-                                                           divisor, upcoming)
+        queued, divisor, oom_retry = _queue_with_oom_retry(trainer, log_data, step_number, batches, divisor,
+                                                           upcoming)
         state["micro_batch_divisor"] = divisor
         if pending is not None:
             finish(pending)  # the step before, read while this one runs on the GPU
