@@ -89,6 +89,17 @@ def profile_variant(variant: str, batch: int, steps: int, by_shape: bool = False
     return result
 
 
+def _ancestry(evt, depth: int = 6) -> str:
+    """The operators around ``evt``, innermost first (``a < b < c``): where a kernel came from."""
+    names: list[str] = []
+    parent = evt.cpu_parent
+    while parent is not None and len(names) < depth:
+        if not names or names[-1] != parent.name:
+            names.append(parent.name[:60])
+        parent = parent.cpu_parent
+    return " < ".join(names) or "-"
+
+
 def shaped_ops(prof, steps: int, rank: int) -> dict[str, Any]:
     """Device ms per step of matrix products, convolutions and attention by input shape, and
     the share of matrix products with a LoRA-rank dimension (the skinny LoRA products)."""
@@ -106,7 +117,7 @@ def shaped_ops(prof, steps: int, rank: int) -> dict[str, Any]:
     for evt in prof.events():
         for kernel in getattr(evt, "kernels", None) or []:
             if "copy" in kernel.name.lower():
-                parent = evt.cpu_parent.name if evt.cpu_parent is not None else "-"
+                parent = _ancestry(evt)
                 copies[(evt.name, parent, str(getattr(evt, "input_shapes", ""))[:120])] += kernel.duration / steps / 1e3
     top_copies = sorted(copies.items(), key=lambda kv: -kv[1])[:15]
     return dict(copy_kernels_by_op=[(op, parent, shapes, round(ms, 3)) for (op, parent, shapes), ms in top_copies],

@@ -106,7 +106,7 @@ PEAK_TFLOPS = 790.0
 
 def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
     """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl][_<kernel>attn][_nocudnnbench][_nostage]
-    [_nofuse][_nooverlap][_allthreads]``
+    [_nofuse][_nooverlap][_nocclayout|_cclayout][_allthreads]``
     -> settings (``<kernel>``: default, cudnn, flash, efficient, math).
 
     ``plain``: every fast-path switch off (the trainer's plain step). ``fast`` or neither: the
@@ -115,12 +115,14 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
     parts = name.split("_")[1:]
     opts: dict[str, Any] = {"batch": default_batch, "checkpointing": False, "compile": "auto",
                             "cuda_graphs": "auto", "channels_last": "auto", "attention": "auto",
-                            "cudnn_benchmark": "auto", "fused_qkv": "auto", "overlap_steps": "auto", "stage": True,
+                            "cudnn_benchmark": "auto", "fused_qkv": "auto", "overlap_steps": "auto",
+                            "compiled_channels_last": "auto", "stage": True,
                             "host_threads": True}
     for part in parts:
         if part == "plain":
             opts.update(compile="off", cuda_graphs="off", channels_last="off", attention="default",
-                        cudnn_benchmark="off", fused_qkv="off", overlap_steps="off")
+                        cudnn_benchmark="off", fused_qkv="off", overlap_steps="off",
+                        compiled_channels_last="off")
         elif part == "gc":
             opts["checkpointing"] = True
         elif part.startswith("b") and part[1:].isdigit():
@@ -141,6 +143,8 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
             opts["fused_qkv"] = "off"
         elif part == "nooverlap":
             opts["overlap_steps"] = "off"
+        elif part in ("nocclayout", "cclayout"):
+            opts["compiled_channels_last"] = "off" if part == "nocclayout" else "on"
         elif part == "allthreads":
             opts["host_threads"] = False
         elif part in ("fast", "bf16"):
@@ -214,6 +218,7 @@ def make_step(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, dev:
         "compile": opts["compile"], "cuda_graphs": opts["cuda_graphs"], "channels_last": opts["channels_last"],
         "attention": opts["attention"], "cudnn_benchmark": opts["cudnn_benchmark"],
         "fused_qkv": opts["fused_qkv"], "overlap_steps": opts["overlap_steps"],
+        "compiled_channels_last": opts["compiled_channels_last"],
     })
     torch.backends.cudnn.benchmark = False  # process-wide: each variant sets it from its own options
     accelerator = make_accelerator("bf16", cpu=dev == "cpu")
@@ -281,7 +286,8 @@ def _timed_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: int,
                 graph_warmups=warmups, checkpointing=opts["checkpointing"],
                 fast=dict(compile=fast.compile, cuda_graphs=fast.cuda_graphs, channels_last=fast.channels_last,
                           attention=fast.attention, cudnn_benchmark=fast.cudnn_benchmark,
-                          fused_qkv=fast.fused_qkv, overlap_steps=fast.overlap_steps))
+                          fused_qkv=fast.fused_qkv, overlap_steps=fast.overlap_steps,
+                          compiled_channels_last=fast.compiled_channels_last))
 
 
 def loss_checks(rows: list[dict[str, Any]], tol: float) -> list[dict[str, Any]]:

@@ -47,7 +47,7 @@ _TINY_RESOLUTION_FALLBACK = 64
 RESUME_TOLERANT_FIELDS = frozenset({
     "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
     "cache_dir", "compile", "cuda_graphs", "channels_last", "attention", "cudnn_benchmark",
-    "fused_qkv", "overlap_steps", "low_memory",
+    "fused_qkv", "overlap_steps", "compiled_channels_last", "low_memory",
 })
 
 
@@ -128,6 +128,10 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     # bookkeeping; losses, progress and a NaN check arrive one step later (nothing is saved
     # in between)
     overlap_steps: Literal["auto", "on", "off"] = "auto"
+    # inside the compiled UNet keep activations channels-last from convolution to convolution
+    # (inductor's layout optimisation, which its own heuristics skip for UNets because of their
+    # skip-connection convolutions), so no layout copies run around each convolution
+    compiled_channels_last: Literal["auto", "on", "off"] = "auto"
     seed: int = Field(default=42, ge=0)
 
     # validation

@@ -63,6 +63,8 @@ class FastOptions:
     fused_qkv: bool = False
     #: the loop queues step n+1 before it reads step n's loss (lora/train/loop.py)
     overlap_steps: bool = False
+    #: inductor keeps the compiled UNet's activations channels-last (its layout optimisation)
+    compiled_channels_last: bool = False
 
     def without(self, **changes: bool) -> "FastOptions":
         """A copy with some switches changed (the step's fall-back turns parts off)."""
@@ -94,6 +96,7 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     # LoRA dropout draws a mask per projection: the fused product cannot share one input
     fused_qkv = _switch(cfg.fused_qkv, "fused_qkv", cuda and cfg.lora_dropout == 0)
     overlap_steps = _switch(cfg.overlap_steps, "overlap_steps", cuda)
+    compiled_cl = _switch(cfg.compiled_channels_last, "compiled_channels_last", cuda) and compile_on
     attention = cfg.attention if cfg.attention != "auto" else (AUTO_CUDA_ATTENTION if cuda else "default")
     blockers = []
     if not cuda:
@@ -109,7 +112,7 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
         raise ConfigError(f"invalid training config: cuda_graphs: on is not possible here: {'; '.join(blockers)}")
     return FastOptions(compile=compile_on, cuda_graphs=graphs, channels_last=channels_last,
                        attention=attention, cudnn_benchmark=cudnn_benchmark, fused_qkv=fused_qkv,
-                       overlap_steps=overlap_steps)
+                       overlap_steps=overlap_steps, compiled_channels_last=compiled_cl)
 
 
 _BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -165,7 +168,13 @@ def prepare_forward(unet: torch.nn.Module, opts: FastOptions) -> Callable[..., A
     if not opts.compile:
         return unet
     _raise_recompile_limit()
-    return torch.compile(unet, dynamic=False, backend=COMPILE_BACKEND)
+    options = None
+    if opts.compiled_channels_last and COMPILE_BACKEND == "inductor":
+        # Inductor skips its channels-last layout for graphs with convolutions whose output has
+        # at most half the input channels (the UNet's skip concatenations); without it each
+        # convolution and its backward copies activations between layouts (bench/README.md).
+        options = {"force_layout_optimization": True}
+    return torch.compile(unet, dynamic=False, backend=COMPILE_BACKEND, options=options)
 
 
 # --------------------------------------------------------------------------------------------

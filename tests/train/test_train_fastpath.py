@@ -45,7 +45,11 @@ def test_defaults_keep_the_plain_path_on_cpu():
     cfg = resolve_config("phase2a", {"model": "tiny"})
     assert resolve_fast_options(cfg, "cpu") == FastOptions(False, False, False, "default", False)
     assert resolve_fast_options(cfg, "cuda") == FastOptions(True, True, True, fastpath.AUTO_CUDA_ATTENTION, True,
-                                                            fused_qkv=True, overlap_steps=True)
+                                                            fused_qkv=True, overlap_steps=True,
+                                                            compiled_channels_last=True)
+    # the compiled layout needs a compiled UNet
+    no_compile = resolve_config("phase2a", {"model": "tiny", "compile": "off"})
+    assert not resolve_fast_options(no_compile, "cuda").compiled_channels_last
     # several processes keep the graphs: the gradient all-reduce runs between them
     assert resolve_fast_options(cfg, "cuda", num_processes=2).cuda_graphs
 
@@ -186,3 +190,21 @@ def test_a_gpu_run_uses_one_cpu_thread_and_gives_the_setting_back(monkeypatch):
             assert n == torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_compiled_channels_last_asks_inductor_for_its_layout(monkeypatch):
+    """Inductor's heuristics skip channels-last for UNets; the switch forces it, per compile."""
+    seen: list[dict] = []
+
+    def record(module, **kwargs):
+        seen.append(kwargs)
+        return module
+
+    monkeypatch.setattr(fastpath, "COMPILE_BACKEND", "inductor")
+    monkeypatch.setattr(torch, "compile", record)
+    unet = torch.nn.Conv2d(4, 4, 3)
+    fastpath.prepare_forward(unet, FastOptions(compile=True, compiled_channels_last=True))
+    fastpath.prepare_forward(unet, FastOptions(compile=True, compiled_channels_last=False))
+    assert seen[0]["options"] == {"force_layout_optimization": True}
+    assert seen[1]["options"] is None
+    assert torch._inductor.config.force_layout_optimization is False  # nothing process-wide
