@@ -96,7 +96,13 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     # LoRA dropout draws a mask per projection: the fused product cannot share one input
     fused_qkv = _switch(cfg.fused_qkv, "fused_qkv", cuda and cfg.lora_dropout == 0)
     overlap_steps = _switch(cfg.overlap_steps, "overlap_steps", cuda)
-    compiled_cl = _switch(cfg.compiled_channels_last, "compiled_channels_last", cuda) and compile_on
+    if fused_qkv and cfg.lora_dropout > 0:
+        raise ConfigError("invalid training config: fused_qkv: on is not possible with lora_dropout > 0 "
+                          "(each projection draws its own dropout mask)")
+    compiled_cl = _switch(cfg.compiled_channels_last, "compiled_channels_last", cuda and compile_on)
+    if compiled_cl and not compile_on:
+        raise ConfigError("invalid training config: compiled_channels_last: on needs compile (it is a "
+                          "layout choice of the compiled UNet); compile is off here")
     attention = cfg.attention if cfg.attention != "auto" else (AUTO_CUDA_ATTENTION if cuda else "default")
     blockers = []
     if not cuda:

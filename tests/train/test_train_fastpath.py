@@ -60,6 +60,12 @@ def test_graphs_refused_where_they_would_change_training():
     dropout = resolve_config("phase2a", {"model": "tiny", "lora_dropout": 0.1})
     assert not resolve_fast_options(dropout, "cuda").cuda_graphs  # random mask per step
     assert not resolve_fast_options(dropout, "cuda").fused_qkv  # a mask per projection
+    with pytest.raises(ConfigError, match="fused_qkv"):  # asked for, but it would install nothing
+        resolve_fast_options(resolve_config("phase2a", {"model": "tiny", "lora_dropout": 0.1,
+                                                        "fused_qkv": "on"}), "cuda")
+    with pytest.raises(ConfigError, match="compiled_channels_last: on needs compile"):
+        resolve_fast_options(resolve_config("phase2a", {"model": "tiny", "compile": "off",
+                                                        "compiled_channels_last": "on"}), "cuda")
     assert not resolve_fast_options(resolve_config("phase2a", {"model": "tiny"}), "cuda",
                                     mixed_precision="fp16").cuda_graphs
 
