@@ -17,7 +17,8 @@ kernels each cost CPU time. The fast path
   no weights.
 
 Every part is a switch in :class:`~lora.config.TrainConfig` (``compile``, ``cuda_graphs``,
-``channels_last``, ``cudnn_benchmark``: ``auto`` = on for CUDA only; ``attention`` picks the
+``channels_last``, ``cudnn_benchmark``, ``fused_qkv``, ``overlap_steps``,
+``compiled_channels_last``: ``auto`` = on for CUDA only; ``attention`` picks the
 SDPA kernel; ``low_memory`` turns compile and graphs off by default). Where graphs cannot be
 used (LoRA dropout, a trained text encoder, fp16) the step falls back to the plain path,
 compiled when ``compile`` is on. Several processes keep the graphs: the gradient all-reduce
@@ -95,10 +96,10 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     cudnn_benchmark = _switch(cfg.cudnn_benchmark, "cudnn_benchmark", cuda)
     # LoRA dropout draws a mask per projection: the fused product cannot share one input
     fused_qkv = _switch(cfg.fused_qkv, "fused_qkv", cuda and cfg.lora_dropout == 0)
-    overlap_steps = _switch(cfg.overlap_steps, "overlap_steps", cuda)
     if fused_qkv and cfg.lora_dropout > 0:
         raise ConfigError("invalid training config: fused_qkv: on is not possible with lora_dropout > 0 "
                           "(each projection draws its own dropout mask)")
+    overlap_steps = _switch(cfg.overlap_steps, "overlap_steps", cuda)
     compiled_cl = _switch(cfg.compiled_channels_last, "compiled_channels_last", cuda and compile_on)
     if compiled_cl and not compile_on:
         raise ConfigError("invalid training config: compiled_channels_last: on needs compile (it is a "
