@@ -18,6 +18,7 @@ Writes ``$OUT/bench_train.json`` when ``OUT`` is set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -104,6 +105,12 @@ GFLOP_PER_IMAGE = 1788.0
 PEAK_TFLOPS = 790.0
 
 
+#: TrainConfig's auto/on/off fast-path switches: a variant starts at "auto", ``_plain`` turns all
+#: off, and each one is passed to the trainer's config as set
+SWITCHES = ("compile", "cuda_graphs", "channels_last", "cudnn_benchmark", "fused_qkv", "overlap_steps",
+            "compiled_channels_last")
+
+
 def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
     """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl][_<kernel>attn][_nocudnnbench][_nostage]
     [_nofuse][_nooverlap][_nocclayout|_cclayout][_allthreads]``
@@ -113,16 +120,11 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
     trainer's defaults (``auto``: on for CUDA, off on CPU). ``bf16`` is accepted as a no-op.
     """
     parts = name.split("_")[1:]
-    opts: dict[str, Any] = {"batch": default_batch, "checkpointing": False, "compile": "auto",
-                            "cuda_graphs": "auto", "channels_last": "auto", "attention": "auto",
-                            "cudnn_benchmark": "auto", "fused_qkv": "auto", "overlap_steps": "auto",
-                            "compiled_channels_last": "auto", "stage": True,
-                            "host_threads": True}
+    opts: dict[str, Any] = {"batch": default_batch, "checkpointing": False, "attention": "auto",
+                            "stage": True, "host_threads": True, **dict.fromkeys(SWITCHES, "auto")}
     for part in parts:
         if part == "plain":
-            opts.update(compile="off", cuda_graphs="off", channels_last="off", attention="default",
-                        cudnn_benchmark="off", fused_qkv="off", overlap_steps="off",
-                        compiled_channels_last="off")
+            opts.update(dict.fromkeys(SWITCHES, "off"), attention="default")
         elif part == "gc":
             opts["checkpointing"] = True
         elif part.startswith("b") and part[1:].isdigit():
@@ -215,10 +217,7 @@ def make_step(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, dev:
     cfg = resolve_config("phase2a", {
         "batch_size": batch, "lora_rank": rank, "lora_alpha": alpha, "resolution": res,
         "mixed_precision": "bf16", "gradient_checkpointing": opts["checkpointing"],
-        "compile": opts["compile"], "cuda_graphs": opts["cuda_graphs"], "channels_last": opts["channels_last"],
-        "attention": opts["attention"], "cudnn_benchmark": opts["cudnn_benchmark"],
-        "fused_qkv": opts["fused_qkv"], "overlap_steps": opts["overlap_steps"],
-        "compiled_channels_last": opts["compiled_channels_last"],
+        "attention": opts["attention"], **{key: opts[key] for key in SWITCHES},
     })
     torch.backends.cudnn.benchmark = False  # process-wide: each variant sets it from its own options
     accelerator = make_accelerator("bf16", cpu=dev == "cpu")
@@ -284,10 +283,7 @@ def _timed_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: int,
     return dict(variant=name, batch=batch, rank=rank, s_per_step=sec, img_per_s=batch / sec,
                 peak_gib=peak, peak_reserved_gib=reserved, loss=loss, first_losses=first_losses, first_step_s=round(first_step_s, 2),
                 graph_warmups=warmups, checkpointing=opts["checkpointing"],
-                fast=dict(compile=fast.compile, cuda_graphs=fast.cuda_graphs, channels_last=fast.channels_last,
-                          attention=fast.attention, cudnn_benchmark=fast.cudnn_benchmark,
-                          fused_qkv=fast.fused_qkv, overlap_steps=fast.overlap_steps,
-                          compiled_channels_last=fast.compiled_channels_last))
+                fast=dataclasses.asdict(fast))
 
 
 def loss_checks(rows: list[dict[str, Any]], tol: float) -> list[dict[str, Any]]:
