@@ -62,3 +62,30 @@ def test_host_threads_bench_prints_both_settings_side_by_side():
     assert any("torch default threads" in line and line.split()[-4] == "2" for line in lines), out.stdout
     trainer = [line for line in lines if line.startswith("trainer on a GPU")]
     assert [line.split()[-5] for line in trainer] == ["1", "1"]  # one thread, alone and side by side
+
+
+def test_blocks_bench_compares_compiled_blocks_with_eager(tmp_path, monkeypatch, capsys):
+    """bench/blocks.py --smoke: both 64x64-level blocks, eager first, each compiled setting's
+    outputs checked against eager, FLOPs counted, the table and JSON written."""
+    spec = importlib.util.spec_from_file_location("bench_blocks", REPO_ROOT / "bench" / "blocks.py")
+    blocks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(blocks)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert blocks.main(["--smoke", "--settings", "default", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "bench_blocks.json").read_text())["rows"]
+    assert [(r["setting"], r["block"]) for r in rows] == [
+        ("eager", "down_blocks.0"), ("eager", "up_blocks.-1"),
+        ("default", "down_blocks.0"), ("default", "up_blocks.-1")]
+    assert all(r["gflop"] > 0 and r["ms"] > 0 for r in rows)
+    assert all(r["matches_eager"] for r in rows if r["setting"] == "default")
+    assert "TFLOP/s" in out and out.count(" ok") == 2
+
+
+def test_blocks_bench_rejects_unknown_setting(capsys):
+    spec = importlib.util.spec_from_file_location("bench_blocks", REPO_ROOT / "bench" / "blocks.py")
+    blocks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(blocks)
+    with pytest.raises(SystemExit):
+        blocks.main(["--smoke", "--settings", "turbo"])
+    assert "unknown setting(s) turbo" in capsys.readouterr().err
