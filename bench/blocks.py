@@ -118,7 +118,7 @@ def kernel_split(run: Callable[[], Any], iters: int = 3, top: int = 12) -> dict[
     """GPU ms per iteration by kernel category (bench/profile_step.py's) and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from profile_step import category
+    from profile_step import summarize
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
@@ -128,11 +128,8 @@ def kernel_split(run: Callable[[], Any], iters: int = 3, top: int = 12) -> dict[
     for event in prof.events():
         if event.device_type.name == "CUDA":
             kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1e3 / iters
-    split: dict[str, float] = {}
-    for name, ms in kernels.items():
-        split[category(name)] = split.get(category(name), 0.0) + ms
-    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    return {"by_category_ms": {k: round(v, 3) for k, v in sorted(split.items(), key=lambda kv: -kv[1])},
+    split, ranked = summarize(kernels, top)
+    return {"by_category_ms": {k: round(v, 3) for k, v in split.items()},
             "top_kernels_ms": [(name[:120], round(ms, 3)) for name, ms in ranked]}
 
 

@@ -46,6 +46,15 @@ def category(name: str) -> str:
     return "other elementwise/copy"
 
 
+def summarize(kernels: dict[str, float], top: int = 25) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """Kernel times (any unit) summed per category, largest first, and the ``top`` largest kernels."""
+    cats: dict[str, float] = defaultdict(float)
+    for name, t in kernels.items():
+        cats[category(name)] += t
+    return (dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            sorted(kernels.items(), key=lambda kv: -kv[1])[:top])
+
+
 #: aten ops whose device time is grouped by input shape with --by-shape
 SHAPED_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::convolution", "aten::convolution_backward",
               "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_cudnn_attention_backward",
@@ -76,13 +85,10 @@ def profile_variant(variant: str, batch: int, steps: int, by_shape: bool = False
     # key_averages mixes operators and kernels; keep kernels (no "aten::" / "cuda" API entries)
     kernels = {k: v for k, v in kernels.items() if not k.startswith(("aten::", "cuda", "Memcpy", "Memset",
                                                                       "autograd", "torch", "Torch"))}
-    cats: dict[str, float] = defaultdict(float)
-    for k, v in kernels.items():
-        cats[category(k)] += v
+    cats, top = summarize(kernels)
     total = sum(cats.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
     result = dict(variant=variant, batch=batch, gpu_ms_per_step=total / 1e3,
-                  categories={k: round(v / 1e3, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+                  categories={k: round(v / 1e3, 3) for k, v in cats.items()},
                   top=[(k[:120], round(v / 1e3, 3)) for k, v in top], fast=runner.fast.__dict__)
     if by_shape:
         result.update(shaped_ops(prof, steps, rank))

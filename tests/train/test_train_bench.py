@@ -89,3 +89,18 @@ def test_blocks_bench_rejects_unknown_setting(capsys):
     with pytest.raises(SystemExit):
         blocks.main(["--smoke", "--settings", "turbo"])
     assert "unknown setting(s) turbo" in capsys.readouterr().err
+
+
+def test_profile_summary_groups_kernels_by_category():
+    """bench/profile_step.py and bench/blocks.py --profile share one kernel summary."""
+    spec = importlib.util.spec_from_file_location("bench_profile_step", REPO_ROOT / "bench" / "profile_step.py")
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    kernels = {"cudnn_generated_fort_native_sdpa_sm90_flash_bprop": 5.0, "nvjet_sm90_tst_160x128": 2.0,
+               "triton_poi_fused_gelu_mul": 1.0, "triton_red_fused_native_layer_norm": 0.5,
+               "sm90_xmma_dgrad_implicit_gemm_bf16": 3.0}
+    cats, top = profile_step.summarize(kernels, top=2)
+    assert cats == {"attention": 5.0, "convolution": 3.0, "matmul": 2.0, "triton (fused)": 1.5}
+    assert list(cats) == ["attention", "convolution", "matmul", "triton (fused)"]  # largest first
+    assert top == [("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 5.0),
+                   ("sm90_xmma_dgrad_implicit_gemm_bf16", 3.0)]
