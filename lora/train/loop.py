@@ -618,7 +618,6 @@ def _train_segment(
             checkpoint_now()
     if pending is not None:  # stopped early (step target, time budget): log the last step first
         finish(pending)
-        pending = None
 
     if state["global_step"] >= total:
         last_epoch = state["epoch"] - (1 if state["step_in_epoch"] == 0 else 0)
