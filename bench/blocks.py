@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train import PEAK_TFLOPS, SD15_UNET, SMOKE_UNET  # noqa: E402  (bench/train.py)
 
 #: inductor options per setting, on top of what the trainer passes on CUDA
-#: (force_layout_optimization: lora/train/fastpath.py, ``compiled_channels_last``)
+#: (lora/train/fastpath.py's COMPILED_CHANNELS_LAST_OPTIONS)
 SETTINGS: dict[str, dict[str, bool] | None] = {
     "eager": None,
     "default": {},
@@ -97,7 +97,9 @@ def compiled(fn: Callable, setting: str, dev: str, backend: str) -> Callable:
     if backend != "inductor":
         return torch.compile(fn, dynamic=False, backend=backend)
     if dev == "cuda":
-        options = {"force_layout_optimization": True, **options}
+        from lora.train.fastpath import COMPILED_CHANNELS_LAST_OPTIONS
+
+        options = {**COMPILED_CHANNELS_LAST_OPTIONS, **options}
     return torch.compile(fn, dynamic=False, backend=backend, options=options or None)
 
 

@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 COMPILE_BACKEND = "inductor"
 
 
+#: inductor options of the UNet's compile with ``compiled_channels_last`` (bench/blocks.py uses
+#: them too, so the blocks it times are compiled as the trainer compiles them)
+COMPILED_CHANNELS_LAST_OPTIONS = {"force_layout_optimization": True}
+
+
 #: What ``attention=auto`` picks on a CUDA device (measured: bench/README.md).
 AUTO_CUDA_ATTENTION = "default"
 
@@ -180,7 +185,7 @@ def prepare_forward(unet: torch.nn.Module, opts: FastOptions) -> Callable[..., A
         # Inductor skips its channels-last layout for graphs with convolutions whose output has
         # at most half the input channels (the UNet's skip concatenations); without it each
         # convolution and its backward copies activations between layouts (bench/README.md).
-        options = {"force_layout_optimization": True}
+        options = dict(COMPILED_CHANNELS_LAST_OPTIONS)
     return torch.compile(unet, dynamic=False, backend=COMPILE_BACKEND, options=options)
 
 

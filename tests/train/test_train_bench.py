@@ -10,11 +10,16 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_train", REPO_ROOT / "bench" / "train.py")
+def _load(script: str):
+    """A bench/ script as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", REPO_ROOT / "bench" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench():
+    return _load("train")
 
 
 def test_smoke_bench_prints_our_step_without_the_peer(tmp_path, capsys, monkeypatch):
@@ -67,9 +72,7 @@ def test_host_threads_bench_prints_both_settings_side_by_side():
 def test_blocks_bench_compares_compiled_blocks_with_eager(tmp_path, monkeypatch, capsys):
     """bench/blocks.py --smoke: both 64x64-level blocks, eager first, each compiled setting's
     outputs checked against eager, FLOPs counted, the table and JSON written."""
-    spec = importlib.util.spec_from_file_location("bench_blocks", REPO_ROOT / "bench" / "blocks.py")
-    blocks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(blocks)
+    blocks = _load("blocks")
     monkeypatch.setenv("OUT", str(tmp_path))
     assert blocks.main(["--smoke", "--settings", "default", "--reps", "1"]) == 0
     out = capsys.readouterr().out
@@ -83,9 +86,7 @@ def test_blocks_bench_compares_compiled_blocks_with_eager(tmp_path, monkeypatch,
 
 
 def test_blocks_bench_rejects_unknown_setting(capsys):
-    spec = importlib.util.spec_from_file_location("bench_blocks", REPO_ROOT / "bench" / "blocks.py")
-    blocks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(blocks)
+    blocks = _load("blocks")
     with pytest.raises(SystemExit):
         blocks.main(["--smoke", "--settings", "turbo"])
     assert "unknown setting(s) turbo" in capsys.readouterr().err
@@ -93,9 +94,7 @@ def test_blocks_bench_rejects_unknown_setting(capsys):
 
 def test_profile_summary_groups_kernels_by_category():
     """bench/profile_step.py and bench/blocks.py --profile share one kernel summary."""
-    spec = importlib.util.spec_from_file_location("bench_profile_step", REPO_ROOT / "bench" / "profile_step.py")
-    profile_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_step)
+    profile_step = _load("profile_step")
     kernels = {"cudnn_generated_fort_native_sdpa_sm90_flash_bprop": 5.0, "nvjet_sm90_tst_160x128": 2.0,
                "triton_poi_fused_gelu_mul": 1.0, "triton_red_fused_native_layer_norm": 0.5,
                "sm90_xmma_dgrad_implicit_gemm_bf16": 3.0}
