@@ -276,7 +276,7 @@ def _timed_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: int,
     reserved = peak_reserved()
     fast = runner.fast
     warmups = [dict(shape=list(w.shape), seconds=round(w.seconds, 2)) for w in
-               (runner.graphs.warmups if runner.graphs is not None else [])]
+               runner.executor.warmups]
     del runner, step
     if dev == "cuda":
         torch.cuda.empty_cache()

@@ -99,3 +99,39 @@ def close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class AgreedFlag:
+    """A flag every process agrees on, without making the host wait for the GPU each step.
+
+    ``agreed = flag(local)`` at every step boundary, on every process: with one process it is
+    ``local``. With several, the flags are combined (any) by an all-reduce; on CUDA its result
+    is read one boundary later, when the GPU is long past it, so asking every step costs no
+    wait (:func:`any_process` waits for the GPU to get there). Every process sees the same
+    answers at the same boundaries, so all stop at the same step.
+    """
+
+    def __init__(self, device: torch.device, world: int) -> None:
+        self.device, self.world = torch.device(device), world
+        self._earlier: tuple[torch.Tensor, "torch.cuda.Event"] | None = None
+
+    def __call__(self, local: bool) -> bool:
+        if self.world <= 1:
+            return local
+        import torch.distributed as dist
+
+        vote = torch.tensor([1.0 if local else 0.0])
+        if self.device.type != "cuda":
+            dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+            return bool(vote.item())
+        on_device = vote.pin_memory().to(self.device, non_blocking=True)
+        dist.all_reduce(on_device, op=dist.ReduceOp.MAX)
+        host = torch.empty(1, pin_memory=True)
+        host.copy_(on_device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        earlier, self._earlier = self._earlier, (host, done)
+        if earlier is None:
+            return False
+        earlier[1].synchronize()
+        return bool(earlier[0].item())

@@ -11,7 +11,7 @@ kernels each cost CPU time. The fast path
   (fused, capturable) AdamW update and the zeroing of the gradients in a second one. A step is
   then a few host-to-device copies of the step's draws and two graph replays;
 - keeps what is trained the same: the same seeded draws (made on the host exactly as in the
-  plain path), the same loss function (:meth:`StepRunner.micro_loss`), the same optimizer
+  plain path), the same loss function (``StepRunner.micro_loss``, lora/train/step.py), the same optimizer
   object and state, so checkpoints are interchangeable with the plain path. Warm-up runs
   before a capture are undone (parameters and optimizer state restored), so capturing changes
   no weights.
@@ -29,16 +29,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from lora.config import ConfigError, TrainConfig
 
+from .executor import LossFn, MicroInputs, PendingStep, StepExecutor, WarmupRecord
+
 if TYPE_CHECKING:  # pragma: no cover
     from .distributed import GradientSync
-    from .step import StepRunner
 
 log = logging.getLogger(__name__)
 
@@ -203,43 +204,46 @@ class _MicroGraph:
     loss: torch.Tensor   # static output, read right after each replay
 
 
-@dataclass
-class WarmupRecord:
-    shape: tuple[int, ...]
-    seconds: float
-
-
-@dataclass
-class GraphedSteps:
-    """CUDA graphs of one runner: a micro-batch graph per input shape and one optimizer graph.
+class GraphedExecutor(StepExecutor):
+    """A step replayed from CUDA graphs: a micro-batch graph per input shape and one optimizer graph.
 
     All graphs share one memory pool. That is safe because they are replayed one at a time on
     one stream and each graph's outputs (the loss and the gradient norm) are copied out right
     after its replay; gradients, optimizer state and inputs live outside the pool.
+
+    A captured optimizer update reads its learning rate from device memory, so the first
+    capture turns each param group's ``lr`` into a device tensor that the lr scheduler fills in
+    place; ``state_dict()`` / ``load_state_dict()`` keep the plain path's float format, so
+    checkpoints do not depend on the path that wrote them.
     """
 
-    runner: "StepRunner"
-    pool: Any = None
-    micro: dict[tuple, _MicroGraph] = field(default_factory=dict)
-    opt_graph: torch.cuda.CUDAGraph | None = None
-    grad_norm: torch.Tensor | None = None
-    grads: list[torch.Tensor] = field(default_factory=list)
-    warmups: list[WarmupRecord] = field(default_factory=list)
-    lr_tensors: list[torch.Tensor] = field(default_factory=list)
+    def __init__(self, loss_fn: LossFn, optimizer, params: list[torch.nn.Parameter], device: torch.device,
+                 max_grad_norm: float | None, sync: "GradientSync | None" = None) -> None:
+        self.loss_fn, self.optimizer, self.params = loss_fn, optimizer, params
+        self.device, self.max_grad_norm, self.sync = device, max_grad_norm, sync
+        self.pool: Any = None
+        self.micro: dict[tuple, _MicroGraph] = {}
+        self.opt_graph: torch.cuda.CUDAGraph | None = None
+        self.grad_norm: torch.Tensor | None = None
+        self.grads: list[torch.Tensor] = []
+        self.warmups: list[WarmupRecord] = []
+        self.lr_tensors: list[torch.Tensor] = []
+
+    @property
+    def _base_optimizer(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
 
     # -- optimizer in a graph --------------------------------------------------------------
 
     def _tensor_lrs(self) -> None:
         """Give each param group a device ``lr`` tensor (the scheduler ``fill_``s it in place),
         and keep ``state_dict()`` / ``load_state_dict()`` in the plain path's float format."""
-        opt = self.runner.optimizer
-        base = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps it
-        dev = self.runner.device
+        base = self._base_optimizer
         self.lr_tensors = []
         for group in base.param_groups:
             lr = group["lr"]
             value = float(lr) if not torch.is_tensor(lr) else float(lr.item())
-            tensor = torch.tensor(value, dtype=torch.float32, device=dev)
+            tensor = torch.tensor(value, dtype=torch.float32, device=self.device)
             group["lr"] = tensor
             group["capturable"] = True
             self.lr_tensors.append(tensor)
@@ -257,43 +261,43 @@ class GraphedSteps:
                 tensor.fill_(float(value.item()) if torch.is_tensor(value) else float(value))
                 group["lr"] = tensor
                 group["capturable"] = True
-            self.invalidate()  # load_state_dict replaced the state tensors the graph points at
+            self.forward_changed()  # load_state_dict replaced the state tensors the graph points at
 
         base.register_state_dict_post_hook(to_floats)
         base.register_load_state_dict_post_hook(back_to_tensors)
 
-    def invalidate(self) -> None:
+    def forward_changed(self) -> None:
+        """Drop every graph; the next step captures again."""
         self.micro.clear()
         self.opt_graph = None
 
     def _optimizer_tail(self) -> torch.Tensor:
         """Gradient norm, clipping, AdamW and zeroed gradients: what the optimizer graph runs."""
-        r = self.runner
-        if r.cfg.max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(r.params, r.cfg.max_grad_norm, foreach=True)
+        if self.max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm(self.grads, foreach=True)
-        r.optimizer.step()
+        self.optimizer.step()
         torch._foreach_zero_(self.grads)
         return norm
 
     # -- capture ---------------------------------------------------------------------------
 
     def _snapshot(self) -> tuple[list[torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
-        base = getattr(self.runner.optimizer, "optimizer", self.runner.optimizer)
-        params = [p.detach().clone() for p in self.runner.params]
+        base = self._base_optimizer
+        params = [p.detach().clone() for p in self.params]
         states = {id(p): {k: v.clone() for k, v in base.state[p].items() if torch.is_tensor(v)}
-                  for p in self.runner.params if p in base.state}
+                  for p in self.params if p in base.state}
         return params, states
 
     def _restore(self, snap) -> None:
         """Undo the warm-up's optimizer step in place (the graph keeps these very tensors)."""
         params, states = snap
-        base = getattr(self.runner.optimizer, "optimizer", self.runner.optimizer)
+        base = self._base_optimizer
         with torch.no_grad():
-            for p, saved in zip(self.runner.params, params):
+            for p, saved in zip(self.params, params):
                 p.copy_(saved)
-            for p in self.runner.params:
+            for p in self.params:
                 st = base.state.get(p, {})
                 saved_state = states.get(id(p))
                 for k, v in st.items():
@@ -308,21 +312,20 @@ class GraphedSteps:
     def _ensure_grads(self) -> None:
         """Gradients exist before any capture, so every graph accumulates into these tensors."""
         if self.grads:
-            if self.runner.params[0].grad is not self.grads[0]:  # the plain path or an OOM retry ran
-                for p, g in zip(self.runner.params, self.grads):
+            if self.params[0].grad is not self.grads[0]:  # the plain path or an OOM retry ran
+                for p, g in zip(self.params, self.grads):
                     p.grad = g
                 torch._foreach_zero_(self.grads)  # a step starts from zero; drop a failed attempt's sums
             return
-        for p in self.runner.params:
+        for p in self.params:
             if p.grad is None or p.grad.data_ptr() == 0:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad.zero_()
-        self.grads = [p.grad for p in self.runner.params]
+        self.grads = [p.grad for p in self.params]
 
     def _capture(self, key: tuple, lat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                  ehs: torch.Tensor, n_total: int) -> _MicroGraph:
-        r = self.runner
         t0 = time.perf_counter()
         if self.opt_graph is None and not self.lr_tensors:
             self._tensor_lrs()
@@ -330,10 +333,10 @@ class GraphedSteps:
         # the scheduler's state is untouched: only params, grads and optimizer state can change
         snap = self._snapshot()
         static = _MicroGraph(torch.cuda.CUDAGraph(), lat.clone(), noise.clone(), t.clone(), ehs.clone(),
-                             torch.zeros((), device=r.device))
+                             torch.zeros((), device=self.device))
 
         def micro() -> torch.Tensor:
-            loss = r.micro_loss(static.lat, static.noise, static.t, static.ehs, n_total)
+            loss = self.loss_fn(static.lat, static.noise, static.t, static.ehs, n_total)
             loss.backward()
             return loss.detach()
 
@@ -374,11 +377,10 @@ class GraphedSteps:
 
     # -- one step --------------------------------------------------------------------------
 
-    def step(self, micro_inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-             n_total: int, sync: "GradientSync | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replays the graphs for a step's micro-batches; returns (loss sum, grad norm) on device.
+    def queue(self, micro_inputs: list[MicroInputs], n_total: int) -> PendingStep:
+        """Replays the graphs for a step's micro-batches (capturing a new shape first).
 
-        With several processes, ``sync`` sums gradients and loss between the micro-batch graphs
+        With several processes, gradients and loss are summed between the micro-batch graphs
         and the optimizer graph, so the optimizer graph sees the whole step's gradients."""
         total = None
         self._ensure_grads()
@@ -394,13 +396,13 @@ class GraphedSteps:
             g.graph.replay()
             total = g.loss.clone() if total is None else total + g.loss
         if total is None:  # this process had no image in this step (fewer images than processes)
-            total = torch.zeros((), device=self.runner.device)
-        if sync is not None:
-            total = sync.sum_(total)
+            total = torch.zeros((), device=self.device)
+        if self.sync is not None:
+            total = self.sync.sum_(total)
         if self.opt_graph is None:  # nothing captured yet on this process: run the tail eagerly
             if not self.lr_tensors:
                 self._tensor_lrs()
-            return total, self._optimizer_tail().detach().clone()
+            return PendingStep.of(total, self._optimizer_tail().detach().clone())
         assert self.grad_norm is not None
         self.opt_graph.replay()
-        return total, self.grad_norm.clone()
+        return PendingStep.of(total, self.grad_norm.clone())

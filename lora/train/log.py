@@ -72,3 +72,63 @@ def close_epoch(log: dict[str, Any], epoch: int, time_seconds: float, partial: b
 
 def write_log(run_dir: Path, log: dict[str, Any]) -> None:
     write_json_atomic(Path(run_dir) / LOG_NAME, log)
+
+
+class TrainingLog:
+    """The training log of a run while a segment trains: every change goes through here.
+
+    ``data`` is the JSON object written as ``training_log.json`` (and into each checkpoint);
+    the loop never edits it directly, so what a record holds is decided in one place.
+    """
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    @classmethod
+    def new(cls, cfg: TrainConfig, **fields: Any) -> "TrainingLog":
+        return cls(new_log(cfg, **fields))
+
+    @classmethod
+    def resumed(cls, data: dict[str, Any], total_steps: int) -> "TrainingLog":
+        """The log a checkpoint carries; ``total_steps`` may have changed with the data set."""
+        data["total_steps"] = total_steps
+        return cls(data)
+
+    @property
+    def global_step(self) -> int:
+        return int(self.data.get("global_step", 0))
+
+    def set_global_step(self, step: int) -> None:
+        self.data["global_step"] = step
+
+    def add_step(self, record: dict[str, Any]) -> None:
+        self.data["steps"].append(record)
+        self.data["global_step"] = record["step"]
+
+    def steps_after(self, step: int) -> list[dict[str, Any]]:
+        """The step records after ``step``, oldest first (the ones not reported yet)."""
+        out = []
+        for record in reversed(self.data["steps"]):
+            if record["step"] <= step:
+                break
+            out.append(record)
+        return out[::-1]
+
+    def add_event(self, event: dict[str, Any]) -> None:
+        self.data.setdefault("events", []).append(event)
+
+    def add_validation(self, step: int, epoch: int, result: dict[str, Any]) -> None:
+        self.data.setdefault("validation", []).append({"step": step, "epoch": epoch, **result})
+
+    def has_validation_at(self, step: int) -> bool:
+        return any(v.get("step") == step for v in self.data.get("validation", []))
+
+    def close_epoch(self, epoch: int, time_seconds: float, partial: bool = False) -> None:
+        close_epoch(self.data, epoch, time_seconds, partial=partial)
+
+    def mark_complete(self, step: int) -> None:
+        self.data["complete"] = True
+        self.data["global_step"] = step
+
+    def write(self, run_dir: Path) -> None:
+        write_log(run_dir, self.data)

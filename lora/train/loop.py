@@ -20,11 +20,10 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import os
 import shutil
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,31 +35,28 @@ from lora.config import ConfigError, TrainConfig, config_differences, make_confi
 from . import checkpoint as ckpt
 from .batching import epoch_steps
 from .cache import build_cache, encode_prompts
-from .distributed import any_process, is_main_launched_process, launched_rank
+from .distributed import AgreedFlag, any_process, is_main_launched_process, launched_rank
+from .errors import NonFiniteLossError, TrainingError
 from .host import host_threads_for
-from .log import LOG_NAME, close_epoch, new_log, write_log
+from .interrupt import StopSignals
+from .log import LOG_NAME, TrainingLog
 from .noise import shuffle_caption
+from .pipeline import FinishedStep, StepPipeline
 from .plan import DataPlan, dataset_dir_of, make_plan
+from .runstate import RunState
+from .schedule import Boundary, Checkpoint, Interrupted, Progress, Schedule, StepTarget, TimeBudget, Validation
 from .seeds import derive_seed
-from .step import (PendingStep, StepRunner, make_accelerator, make_optimizer, make_scheduler, mixed_precision,
+from .step import (StepRunner, make_accelerator, make_optimizer, make_scheduler, mixed_precision,
                    setup_lora_unet, stack_to_device, weight_dtype)
 from .validation import validation_loss
 
 log = logging.getLogger(__name__)
 
+__all__ = ["NonFiniteLossError", "TrainResult", "TrainingError", "lora_files", "train"]
+
 CONFIG_NAME = "config.json"
 LORA_DIR = "lora"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-#: Kept free before a time budget ends, on top of the predicted step and checkpoint time.
-BUDGET_MARGIN_S = 1.0
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. out of memory even at half the micro-batch)."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The loss or gradient norm became NaN/inf (divergence); retry resumes from a checkpoint."""
 
 
 @dataclass
@@ -68,7 +64,7 @@ class TrainResult:
     global_step: int
     total_steps: int
     complete: bool
-    stopped_reason: str  # "complete" | "step-target" | "time-budget"
+    stopped_reason: str  # "complete" | "step-target" | "time-budget" | "interrupted"
     run_dir: Path
     lora_files: list[Path] = field(default_factory=list)
 
@@ -135,13 +131,6 @@ def _read_log(run_dir: Path) -> dict[str, Any] | None:
 
 # --------------------------------------------------------------------------------------------
 # model setup
-
-
-def _is_oom(exc: BaseException) -> bool:
-    oom_type = getattr(torch, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def _tag_frequency(plan: DataPlan) -> dict[str, dict[str, int]]:
@@ -295,24 +284,19 @@ class _Trainer:
         self.lr_scheduler.load_state_dict(data.scheduler)
         ckpt.rng_restore(data.rng_json, data.rng_tensors)
 
-    def save(self, state: dict[str, Any], log_data: dict[str, Any]) -> Path | None:
+    def save(self, run: RunState, training_log: TrainingLog) -> Path | None:
         """Checkpoint + log; only the main process writes (every process holds the same weights)."""
         if not self.is_main:
             return None
-        t = time.monotonic()
         folder = ckpt.write_checkpoint(
-            self.run_dir / "checkpoints", state["global_step"],
+            self.run_dir / "checkpoints", run.global_step,
             trainable={k: p.detach() for k, p in self.trainable.items()},
             optimizer=self.optimizer.state_dict(), scheduler=self.lr_scheduler.state_dict(),
-            state=state, log_data=log_data,
+            state=run.to_checkpoint(), log_data=training_log.data,
         )
-        write_log(self.run_dir, log_data)
+        training_log.write(self.run_dir)
         ckpt.prune(self.run_dir / "checkpoints", self.cfg.keep_checkpoints)
-        self.last_save_s = time.monotonic() - t
         return folder
-
-    last_save_s: float = 1.0  # measured after the first checkpoint; used by the time budget
-    last_val_s: float = 0.0
 
     # -- one optimizer step ------------------------------------------------------------------
 
@@ -331,10 +315,6 @@ class _Trainer:
         with torch.no_grad():
             return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device).float()
 
-    def queue_step(self, step_number: int, batches: list[list[int]], divisor: int,
-                   upcoming: tuple[int, list[list[int]]] | None = None) -> PendingStep:
-        return self.runner.queue(step_number, batches, divisor, upcoming)
-
     def validate(self) -> dict | None:
         return validation_loss(
             self.unet, self.noise_scheduler, self.val_cache.latents, self.val_cache.text,
@@ -342,7 +322,7 @@ class _Trainer:
             autocast=self.accelerator.autocast,
         )
 
-    def export(self, state: dict[str, Any]) -> list[Path]:
+    def export(self, run: RunState) -> list[Path]:
         """Write both LoRA formats into ``run_dir/lora`` (temporary folder, then rename);
         the main process writes, the others wait for it."""
         from lora.model import export_diffusers, export_kohya
@@ -360,80 +340,13 @@ class _Trainer:
         export_diffusers(unet, tmp, text_encoder=te)
         kohya_name = f"{cfg.run_name}.safetensors"
         export_kohya(unet, tmp / kohya_name, rank=cfg.lora_rank, alpha=cfg.lora_alpha, text_encoder=te,
-                     metadata=_kohya_metadata(cfg, self.plan, state, self.mp))
+                     metadata=_kohya_metadata(cfg, self.plan, run.to_checkpoint(), self.mp))
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
         shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return lora_files(self.run_dir, cfg.run_name or self.run_dir.name)
-
-
-@dataclass
-class _QueuedStep:
-    """A step whose GPU work is queued and whose loss has not been read yet."""
-
-    step: int
-    epoch: int
-    lr: float
-    t0: float
-    images: int
-    divisor: int
-    oom_retry: bool
-    pending: PendingStep
-
-
-def _queue_with_oom_retry(trainer: "_Trainer", log_data: dict[str, Any], step_number: int,
-                          batches: list[list[int]], divisor: int,
-                          upcoming: tuple[int, list[list[int]]] | None) -> tuple[PendingStep, int, bool]:
-    """Queue a step; out of memory: retry once with micro-batches half the size (same effective
-    batch). Returns (the queued step, the micro-batch divisor used, whether it was retried)."""
-    cfg = trainer.cfg
-    try:
-        return trainer.queue_step(step_number, batches, divisor, upcoming), divisor, False
-    except Exception as exc:
-        if not _is_oom(exc):
-            raise
-        # keep only the text: the traceback pins the failed step's activations in memory
-        oom_message = " ".join(str(exc).split())[:200]
-    biggest = max(len(b) for b in batches)
-    if math.ceil(biggest / divisor) <= 1:
-        raise TrainingError(
-            f"out of memory at step {step_number} with a micro-batch of 1 ({oom_message}); enable "
-            "low_memory (or gradient_checkpointing), use mixed_precision=bf16 or a lower resolution"
-        )
-    trainer.optimizer.zero_grad(set_to_none=True)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    divisor *= 2
-    micro = math.ceil(cfg.batch_size / divisor)
-    log.warning("out of memory at step %d: retrying with micro-batch %d and %dx accumulation "
-                "(same effective batch of %d)", step_number, micro,
-                cfg.gradient_accumulation * divisor, cfg.batch_size * cfg.gradient_accumulation)
-    log_data.setdefault("events", []).append({
-        "step": step_number, "event": "oom-retry", "micro_batch": micro,
-        "gradient_accumulation": cfg.gradient_accumulation * divisor,
-        "effective_batch": cfg.batch_size * cfg.gradient_accumulation,
-    })
-    try:
-        return trainer.queue_step(step_number, batches, divisor, upcoming), divisor, True
-    except Exception as again:
-        if _is_oom(again):
-            raise TrainingError(
-                f"out of memory at step {step_number} even with micro-batch {micro}; enable "
-                "low_memory (or gradient_checkpointing), use mixed_precision=bf16, or lower batch_size/resolution"
-            ) from None
-        raise
-
-
-def _progress_call(callback: Callable[[dict], None] | None, info: dict) -> None:
-    if callback is None:
-        return
-    try:
-        callback(info)
-    except Exception as exc:  # noqa: BLE001 - a broken progress display must not stop training
-        log.warning("progress callback failed: %s", exc)
 
 
 def train(
@@ -452,9 +365,10 @@ def train(
     images_per_sec}`` after every step. On a GPU the run uses one torch CPU thread unless
     ``OMP_NUM_THREADS`` says otherwise (lora/train/host.py says why).
     """
-    with host_threads_for(torch.cuda.is_available()):
+    signals = StopSignals()
+    with host_threads_for(torch.cuda.is_available()), signals.installed():
         return _train_segment(cfg, run_dir, stop_at_step=stop_at_step, time_budget_s=time_budget_s,
-                              on_progress=on_progress)
+                              on_progress=on_progress, signals=signals)
 
 
 def _train_segment(
@@ -464,6 +378,7 @@ def _train_segment(
     stop_at_step: int | None,
     time_budget_s: float | None,
     on_progress: Callable[[dict], None] | None,
+    signals: StopSignals | None = None,
 ) -> TrainResult:
     """The body of :func:`train`."""
     started = time.monotonic()
@@ -497,156 +412,148 @@ def _train_segment(
         return TrainResult(done_step, total, False, "step-target", run_dir, [])
 
     trainer = _Trainer(cfg, run_dir, plan, on_progress if main else None)
-    state: dict[str, Any] = {"global_step": 0, "epoch": 1, "step_in_epoch": 0, "micro_batch_divisor": 1,
-                             "train_time_s": 0.0, "images_seen": 0}
-    log_data = new_log(cfg, run_name=run_name, dataset_version=plan.version, total_steps=total,
-                       num_train_images=len(plan.train_items), num_validation_images=len(plan.val_items))
     if latest is not None:
         data = ckpt.load_checkpoint(latest)
         trainer.restore(data)
-        state.update(data.state)
-        log_data = data.log
-        log_data["total_steps"] = total
-        log.info("resumed from %s (step %d/%d, epoch %d)", latest.name, state["global_step"], total,
-                 state["epoch"])
-    elif total > 0:
+        run = RunState.from_checkpoint(data.state)  # the checkpoint's state.json and log, as written
+        training_log = TrainingLog.resumed(data.log, total)
+        log.info("resumed from %s (step %d/%d, epoch %d)", latest.name, run.global_step, total, run.epoch)
+    else:
+        run = RunState()
+        training_log = TrainingLog.new(cfg, run_name=run_name, dataset_version=plan.version, total_steps=total,
+                                       num_train_images=len(plan.train_items),
+                                       num_validation_images=len(plan.val_items))
         log.info("starting run %s: %d steps (%d per epoch), %d training and %d validation images",
                  run_name, total, plan.steps_per_epoch, len(plan.train_items), len(plan.val_items))
+    segment = _Segment(trainer, run, training_log, saved_step=run.global_step if latest is not None else -1,
+                       stop_at_step=stop_at_step, deadline=deadline, signals=signals or StopSignals())
+    return segment.train()
 
-    reason = "complete"
-    step_times: deque[float] = deque(maxlen=8)
-    last_save = time.monotonic()
-    saved_step = state["global_step"] if latest is not None else -1
-    epoch_plan: tuple[int, list[list[list[int]]]] | None = None
-    # read step n's loss while step n+1 runs (StepRunner.queue); off: read it before going on
-    overlap = trainer.runner.fast.overlap_steps
-    pending: _QueuedStep | None = None
-    last_read = time.monotonic()
 
-    def checkpoint_now() -> None:
-        nonlocal last_save, saved_step
-        log_data["global_step"] = state["global_step"]
-        trainer.save(dict(state), log_data)
-        last_save = time.monotonic()
-        saved_step = state["global_step"]
+class _Segment:
+    """One segment's loop: queue steps, run what is due between them, stop, save.
 
-    def finish(q: _QueuedStep) -> None:
-        """Read a queued step's loss (waiting for its GPU work), check it and log the step."""
-        nonlocal last_read
-        loss, grad_norm = q.pending.values()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            # The optimizer has already applied this step in memory (and with overlap_steps the
-            # next one too), so stop before anything is saved: a retry resumes from the last
-            # good checkpoint on disk, and a run that diverges the same way every time fails
-            # with this message instead of looping.
-            raise NonFiniteLossError(
-                f"non-finite loss at step {q.step} (loss {loss}, gradient norm {grad_norm}); "
-                "nothing after the last checkpoint was saved. If it repeats, lower learning_rate, "
-                "set max_grad_norm, or use mixed_precision=bf16 instead of fp16"
-            )
-        now = time.monotonic()
-        dt = now - max(q.t0, last_read)  # overlapped: the time since the step before was read
-        last_read = now
-        step_times.append(dt)
-        state["train_time_s"] += dt
-        record = {"step": q.step, "epoch": q.epoch, "loss": loss, "lr": q.lr, "grad_norm": grad_norm,
-                  "images_per_sec": q.images / dt if dt > 0 else None, "images": q.images}
-        if q.oom_retry or q.divisor > 1:
-            record["micro_batch"] = math.ceil(cfg.batch_size / q.divisor)
-            record["gradient_accumulation"] = cfg.gradient_accumulation * q.divisor
-        if q.oom_retry:
-            record["oom_retry"] = True
-        log_data["steps"].append(record)
-        log_data["global_step"] = q.step
-        avg = sum(step_times) / len(step_times)
-        _progress_call(trainer.on_progress, {
-            "step": q.step, "total_steps": total, "epoch": q.epoch, "loss": loss, "lr": q.lr,
-            "eta_s": avg * (total - q.step), "images_per_sec": record["images_per_sec"],
-        })
+    The run's counters are a :class:`~lora.train.runstate.RunState`, the log a
+    :class:`~lora.train.log.TrainingLog`; the steps in flight belong to a
+    :class:`~lora.train.pipeline.StepPipeline` and the periodic work (progress, validation,
+    checkpoints) and the stop rules (step target, signals, time budget) to a
+    :class:`~lora.train.schedule.Schedule`.
+    """
 
-    while state["global_step"] < total:
-        if stop_at_step is not None and state["global_step"] >= stop_at_step:
-            reason = "step-target"
-            break
+    def __init__(self, trainer: _Trainer, run: RunState, training_log: TrainingLog, *, saved_step: int,
+                 stop_at_step: int | None, deadline: float | None, signals: StopSignals) -> None:
+        self.trainer, self.run, self.training_log = trainer, run, training_log
+        self.cfg, self.plan, self.total = trainer.cfg, trainer.plan, trainer.plan.total_steps
+        self.saved_step = saved_step
+        #: measured on the main process; the time budget keeps room for one of each
+        self.checkpoint_s, self.validation_s = 1.0, 0.0
+        self._epoch_order: tuple[int, list[list[list[int]]]] | None = None
+        self.pipeline = StepPipeline(trainer.runner, self.cfg, on_finished=self._record,
+                                     on_oom_retry=training_log.add_event)
+        actions = []
+        if trainer.on_progress is not None:
+            actions.append(Progress(trainer.on_progress, training_log, self.total, self.pipeline))
+        actions += [Validation(self.cfg.validate_every_steps, self._validate),
+                    Checkpoint(self.cfg.checkpoint_every_steps, self.cfg.checkpoint_every_minutes, self._checkpoint)]
+        stops = [StepTarget(stop_at_step),
+                 Interrupted(lambda: signals.requested, AgreedFlag(trainer.device, trainer.world))]
         if deadline is not None:
-            slowest = max(step_times) if step_times else 0.0
-            # the next step, and the one still running on the GPU when steps overlap
-            in_flight = slowest if pending is not None else 0.0
-            predicted = slowest + in_flight + trainer.last_save_s + trainer.last_val_s + BUDGET_MARGIN_S
-            if any_process(time.monotonic() + predicted > deadline, trainer.device, trainer.world):
-                reason = "time-budget"
+            stops.append(TimeBudget(deadline, self.pipeline, self._reserved_s,
+                                    lambda flag: any_process(flag, trainer.device, trainer.world)))
+        self.schedule = Schedule(stops, actions, is_main=trainer.is_main)
+
+    def train(self) -> TrainResult:
+        reason = "complete"
+        while self.run.global_step < self.total:
+            stop = self.schedule.stop_reason(self.run.global_step)
+            if stop is not None:
+                reason = stop
                 break
-        epoch = state["epoch"]
-        if epoch_plan is None or epoch_plan[0] != epoch:
-            epoch_plan = (epoch, epoch_steps(plan.train_buckets, cfg.batch_size, cfg.gradient_accumulation,
-                                             cfg.seed, epoch))
-        steps = epoch_plan[1]
-        batches = steps[state["step_in_epoch"]]
-        step_number = state["global_step"] + 1
+            at = self._queue_next_step()
+            due = self.schedule.due(at)
+            if at.epoch_done or at.last or self.schedule.needs_drained(due):
+                self.pipeline.drain()  # what follows (epoch summary, validation, a checkpoint) needs this step
+            if at.epoch_done:
+                self.training_log.close_epoch(at.epoch, self.run.train_time_s)
+                self.run.next_epoch()
+            self.schedule.run(due, at)
+        self.pipeline.drain()  # stopped early (step target, time budget, signal): log the last step first
+        self.schedule.end()
+        if self.run.global_step >= self.total:
+            return self._complete()
+        return self._stop(reason)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _steps_of_epoch(self, epoch: int) -> list[list[list[int]]]:
+        """The epoch's steps (each a list of batches of image indices), from (seed, epoch)."""
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            cfg = self.cfg
+            self._epoch_order = (epoch, epoch_steps(self.plan.train_buckets, cfg.batch_size,
+                                                    cfg.gradient_accumulation, cfg.seed, epoch))
+        return self._epoch_order[1]
+
+    def _queue_next_step(self) -> Boundary:
+        run = self.run
+        steps = self._steps_of_epoch(run.epoch)
+        number = run.global_step + 1
         # the next step of this epoch: the runner prepares its inputs while this step runs
-        following = state["step_in_epoch"] + 1
-        upcoming = (step_number + 1, steps[following]) if following < len(steps) and step_number < total else None
-        lr = float(trainer.lr_scheduler.get_last_lr()[0])
-        t0 = time.monotonic()
-        divisor = state["micro_batch_divisor"]
-        queued, divisor, oom_retry = _queue_with_oom_retry(trainer, log_data, step_number, batches, divisor,
-                                                           upcoming)
-        state["micro_batch_divisor"] = divisor
-        if pending is not None:
-            finish(pending)  # the step before, read while this one runs on the GPU
-        pending = _QueuedStep(step_number, epoch, lr, t0, sum(len(b) for b in batches), divisor, oom_retry,
-                              queued)
-        state["global_step"] = step_number
-        state["step_in_epoch"] += 1
-        state["images_seen"] += pending.images
+        following = run.step_in_epoch + 1
+        upcoming = (number + 1, steps[following]) if following < len(steps) and number < self.total else None
+        queued = self.pipeline.queue(number, run.epoch, steps[run.step_in_epoch], run.micro_batch_divisor,
+                                     upcoming)
+        run.step_queued(queued.images, queued.divisor)
+        return Boundary(step=number, epoch=queued.epoch, epoch_done=run.step_in_epoch >= len(steps),
+                        last=number == self.total)
 
-        epoch_done = state["step_in_epoch"] >= len(steps)
-        due_val = (step_number % cfg.validate_every_steps == 0) if cfg.validate_every_steps else epoch_done
-        due_ckpt = (cfg.checkpoint_every_steps and step_number % cfg.checkpoint_every_steps == 0) or (
-            cfg.checkpoint_every_minutes and time.monotonic() - last_save >= cfg.checkpoint_every_minutes * 60)
-        if not overlap or epoch_done or due_val or due_ckpt or step_number == total:
-            finish(pending)  # what follows (epoch summary, validation, a checkpoint) needs this step
-            pending = None
-        if epoch_done:
-            close_epoch(log_data, epoch, state["train_time_s"])
-        if due_val or step_number == total:
-            _validate_into(trainer, log_data, step_number, epoch)
-        if epoch_done:
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-        if due_ckpt and step_number < total:
-            checkpoint_now()
-    if pending is not None:  # stopped early (step target, time budget): log the last step first
-        finish(pending)
+    def _record(self, done: FinishedStep) -> None:
+        """A step's loss was read: count its time and log it."""
+        self.run.train_time_s += done.seconds
+        self.training_log.add_step(done.log_record(self.cfg))
 
-    if state["global_step"] >= total:
-        last_epoch = state["epoch"] - (1 if state["step_in_epoch"] == 0 else 0)
-        close_epoch(log_data, last_epoch, state["train_time_s"], partial=state["step_in_epoch"] != 0)
-        if not any(v.get("step") == state["global_step"] for v in log_data.get("validation", [])):
-            _validate_into(trainer, log_data, state["global_step"], last_epoch)
-        if saved_step != state["global_step"]:
-            checkpoint_now()
-        files = trainer.export(state)
-        log_data["complete"] = True
-        log_data["global_step"] = state["global_step"]
+    # -- what the schedule runs --------------------------------------------------------------
+
+    def _validate(self, step: int, epoch: int) -> None:
+        t = time.monotonic()
+        result = self.trainer.validate()
+        self.validation_s = time.monotonic() - t
+        if result is not None:
+            self.training_log.add_validation(step, epoch, result)
+
+    def _checkpoint(self) -> None:
+        self.training_log.set_global_step(self.run.global_step)
+        t = time.monotonic()
+        if self.trainer.save(self.run, self.training_log) is not None:
+            self.checkpoint_s = time.monotonic() - t
+        self.saved_step = self.run.global_step
+
+    def _reserved_s(self) -> float:
+        return self.checkpoint_s + self.validation_s
+
+    # -- the end of the segment --------------------------------------------------------------
+
+    def _complete(self) -> TrainResult:
+        run, trainer, run_dir = self.run, self.trainer, self.trainer.run_dir
+        self.training_log.close_epoch(run.last_epoch, run.train_time_s, partial=run.step_in_epoch != 0)
+        if not self.training_log.has_validation_at(run.global_step):
+            self._validate(run.global_step, run.last_epoch)
+        if self.saved_step != run.global_step:
+            self._checkpoint()
+        files = trainer.export(run)
+        self.training_log.mark_complete(run.global_step)
         if trainer.is_main:
-            write_log(run_dir, log_data)
-        log.info("run %s complete at step %d; LoRA files in %s", run_name, state["global_step"],
-                 run_dir / LORA_DIR)
-        return TrainResult(state["global_step"], total, True, "complete", run_dir, files)
+            self.training_log.write(run_dir)
+        log.info("run %s complete at step %d; LoRA files in %s", self.cfg.run_name or run_dir.name,
+                 run.global_step, run_dir / LORA_DIR)
+        return TrainResult(run.global_step, self.total, True, "complete", run_dir, files)
 
-    if saved_step != state["global_step"] and state["global_step"] > 0:
-        checkpoint_now()
-    elif trainer.is_main:
-        write_log(run_dir, {**log_data, "global_step": state["global_step"]})
-    trainer.accelerator.wait_for_everyone()  # the checkpoint is on disk before any process returns
-    log.info("stopped at step %d/%d (%s)", state["global_step"], total, reason)
-    return TrainResult(state["global_step"], total, False, reason, run_dir, [])
-
-
-def _validate_into(trainer: _Trainer, log_data: dict[str, Any], step: int, epoch: int) -> None:
-    t = time.monotonic()
-    result = trainer.validate()
-    trainer.last_val_s = time.monotonic() - t
-    if result is not None:
-        log_data.setdefault("validation", []).append({"step": step, "epoch": epoch, **result})
+    def _stop(self, reason: str) -> TrainResult:
+        run, trainer = self.run, self.trainer
+        if self.saved_step != run.global_step and run.global_step > 0:
+            self._checkpoint()
+        elif trainer.is_main:
+            self.training_log.set_global_step(run.global_step)
+            self.training_log.write(trainer.run_dir)
+        trainer.accelerator.wait_for_everyone()  # the checkpoint is on disk before any process returns
+        log.info("stopped at step %d/%d (%s)", run.global_step, self.total, reason)
+        return TrainResult(run.global_step, self.total, False, reason, trainer.run_dir, [])

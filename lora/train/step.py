@@ -1,10 +1,14 @@
 """One optimizer step over cached latents, and the setup it needs (LoRA UNet, optimizer, scheduler).
 
 Kept apart from the loop so the benchmark (bench/train.py) times exactly the step the trainer
-runs, on a UNet it builds itself.
+runs, on a UNet it builds itself. :class:`StepRunner` does what every step does, whatever
+runs its GPU work (the seeded draws, staging of the next step, the loss function, the lr
+schedule), and hands the micro-batches to a step executor (lora/train/executor.py: the plain
+one, or the CUDA-graphed one of lora/train/fastpath.py).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Callable
@@ -17,7 +21,8 @@ from lora.config import ConfigError, TrainConfig
 from .batching import split_micro_batches
 from .cache import CachedItems
 from .distributed import GradientSync, rank_share
-from .fastpath import FastOptions, GraphedSteps, attention_context, prepare_forward, resolve_fast_options
+from .executor import MicroInputs, PendingStep, PlainExecutor, StepExecutor
+from .fastpath import FastOptions, GraphedExecutor, attention_context, prepare_forward, resolve_fast_options
 from .noise import draw_step, loss_weights, target_for
 from .seeds import derive_seed
 
@@ -125,8 +130,8 @@ def fake_oom_steps() -> set[int]:
     return {int(x) for x in raw.replace(" ", "").split(",") if x.strip().isdigit()}
 
 
-#: one micro-batch on the device: (latents, noise, timesteps, encoder hidden states)
-MicroInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+__all__ = ["FAKE_OOM_ENV", "MicroInputs", "PendingStep", "StepRunner", "make_accelerator", "make_optimizer",
+           "make_scheduler", "mixed_precision", "setup_lora_unet", "stack_to_device", "to_device", "weight_dtype"]
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -150,50 +155,6 @@ def stack_to_device(parts: list[torch.Tensor], device: torch.device) -> torch.Te
 
 def _batches_key(batches: list[list[int]]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(b) for b in batches)
-
-
-def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    if not grads:
-        return torch.zeros(())
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if get_total_norm is not None:
-        return get_total_norm(grads, foreach=grads[0].is_cuda)
-    return torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads]))
-
-
-class PendingStep:
-    """A queued step's loss sum and gradient norm, copied to the host as soon as the GPU gets there.
-
-    Why: reading a loss makes the host wait for the GPU. The copy into page-locked memory is
-    queued right behind the step, so :meth:`values` waits for *this* step only, even when the
-    next step has been queued since (the loop reads step n while step n+1 runs).
-    """
-
-    def __init__(self, host: torch.Tensor, done: "torch.cuda.Event | None") -> None:
-        self._host, self._done = host, done
-
-    @classmethod
-    def of(cls, loss_sum: torch.Tensor, grad_norm: torch.Tensor | float) -> "PendingStep":
-        norm = grad_norm if torch.is_tensor(grad_norm) else torch.tensor(float(grad_norm))
-        norm = norm.detach().float().reshape(()).to(loss_sum.device)
-        both = torch.stack([loss_sum.detach().float().reshape(()), norm])
-        if both.device.type != "cuda":
-            return cls(both, None)
-        host = torch.empty(2, dtype=torch.float32, pin_memory=True)
-        host.copy_(both, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return cls(host, done)
-
-    def ready(self) -> bool:
-        return self._done is None or self._done.query()
-
-    def values(self) -> tuple[float, float]:
-        """(loss sum, gradient norm); waits for the step's GPU work if it has not finished."""
-        if self._done is not None:
-            self._done.synchronize()
-        loss, norm = self._host.tolist()
-        return loss, norm
 
 
 class StepRunner:
@@ -222,9 +183,18 @@ class StepRunner:
         self.fast: FastOptions = fast
         #: the UNet forward a step calls: the module itself, or compiled / channels-last (fastpath.py)
         self.forward = prepare_forward(unet, fast)
-        self.graphs = GraphedSteps(self) if fast.cuda_graphs else None
+        #: what runs a step's GPU work (lora/train/executor.py); the fall-back may replace it
+        self.executor: StepExecutor = self._graphed_executor() if fast.cuda_graphs else self._plain_executor()
         #: the next step's inputs, prepared while the GPU ran the step before (:meth:`stage`)
         self._staged: tuple[tuple, list[MicroInputs]] | None = None
+
+    def _plain_executor(self) -> StepExecutor:
+        return PlainExecutor(self.micro_loss, self.accelerator, self.optimizer, self.params,
+                             self.cfg.max_grad_norm, self.sync)
+
+    def _graphed_executor(self) -> StepExecutor:
+        return GraphedExecutor(self.micro_loss, self.optimizer, self.params, self.device,
+                               self.cfg.max_grad_norm, self.sync)
 
     def _fall_back(self, exc: Exception) -> bool:
         """A compile or capture failure (not out-of-memory, not a test hook): turn off the failing
@@ -236,16 +206,27 @@ class StepRunner:
                         type(exc).__name__, " ".join(str(exc).split())[:300])
             self.fast = self.fast.without(compile=False)
             self.forward = self.unet
-            if self.graphs is not None:
-                self.graphs.invalidate()
+            self.executor.forward_changed()
             return True
-        if self.graphs is not None:
+        if self.fast.cuda_graphs:
             log.warning("CUDA graph capture failed (%s: %s); continuing without CUDA graphs",
                         type(exc).__name__, " ".join(str(exc).split())[:300])
-            self.graphs = None
             self.fast = self.fast.without(compile=False, cuda_graphs=False)
+            self.executor = self._plain_executor()
             return True
         return False
+
+    @property
+    def overlaps_steps(self) -> bool:
+        """Whether the caller may queue the next step before reading this one's loss."""
+        return self.fast.overlap_steps
+
+    def release_failed_step(self) -> None:
+        """After a step failed half-way (out of memory): drop its gradients and cached blocks."""
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def micro_loss(self, lat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor,
                    n_total: int) -> torch.Tensor:
@@ -332,48 +313,13 @@ class StepRunner:
         if step_number in self.fake_oom and divisor == 1 and any(len(x[0]) > 1 for x in inputs):
             raise torch.OutOfMemoryError(f"fake out of memory at step {step_number} ({FAKE_OOM_ENV})")
 
-        if self.graphs is not None:  # CUDA graphs (fastpath.py): same draws, same loss, same optimizer
-            try:
-                loss_sum, norm = self.graphs.step(inputs, n_total, self.sync)
-            except Exception as exc:  # noqa: BLE001 - fall back to a slower path, never stop training
-                if not self._fall_back(exc):
-                    raise
-                return self.queue(step_number, batches, divisor, upcoming)
-            self.lr_scheduler.step()
-            pending = PendingStep.of(loss_sum, norm)
-            if upcoming is not None:
-                self.stage(upcoming[0], upcoming[1], divisor)
-            return pending
-        self._zero_grads()
-        losses = []
         try:
-            for lat, noise, t, ehs in inputs:
-                loss = self.micro_loss(lat, noise, t, ehs, n_total)
-                self.accelerator.backward(loss)
-                losses.append(loss.detach())
-        except Exception as exc:  # noqa: BLE001
+            pending = self.executor.queue(inputs, n_total)
+        except Exception as exc:  # noqa: BLE001 - fall back to a slower path, never stop training
             if not self._fall_back(exc):
                 raise
             return self.queue(step_number, batches, divisor, upcoming)
-        loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
-        if self.sync is not None:  # every process now holds the whole step's gradients and loss
-            loss_sum = self.sync.sum_(loss_sum)
-        if cfg.max_grad_norm:
-            grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        else:  # the norm is still logged; foreach kernels keep it cheap for hundreds of tensors
-            self.accelerator.unscale_gradients()
-            grads = [p.grad for p in self.params if p.grad is not None]
-            grad_norm = _total_norm(grads)
-        pending = PendingStep.of(loss_sum, grad_norm)  # before the optimizer changes anything
-        self.optimizer.step()
         self.lr_scheduler.step()
-        self._zero_grads()
         if upcoming is not None:
             self.stage(upcoming[0], upcoming[1], divisor)
         return pending
-
-    def _zero_grads(self) -> None:
-        if self.sync is not None:
-            self.sync.zero_()  # keep the gradients as views of the all-reduce buffer
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
