@@ -30,6 +30,11 @@ from tasks.train import train_segment
 MAX_REFRESH_ROUNDS = 3
 
 
+class TrainingInterrupted(RuntimeError):
+    """A segment stopped on SIGINT/SIGTERM: its checkpoint is on disk, but no further segment
+    starts (the process is being stopped, and another would just ignore the next signal)."""
+
+
 def default_run_name(preset: str, dataset: str) -> str:
     """Deterministic, so re-running a deployment without a name resumes the same run."""
     return f"{dataset}-{preset}".replace(".", "-")
@@ -176,6 +181,11 @@ def train_lora(
                 gpus=gpus,
             )
             complete = bool(result["complete"])
+            if result["stopped_reason"] == "interrupted":  # SIGINT/SIGTERM: the worker is stopping
+                raise TrainingInterrupted(
+                    f"training of {run_name} was interrupted at step {result['global_step']}/{total} "
+                    "(checkpoint saved); run the flow again to continue"
+                )
             stalled = 0 if result["global_step"] > step else stalled + 1
             if stalled >= 2:
                 raise RuntimeError(

@@ -1,8 +1,10 @@
 """`animelora train`: train or resume a LoRA run in a run folder.
 
 Exit codes: 0 the run is complete (LoRA files written); 3 stopped early and resumable
-(time budget or --stop-at-step) — re-run the same command to continue; 2 bad arguments,
-config or data set; 1 runtime failure (model cannot load, out of memory, ...).
+(time budget, --stop-at-step, or a first Ctrl-C / SIGTERM: the current step is finished and
+a checkpoint written) — re-run the same command to continue; 2 bad arguments, config or data
+set; 1 runtime failure (model cannot load, out of memory, ...); 130 / 143 a second Ctrl-C /
+SIGTERM, which stops at once without a checkpoint.
 """
 from __future__ import annotations
 
@@ -98,6 +100,11 @@ def _handler(args: argparse.Namespace) -> int:
         for path in result.lora_files:
             print(f"  {path}")
         return EXIT_COMPLETE
+    if result.stopped_reason == "interrupted":
+        saved = "checkpoint saved" if result.global_step > 0 else "no step done yet"
+        print(f"interrupted at step {result.global_step}/{result.total_steps}: {saved}, "
+              "re-run the same command to continue", flush=True)
+        return EXIT_STOPPED_EARLY
     print(f"stopped at step {result.global_step}/{result.total_steps} ({result.stopped_reason}); "
           "re-run the same command to continue")
     return EXIT_STOPPED_EARLY
@@ -108,8 +115,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train or resume a LoRA run (exit 0 complete, 3 stopped early and resumable)",
         description="Train an SD1.5 LoRA on a data set, or resume the run in --run-dir from its latest "
-        "checkpoint. Exit codes: 0 complete, 3 stopped early (time budget / --stop-at-step; re-run "
-        "to continue), 2 bad config or data set, 1 runtime failure.",
+        "checkpoint. Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and exits 3; "
+        "a second one stops at once without a checkpoint. Exit codes: 0 complete, 3 stopped early "
+        "(time budget / --stop-at-step / Ctrl-C or SIGTERM; re-run the same command to continue), "
+        "2 bad config or data set, 1 runtime failure, 130 / 143 a second Ctrl-C / SIGTERM.",
     )
     parser.add_argument("--dataset", required=True, help="data-set folder (versions/ or images with .txt)")
     parser.add_argument("--run-dir", required=True, help="run folder (created, or resumed)")
