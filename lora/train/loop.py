@@ -359,8 +359,9 @@ def train(
 ) -> TrainResult:
     """Train or resume the run in ``run_dir`` for one segment (see the module docstring).
 
-    Stops at the end of the run ("complete"), at ``stop_at_step`` ("step-target") or before
-    ``time_budget_s`` seconds since the call are spent ("time-budget"), always with a
+    Stops at the end of the run ("complete"), at ``stop_at_step`` ("step-target"), before
+    ``time_budget_s`` seconds since the call are spent ("time-budget") or after the current
+    step on SIGINT / SIGTERM ("interrupted", lora/train/interrupt.py), always with a
     checkpoint on disk. ``on_progress`` gets ``{step, total_steps, epoch, loss, lr, eta_s,
     images_per_sec}`` after every step. On a GPU the run uses one torch CPU thread unless
     ``OMP_NUM_THREADS`` says otherwise (lora/train/host.py says why).
