@@ -7,8 +7,8 @@ worker) cannot call :func:`lora.train.train` itself. :func:`run_segment_processe
     python -m torch.distributed.run --standalone --nproc_per_node N -m lora.train.launch ...
 
 waits for it and returns the segment's outcome, read from a result file the main process
-writes. Every process exits 0 for "complete" and "stopped at the step target / time budget"
-alike (torchrun reports any other status as a failure), 2 for a bad config.
+writes. Every process exits 0 for "complete" and "stopped at the step target / time budget /
+on a signal" alike (torchrun reports any other status as a failure), 2 for a bad config.
 """
 from __future__ import annotations
 
