@@ -17,8 +17,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from lora.data.captions import CaptionOptions
 from lora.data.manifest import DatasetPaths, dataset_lock
+from lora.data.images import DEFAULT_MAX_PIXELS
 from lora.data.refresh import (
     DEFAULT_BOORU_URL,
+    DEFAULT_MAX_FILE_SIZE,
     FetchFilters,
     PrepareOptions,
     make_query_specs,
@@ -73,6 +75,9 @@ def dataset_refresh(
     max_rounds: int = 5,
     lock_timeout_s: float = 1800.0,
     retry_backoff_s: float = 1.0,
+    allow_file_hosts: list[str] | None = None,
+    max_file_mb: float = DEFAULT_MAX_FILE_SIZE / 2**20,
+    max_megapixels: float = DEFAULT_MAX_PIXELS / 1e6,
 ) -> dict[str, Any]:
     """Fetch new posts into ``<workspace>/datasets/<dataset>`` and write a new version.
 
@@ -81,7 +86,10 @@ def dataset_refresh(
     ``default``. ``limit`` caps new posts per query per run; ``target_size`` keeps walking
     older posts until the data set holds that many images. ``credentials_block`` names a
     Prefect Secret holding ``login:api_key``; otherwise DANBOORU_LOGIN/DANBOORU_API_KEY are
-    used when set. Returns the summary (kept, duplicates, rejected by reason, version, total).
+    used when set. ``allow_file_hosts`` are hosts besides the booru's own (and its known CDN)
+    that file URLs may name; ``max_file_mb`` caps every download; ``max_megapixels`` is the
+    decompression-bomb limit. Returns the summary (kept, duplicates, rejected by reason,
+    version, total).
     """
     logger = get_run_logger()
     specs = make_query_specs(tags, queries)
@@ -90,9 +98,13 @@ def dataset_refresh(
         limit = 100
     ws = str(Path(workspace).expanduser().resolve())
     paths = DatasetPaths.of(ws, dataset).ensure()
-    filters = FetchFilters(ratings=_ratings(ratings), min_side=min_side)
+    filters = FetchFilters(ratings=_ratings(ratings), min_side=min_side,
+                           file_hosts=tuple(allow_file_hosts or ()),
+                           max_file_size=int(max_file_mb * 2**20),
+                           max_pixels=int(max_megapixels * 1e6))
     options = PrepareOptions(
         min_side=min_side,
+        max_pixels=filters.max_pixels,
         caption=CaptionOptions(trigger_word=trigger_word, include_artist=include_artist,
                                blacklist=tuple(blacklist or ()), max_tags=max_tags),
         radius=radius,
@@ -130,7 +142,7 @@ def dataset_refresh(
                 futures = [
                     download_shard.submit(
                         ws, dataset, part, options, booru_url, per_worker_rps, i,
-                        credentials_block, run_key, retry_backoff_s,
+                        credentials_block, run_key, retry_backoff_s, filters,
                     )
                     for i, part in enumerate(shards, start=1)
                 ]

@@ -105,7 +105,8 @@ def collect_posts(
     """Walk the query cursors and choose this round's download candidates."""
     credentials = resolve_credentials(credentials_block)
     paths = DatasetPaths.of(workspace, dataset)
-    with make_client(booru_url, credentials, requests_per_second, backoff_base=backoff_base) as client:
+    with make_client(booru_url, credentials, requests_per_second, backoff_base=backoff_base,
+                     filters=filters) as client:
         collection = collect_candidates(
             client, paths, queries, filters=filters, credentials=credentials, budgets=budgets,
             retry_failed=retry_failed,
@@ -177,14 +178,17 @@ def download_shard(
     credentials_block: str | None = None,
     progress_key: str | None = None,
     backoff_base: float = 1.0,
+    filters: FetchFilters | None = None,
 ) -> list[dict[str, Any]]:
     """Download, prepare and caption one shard into the data set's staging folder.
 
-    A retry (or a new flow run after a crash) re-uses what the last try finished."""
+    A retry (or a new flow run after a crash) re-uses what the last try finished. ``filters``
+    carries the download limits (allowed file hosts, size cap)."""
     credentials = resolve_credentials(credentials_block)
     paths = DatasetPaths.of(workspace, dataset)
     progress = ShardProgress.get(progress_key)
-    with make_client(booru_url, credentials, requests_per_second, backoff_base=backoff_base) as client:
+    with make_client(booru_url, credentials, requests_per_second, backoff_base=backoff_base,
+                     filters=filters) as client:
         rows = download_and_prepare(
             client, paths, candidates, options,
             on_progress=progress.step if progress else None,

@@ -32,8 +32,10 @@ from lora.booru import (
     Credentials,
     DanbooruClient,
     DownloadError,
+    MalformedPost,
     Post,
     build_query,
+    normalize_host,
     skip_reason,
 )
 from lora.data.captions import CaptionOptions, TagSet, build_caption, write_caption
@@ -156,6 +158,21 @@ class FetchFilters:
     allowed_exts: tuple[str, ...] = IMAGE_EXTS
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Hosts besides the booru's own (and its known CDN) that file URLs may point to.
+    file_hosts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_file_size <= 0:
+            raise ValueError(f"max_file_size must be positive, got {self.max_file_size}")
+        if self.max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        object.__setattr__(self, "file_hosts", tuple(normalize_host(h) for h in self.file_hosts))
+
+
+#: Download failures that will fail the same way on every later run: recorded once as
+#: ``rejected`` (not ``failed``), so they are not fetched again.
+FINAL_DOWNLOAD_REASONS = ("oversized", "unsupported-url-scheme", "file-host-not-allowed",
+                          "too-many-redirects", "bad-file-url")
 
 
 @dataclass(frozen=True)
@@ -263,14 +280,19 @@ def make_client(
     *,
     user_agent: str | None = None,
     backoff_base: float = 1.0,
+    filters: FetchFilters | None = None,
 ) -> DanbooruClient:
-    """A client with the project's defaults (descriptive User-Agent, rate limit, retries)."""
+    """A client with the project's defaults (descriptive User-Agent, rate limit, retries);
+    ``filters`` sets its download limits (allowed file hosts, the size cap)."""
+    filters = filters or FetchFilters()
     return DanbooruClient(
         booru_url,
         credentials=credentials,
         user_agent=user_agent,
         requests_per_second=requests_per_second,
         backoff_base=backoff_base,
+        file_hosts=filters.file_hosts,
+        max_download_bytes=filters.max_file_size,
     )
 
 
@@ -406,6 +428,15 @@ def collect_candidates(
             continue
         per_page = max(1, min(page_size, 200))
 
+        def record_malformed(bad: MalformedPost, query: str = spec.name) -> None:
+            """A post the API listed but that cannot be read: recorded once, never fetched."""
+            if bad.key in known.final_ids or bad.key in batch_ids:
+                out.already_seen += 1
+                return
+            batch_ids.add(bad.key)
+            out.rows.append(_row(bad.key, "rejected", {"post_id": bad.post_id, "query": query},
+                                 reason=f"malformed-post:{bad.field}"))
+
         def walk(posts: Iterator[Post]) -> tuple[bool, list[int]]:
             """Consume posts until the budget is used; (reached the end, ids seen in order)."""
             nonlocal taken
@@ -455,13 +486,15 @@ def collect_candidates(
             return True, seen
 
         if cursor.newest_id is not None:
-            complete, seen = walk(client.iter_posts(query, after_id=cursor.newest_id, limit=per_page))
+            complete, seen = walk(client.iter_posts(query, after_id=cursor.newest_id, limit=per_page,
+                                                    on_malformed=record_malformed))
             ascending = all(a < b for a, b in zip(seen, seen[1:]))
             if seen and (complete or ascending):
                 # Every post between the old and the new newest id has been looked at.
                 new.newest_id = max(cursor.newest_id, max(seen))
         if taken < budget and not cursor.exhausted:
-            complete, seen = walk(client.iter_posts(query, before_id=cursor.oldest_id, limit=per_page))
+            complete, seen = walk(client.iter_posts(query, before_id=cursor.oldest_id, limit=per_page,
+                                                    on_malformed=record_malformed))
             if seen:
                 new.oldest_id = min(seen) if cursor.oldest_id is None else min(cursor.oldest_id, min(seen))
                 if cursor.newest_id is None:
@@ -624,6 +657,9 @@ def _process(
         client.download(candidate.post, dest, md5=candidate.md5)
     except DownloadError as exc:
         reason = getattr(exc, "reason", None) or "download-failed"
+        if reason.split(":", 1)[0] in FINAL_DOWNLOAD_REASONS:
+            log.warning("post %s: not downloaded (%s): %s", candidate.id, reason, exc)
+            return _row(candidate.id, "rejected", fields, reason=reason)
         log.info("post %s: download failed (%s)", candidate.id, reason)
         return _row(candidate.id, "failed", fields, reason=reason)
     try:
@@ -923,6 +959,9 @@ def refresh_dataset(
     client: DanbooruClient | None = None,
     filters: FetchFilters | None = None,
     backoff_base: float = 1.0,
+    allow_file_hosts: Sequence[str] = (),
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> RefreshSummary:
     """Fetch, dedup, caption and prepare new posts into ``<workspace>/datasets/<name>``.
 
@@ -930,19 +969,26 @@ def refresh_dataset(
     continue (older posts) until the data set holds ``target_size`` images, the queries run
     out of posts, or ``max_rounds`` is reached. One version is written at the end if anything
     was kept. Safe to interrupt: run it again and it continues.
+
+    ``allow_file_hosts`` are extra hosts file URLs may point to; ``max_file_size`` caps every
+    download (and rejects posts declaring more); ``max_pixels`` is the decompression-bomb
+    limit. ``filters``, when given, carries all of these instead.
     """
     started = time.monotonic()
     paths = DatasetPaths.of(workspace, name).ensure()
     caption_options = caption or CaptionOptions()
     if trigger_word is not None:
         caption_options = replace(caption_options, trigger_word=trigger_word)
-    filters = filters or FetchFilters(ratings=tuple(ratings), min_side=min_side)
+    filters = filters or FetchFilters(ratings=tuple(ratings), min_side=min_side,
+                                      file_hosts=tuple(allow_file_hosts), max_file_size=max_file_size,
+                                      max_pixels=max_pixels)
     options = PrepareOptions(min_side=min_side, caption=caption_options, radius=radius,
                              group_parents=group_parents, max_pixels=filters.max_pixels)
     summary = RefreshSummary(dataset=name)
     own_client = client is None
     if own_client:
-        client = make_client(booru_url, credentials, requests_per_second, backoff_base=backoff_base)
+        client = make_client(booru_url, credentials, requests_per_second, backoff_base=backoff_base,
+                             filters=filters)
     query_map = {q.name: q.tags for q in queries}
     try:
         with dataset_lock(paths, timeout=lock_timeout):
