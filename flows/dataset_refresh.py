@@ -152,6 +152,7 @@ def dataset_refresh(
             result = commit_rows(ws, dataset, collection.rows + rows, collection.cursors,
                                  radius, group_parents, query_map)
             summary.add_rows(result["rows"])
+            summary.replaced += result["replaced"]
             summary.rounds = round_no
             kept_now = result["total_kept"]
             logger.info("round %d: %d new images kept, %d in the data set",

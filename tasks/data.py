@@ -213,7 +213,8 @@ def commit_rows(
         DatasetPaths.of(workspace, dataset), rows, cursors, radius=radius,
         group_parents=group_parents, queries=queries, finalize=False,
     )
-    return {"rows": result.rows, "added": result.added, "total_kept": result.total_kept}
+    return {"rows": result.rows, "added": result.added, "total_kept": result.total_kept,
+            "replaced": len(result.replaced)}
 
 
 @task(name="finalize-version", cache_policy=NO_CACHE)

@@ -157,6 +157,7 @@ def _import(args: argparse.Namespace) -> int:
         summary = import_folder(
             args.workspace, args.dataset, args.source, query=args.query,
             caption=_caption_options(args), min_side=args.min_side, radius=args.radius,
+            max_pixels=int(args.max_megapixels * 1_000_000), follow_symlinks=args.follow_symlinks,
             on_progress=on_progress,
         )
     except (FolderImportError, ManifestError, ValueError) as exc:
@@ -228,9 +229,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="import a local folder (plain images or the old downloader's layout) into a data set",
         description="Import images from a folder through the same dedup, caption and prepare steps "
         "as a fetch. Plain images use their .txt captions when present; the old downloader's "
-        "layout (<style>/<file>.png + metadata.json) maps style to query and tags to captions.",
+        "layout (<style>/<file>.png + metadata.json) maps style to query and tags to captions. "
+        "Hidden files are skipped and symlinks out of the folder refused (both are reported); "
+        "a folder inside the data set itself is refused.",
     )
     imp.add_argument("--from", dest="source", required=True, help="folder to import")
     imp.add_argument("--query", default=None, help="query name recorded for plain images (default: import)")
+    imp.add_argument("--follow-symlinks", action="store_true",
+                     help="also import files and folders that symlinks lead to outside the source "
+                     "folder (refused by default)")
     _add_common(imp)
     imp.set_defaults(func=_import)

@@ -39,7 +39,7 @@ from lora.booru import (
     skip_reason,
 )
 from lora.data.captions import CaptionOptions, TagSet, build_caption, write_caption
-from lora.data.dedup import HammingIndex
+from lora.data.duplicates import KeptCopies, better_copy, duplicate_kind, inherit_caption
 from lora.data.images import DEFAULT_MAX_PIXELS, ImageRejected, atomic_write_bytes, prepare_image
 from lora.data.manifest import (
     COLUMNS,
@@ -48,6 +48,7 @@ from lora.data.manifest import (
     load_rows,
     new_row,
     now_utc,
+    reason_kind,
     save_rows,
     upsert_rows,
 )
@@ -225,11 +226,14 @@ class Collection:
 
 @dataclass
 class CommitResult:
+    """What one commit wrote. ``replaced``: earlier kept rows a better copy superseded."""
+
     rows: list[dict[str, Any]]
     added: int
     duplicates: int
     total_kept: int
     version: str | None
+    replaced: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _tags(value: Any) -> str:
@@ -713,59 +717,84 @@ def commit(
     """Deduplicate ``rows`` against the data set, move kept images in, append the manifest,
     then store the cursors (and, with ``finalize``, write the new version).
 
-    Phash dedup is against every kept image of the data set plus the kept rows earlier in this
-    batch (lower post ids first, so the earlier upload is the one kept). Rows for posts the
-    manifest already holds with a final status are ignored, so committing twice is harmless.
+    Dedup (md5, then phash within ``radius``) is against every kept image of the data set plus
+    the rows earlier in this batch (lower post ids first). Of each duplicate group the best copy
+    is kept (see :mod:`lora.data.duplicates`): a better newcomer supersedes an earlier kept
+    copy, whose row becomes a duplicate but keeps its file for the versions that list it. Rows
+    for posts the manifest already holds with a final status are ignored, so committing twice
+    is harmless.
     """
     with dataset_lock(paths, timeout=lock_timeout):
         paths.ensure()
         existing = load_rows(paths)
         final = {r["id"] for r in existing if r["status"] != "failed"}
-        index: HammingIndex = HammingIndex(radius=radius)
-        kept_md5: dict[str, str] = {}
-        kept_ids: set[str] = set()
-        parent_groups: dict[int, str] = {}
+        copies = KeptCopies(radius=radius, group_parents=group_parents)
+        kept_by_id: dict[str, dict[str, Any]] = {}
         for row in existing:
             if row["status"] == "kept":
-                kept_ids.add(row["id"])
-                if row.get("phash"):
-                    index.add(row["phash"], row["id"])
-                if row.get("md5"):
-                    kept_md5.setdefault(row["md5"], row["id"])
-                _remember_group(parent_groups, row)
+                copies.add(row)
+                kept_by_id[row["id"]] = row
+        existing_ids = set(kept_by_id)
         version = _pending_version(paths, existing)
         committed_at = now_utc()
         batch: list[dict[str, Any]] = []
+        changed: dict[str, dict[str, Any]] = {}  # earlier rows superseded or re-pointed
+        replaced: list[dict[str, Any]] = []
+        recaption: set[str] = set()
         seen_ids: set[str] = set()
-        prepared = paths.staging / "prepared"
         for row in sorted(rows, key=_sort_key):
             if row["id"] in final or row["id"] in seen_ids:
                 continue
             seen_ids.add(row["id"])
             row = dict(row)
             row["committed_at"] = committed_at
-            if row["status"] == "kept":
-                row = _decide(row, index, kept_md5, parent_groups, radius, group_parents)
+            batch.append(row)
+            if row["status"] != "kept":
+                continue
+            found = copies.match(row)
+            if found is None:
+                copies.add(row)
+                kept_by_id[row["id"]] = row
+                continue
+            kept_id, kind = found
+            incumbent = kept_by_id[kept_id]
+            if kind != "same-parent-as" and better_copy(row, incumbent):
+                # The newcomer is the better copy: it is kept, the incumbent becomes its duplicate.
+                if incumbent["id"] in existing_ids:
+                    incumbent = changed.setdefault(incumbent["id"], dict(incumbent))
+                    replaced.append(incumbent)
+                else:
+                    recaption.discard(incumbent["id"])
+                _mark_duplicate(incumbent, row, duplicate_kind(incumbent, row))
+                if inherit_caption(row, incumbent):
+                    recaption.add(row["id"])
+                del kept_by_id[kept_id]
+                kept_by_id[row["id"]] = row
+                copies.replace(kept_id, row)
+                _repoint(kept_id, row, batch, existing, changed)
+            else:
+                _mark_duplicate(row, incumbent, kind)
+                if incumbent["id"] not in existing_ids and inherit_caption(incumbent, row):
+                    recaption.add(incumbent["id"])
+
+        prepared = paths.staging / "prepared"
+        for row in batch:
             name = Path(row.get("file") or "").name
             if row["status"] == "kept":
+                if row["id"] in recaption and name and (prepared / name).exists():
+                    write_caption((prepared / name).with_suffix(".txt"), row.get("caption") or "")
                 if not _move_in(prepared, paths.images, name):
                     row.update(status="failed", reason="staged-file-missing", file=None)
                 else:
                     row["version_added"] = version
-                    index.add(row["phash"], row["id"])
-                    if row.get("md5"):
-                        kept_md5.setdefault(row["md5"], row["id"])
-                    kept_ids.add(row["id"])
-                    _remember_group(parent_groups, row)
             else:
                 row["file"] = None
                 if name:
                     _discard(prepared / name)
                     _discard((prepared / name).with_suffix(".txt"))
-            batch.append(row)
 
-        all_rows = upsert_rows(existing, batch)
-        if batch:
+        all_rows = upsert_rows(existing, batch + list(changed.values()))
+        if batch or changed:
             save_rows(paths, all_rows)
         for row in batch:
             _discard(_pending_path(paths, row["id"]))
@@ -781,42 +810,32 @@ def commit(
             duplicates=sum(1 for r in batch if r["status"] == "duplicate"),
             total_kept=kept_total,
             version=written,
+            replaced=replaced,
         )
 
 
-def _remember_group(groups: dict[int, str], row: dict[str, Any]) -> None:
-    pid, parent = row.get("post_id"), row.get("parent_id")
-    for key in (parent, pid):
-        if isinstance(key, int):
-            groups.setdefault(key, row["id"])
+def _mark_duplicate(row: dict[str, Any], kept: dict[str, Any], kind: str) -> None:
+    row.update(status="duplicate", reason=f"{kind}:{kept['id']}", duplicate_of=kept["id"])
 
 
-def _decide(
-    row: dict[str, Any],
-    index: HammingIndex,
-    kept_md5: dict[str, str],
-    parent_groups: dict[int, str],
-    radius: int,
-    group_parents: bool,
-) -> dict[str, Any]:
-    md5 = row.get("md5")
-    if md5 and md5 in kept_md5:
-        original = kept_md5[md5]
-        row.update(status="duplicate", reason=f"md5-duplicate-of:{original}", duplicate_of=original)
-        return row
-    if row.get("phash"):
-        match = index.nearest(row["phash"])
-        if match is not None and match[1] <= radius:
-            original = str(match[0])
-            row.update(status="duplicate", reason=f"duplicate-of:{original}", duplicate_of=original)
-            return row
-    if group_parents:
-        for key in (row.get("parent_id"), row.get("post_id")):
-            if isinstance(key, int) and key in parent_groups and parent_groups[key] != row["id"]:
-                original = parent_groups[key]
-                row.update(status="duplicate", reason=f"same-parent-as:{original}", duplicate_of=original)
-                return row
-    return row
+def _repoint(
+    old_id: str,
+    kept: dict[str, Any],
+    batch: list[dict[str, Any]],
+    existing: list[dict[str, Any]],
+    changed: dict[str, dict[str, Any]],
+) -> None:
+    """Rows that named ``old_id`` as their original now name the copy that replaced it."""
+    for row in batch:
+        if row.get("duplicate_of") == old_id and row is not kept:
+            kind = reason_kind(row.get("reason"))
+            _mark_duplicate(row, kept, kind if kind == "same-parent-as" else duplicate_kind(row, kept))
+    for row in existing:
+        row = changed.get(row["id"], row)
+        if row.get("duplicate_of") == old_id and row["id"] != kept["id"]:
+            row = changed.setdefault(row["id"], dict(row))
+            kind = reason_kind(row.get("reason"))
+            _mark_duplicate(row, kept, kind if kind == "same-parent-as" else duplicate_kind(row, kept))
 
 
 def _move_in(prepared: Path, images: Path, name: str) -> bool:
@@ -890,7 +909,8 @@ def recover(paths: DatasetPaths) -> dict[str, int]:
     paths.ensure()
     rows = load_rows(paths)
     finalize_version(paths, rows=rows)
-    kept_files = {Path(r["file"]).name for r in rows if r["status"] == "kept" and r.get("file")}
+    # Superseded copies (duplicates that keep a file) stay: older versions list them.
+    kept_files = {Path(r["file"]).name for r in rows if r.get("file")}
     final_ids = {r["id"] for r in rows if r["status"] != "failed"}
     claimed: set[str] = set()
     rows_dir = paths.staging / "rows"
@@ -1018,6 +1038,7 @@ def refresh_dataset(
                 result = commit(paths, collection.rows + rows, collection.cursors, radius=radius,
                                 group_parents=group_parents, queries=query_map, finalize=False)
                 summary.add_rows(result.rows)
+                summary.replaced += len(result.replaced)
                 summary.rounds = round_no
                 summary.total_kept = result.total_kept
                 if target_size is None or result.total_kept >= target_size:

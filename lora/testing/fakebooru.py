@@ -64,7 +64,7 @@ TRAPS: dict[str, str] = {
     "palette": "palette (mode P) PNG",
     "ugoira-zip": "file_ext zip (ugoira)",
     "cmyk": "CMYK JPEG",
-    "near-resize": "an earlier post scaled to 90%",
+    "near-resize": "an earlier post scaled to 90%, same format",
     "animated-gif": "animated GIF, 3 frames",
     "corrupt": "random bytes with a .png extension (md5 matches the bytes)",
     "truncated": "PNG cut at 60% (md5 matches the cut bytes)",
@@ -350,8 +350,9 @@ def _trap_post(rng: random.Random, post_id: int, trap: str, normals: list[FakePo
             # The copy must stay >= 512 on the short side, so the original is made larger.
             orig.recipe.size = (768, 1024)
             orig.width, orig.height = 768, 1024
-            r = Recipe("picture", seed=orig.recipe.seed, size=orig.recipe.size, fmt="png", scale=0.9)
-            w, h, ext = round(768 * 0.9), round(1024 * 0.9), "png"
+            # Same format as the original: the smaller copy is the worse one by every measure.
+            r = Recipe("picture", seed=orig.recipe.seed, size=orig.recipe.size, fmt=orig.recipe.fmt, scale=0.9)
+            w, h, ext = round(768 * 0.9), round(1024 * 0.9), orig.file_ext
         elif trap == "near-reencode":
             r = Recipe("picture", seed=orig.recipe.seed, size=orig.recipe.size, fmt="jpg", quality=60)
             w, h, ext = orig.width, orig.height, "jpg"
