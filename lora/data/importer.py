@@ -26,16 +26,9 @@ from lora.data.captions import CaptionOptions, TagSet, build_caption, read_capti
 from lora.data.duplicates import has_caption
 from lora.data.images import DEFAULT_MAX_PIXELS
 from lora.data.manifest import DatasetPaths, dataset_lock, load_rows
-from lora.data.refresh import (
-    Candidate,
-    PrepareOptions,
-    ProgressCallback,
-    _Known,
-    _row,
-    commit,
-    prepare_local,
-    recover,
-)
+from lora.data.candidates import Candidate, KnownRows, make_row
+from lora.data.commit import commit, recover
+from lora.data.prepare import PrepareOptions, ProgressCallback, prepare_local
 from lora.data.summary import RefreshSummary
 from lora.fsutil import file_digest
 
@@ -199,7 +192,7 @@ def scan_folder(
                                   **_danbooru_tags(tagset)}
         if path is None:
             if post_id is not None:
-                missing.append(_row(str(post_id), "rejected", fields, reason="file-not-found"))
+                missing.append(make_row(str(post_id), "rejected", fields, reason="file-not-found"))
             else:
                 log.warning("metadata.json entry %s: file not found, skipped", entry["file"])
             continue
@@ -291,7 +284,7 @@ def import_folder(
     with dataset_lock(paths, timeout=lock_timeout):
         recover(paths)
         existing = load_rows(paths)
-        known = _Known.from_rows(existing)
+        known = KnownRows.from_rows(existing)
         kept_rows = {r["id"]: r for r in existing if r["status"] == "kept"}
         fresh: list[Candidate] = []
         seen_ids: set[str] = set()
@@ -346,7 +339,7 @@ def _pick_byte_identical(
             original = chosen.id
         for cand in group:
             if cand is not chosen:
-                rows.append(_row(cand.id, "duplicate", cand.fields, caption=cand.caption or None,
+                rows.append(make_row(cand.id, "duplicate", cand.fields, caption=cand.caption or None,
                                  reason=f"md5-duplicate-of:{original}", duplicate_of=original))
     order = {c.id: i for i, c in enumerate(candidates)}
     todo.sort(key=lambda c: order[c.id])
