@@ -289,7 +289,9 @@ def import_folder(
         fresh: list[Candidate] = []
         seen_ids: set[str] = set()
         for cand in scan.candidates:
-            if cand.id in known.final_ids or cand.id in seen_ids:
+            if cand.id in known.final_ids:
+                cand = _captioned_copy(cand, kept_rows.get(cand.id))
+            if cand is None or cand.id in known.final_ids or cand.id in seen_ids:
                 summary.already_seen += 1
                 continue
             seen_ids.add(cand.id)
@@ -307,6 +309,16 @@ def import_folder(
     summary.total_kept = result.total_kept
     summary.elapsed_s = round(time.monotonic() - started, 3)
     return summary
+
+
+def _captioned_copy(cand: Candidate, kept: dict[str, Any] | None) -> Candidate | None:
+    """A file the data set already holds, now with a caption the kept image lacks (the user
+    added ``.txt`` files and imported again): a new candidate, so the commit keeps it in place
+    of the uncaptioned image for new versions. None when there is nothing new."""
+    if kept is None or has_caption(kept) or not has_caption(cand.fields):
+        return None
+    tag = hashlib.sha1((cand.caption or json.dumps(cand.fields, sort_keys=True, default=str)).encode())
+    return replace(cand, id=f"{cand.id}-c{tag.hexdigest()[:8]}")
 
 
 def _pick_byte_identical(

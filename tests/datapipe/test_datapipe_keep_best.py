@@ -157,3 +157,21 @@ def test_an_empty_source_and_the_data_set_itself_are_refused(workspace, tmp_path
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "self" in err
     assert load_manifest(paths).equals(before)
+
+
+def test_a_caption_arriving_later_with_a_byte_identical_copy_is_not_lost(workspace, tmp_path, img):
+    first = tmp_path / "first"
+    img.save(first / "x.png", 10)
+    import_folder(workspace, "late", first)
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copy(first / "x.png", second / "x_again.png")
+    (second / "x_again.txt").write_text("1boy, sketch\n")
+
+    summary = import_folder(workspace, "late", second)
+    paths = DatasetPaths.of(workspace, "late")
+    df = load_manifest(paths).set_index("source")
+    new, old = df.loc["file:x_again.png"], df.loc["file:x.png"]
+    assert summary.replaced == 1 and new.status == "kept" and _caption(paths, new) == "1boy, sketch"
+    assert old.status == "duplicate" and old.reason == f"md5-duplicate-of:{new.id}"
+    assert (paths.root / old.file).exists() and read_version(paths, "v0001")["files"] == [old.file]
