@@ -107,8 +107,8 @@ class RefreshSummary:
                     f"{counts.get('rejected', 0):>6}{counts.get('failed', 0):>6}"
                 )
         if self.replaced:
-            lines.append(f"  replaced {self.replaced} earlier image(s) with a better copy (lossless or "
-                         "larger); older versions keep theirs")
+            lines.append(f"  replaced {self.replaced} earlier image(s) with a better copy (lossless, "
+                         "larger or captioned); older versions keep theirs")
         if self.exhausted:
             lines.append(f"  no older posts left for: {', '.join(sorted(self.exhausted))}")
         lines += [f"  note: {note}" for note in self.notes]
