@@ -64,6 +64,7 @@ def post_fields(post: Post, query: str) -> dict[str, Any]:
 
 
 def make_row(candidate_id: str, status: str, fields: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """A complete manifest row: the candidate's fields so far plus its outcome (status, reason …)."""
     merged = {**fields, **more}
     return new_row(candidate_id, status, **merged)
 
