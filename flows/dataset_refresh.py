@@ -1,6 +1,8 @@
 """The `dataset-refresh` flow: grow a versioned data set from Danbooru queries.
 
-collect (cursor walk, skip reasons, md5 pre-dedup) → download shards on a small thread pool
+The round loop is the library's (:class:`lora.data.refresh.Refresh`, the same one
+``animelora fetch`` runs); this flow only says how each step runs, as Prefect tasks:
+recover → collect (retried on network errors) → download shards on a small thread pool
 (progress artifact) → commit (phash dedup against the whole data set, manifest, cursors) →
 repeat older pages while below ``target_size`` → write one new version → summary table artifact.
 
@@ -10,23 +12,21 @@ Crash-safe: everything lives in the data-set folder. A killed run leaves prepare
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from lora.data.candidates import Candidate
 from lora.data.captions import CaptionOptions
-from lora.data.manifest import DatasetPaths, dataset_lock
-from lora.data.refresh import (
-    DEFAULT_BOORU_URL,
-    FetchFilters,
-    PrepareOptions,
-    make_query_specs,
-    plan_budgets,
-    shard,
-)
-from lora.data.state import load_state
-from lora.data.summary import RefreshSummary
+from lora.data.collect import DEFAULT_BOORU_URL, DEFAULT_MAX_FILE_SIZE, Collection, FetchFilters
+from lora.data.commit import CommitResult
+from lora.data.images import DEFAULT_MAX_PIXELS
+from lora.data.manifest import DatasetPaths
+from lora.data.prepare import PrepareOptions, shard
+from lora.data.queries import make_query_specs
+from lora.data.refresh import Refresh, RefreshPlan
+from lora.data.state import QueryCursor
 from tasks.artifacts import ProgressReporter, artifact_key
 from tasks.data import (
     ShardProgress,
@@ -43,6 +43,71 @@ from tasks.data import (
 SHARD_SIZE = 25
 #: Parallel download shards; each gets an equal share of the request rate.
 WORKERS = 2
+
+
+class TaskSteps:
+    """The refresh's steps as Prefect tasks of the running flow.
+
+    Credentials travel only as the Secret block's name: each task resolves them itself, so the
+    key is never a task parameter. Downloads run in shards of ``shard_size`` on the flow's
+    thread pool, each with an equal share of the request rate, reporting to one progress bar.
+    """
+
+    def __init__(
+        self,
+        workspace: str,
+        dataset: str,
+        plan: RefreshPlan,
+        *,
+        booru_url: str,
+        requests_per_second: float,
+        credentials_block: str | None,
+        backoff_base: float,
+        shard_size: int,
+        reporter: ProgressReporter,
+        progress_key: str,
+    ) -> None:
+        self.workspace, self.dataset, self.plan = workspace, dataset, plan
+        self.booru_url = booru_url
+        self.requests_per_second = requests_per_second
+        self.credentials_block = credentials_block
+        self.backoff_base = backoff_base
+        self.shard_size = shard_size
+        self.reporter = reporter
+        self.progress_key = progress_key
+
+    def recover(self) -> int:
+        return recover_dataset(self.workspace, self.dataset)
+
+    def collect(self, budgets: dict[str, int], retry_failed: bool) -> Collection:
+        return collect_posts(self.workspace, self.dataset, list(self.plan.queries), budgets, self.plan.filters,
+                             self.booru_url, self.requests_per_second, self.credentials_block,
+                             self.backoff_base, retry_failed=retry_failed)
+
+    def download(self, candidates: Sequence[Candidate], round_no: int) -> list[dict[str, Any]]:
+        run_key = f"{self.progress_key}:{round_no}:{id(self)}"
+        ShardProgress.register(run_key, ShardProgress(
+            self.reporter, len(candidates), f"{self.dataset} round {round_no}"))
+        per_worker_rps = self.requests_per_second / WORKERS
+        try:
+            futures = [
+                download_shard.submit(
+                    self.workspace, self.dataset, part, self.plan.options, self.booru_url, per_worker_rps,
+                    i, self.credentials_block, run_key, self.backoff_base, self.plan.filters,
+                )
+                for i, part in enumerate(shard(list(candidates), self.shard_size), start=1)
+            ]
+            return [row for future in futures for row in future.result()]
+        finally:
+            ShardProgress.drop(run_key)
+
+    def commit(self, rows: list[dict[str, Any]], cursors: dict[str, QueryCursor]) -> CommitResult:
+        options = self.plan.options
+        return commit_rows(self.workspace, self.dataset, rows, cursors, options.radius,
+                           options.group_parents, self.plan.query_map)
+
+    def finalize(self) -> str | None:
+        return finalize_dataset_version(self.workspace, self.dataset, self.plan.query_map)
 
 
 def _ratings(value: str | list[str]) -> tuple[str, ...]:
@@ -73,6 +138,9 @@ def dataset_refresh(
     max_rounds: int = 5,
     lock_timeout_s: float = 1800.0,
     retry_backoff_s: float = 1.0,
+    allow_file_hosts: list[str] | None = None,
+    max_file_mb: float = DEFAULT_MAX_FILE_SIZE / 2**20,
+    max_megapixels: float = DEFAULT_MAX_PIXELS / 1e6,
 ) -> dict[str, Any]:
     """Fetch new posts into ``<workspace>/datasets/<dataset>`` and write a new version.
 
@@ -81,7 +149,10 @@ def dataset_refresh(
     ``default``. ``limit`` caps new posts per query per run; ``target_size`` keeps walking
     older posts until the data set holds that many images. ``credentials_block`` names a
     Prefect Secret holding ``login:api_key``; otherwise DANBOORU_LOGIN/DANBOORU_API_KEY are
-    used when set. Returns the summary (kept, duplicates, rejected by reason, version, total).
+    used when set. ``allow_file_hosts`` are hosts besides the booru's own (and its known CDN)
+    that file URLs may name; ``max_file_mb`` caps every download; ``max_megapixels`` is the
+    decompression-bomb limit. Returns the summary (kept, duplicates, rejected by reason,
+    version, total).
     """
     logger = get_run_logger()
     specs = make_query_specs(tags, queries)
@@ -90,67 +161,33 @@ def dataset_refresh(
         limit = 100
     ws = str(Path(workspace).expanduser().resolve())
     paths = DatasetPaths.of(ws, dataset).ensure()
-    filters = FetchFilters(ratings=_ratings(ratings), min_side=min_side)
+    filters = FetchFilters(ratings=_ratings(ratings), min_side=min_side,
+                           file_hosts=tuple(allow_file_hosts or ()),
+                           max_file_size=int(max_file_mb * 2**20),
+                           max_pixels=int(max_megapixels * 1e6))
     options = PrepareOptions(
         min_side=min_side,
+        max_pixels=filters.max_pixels,
         caption=CaptionOptions(trigger_word=trigger_word, include_artist=include_artist,
                                blacklist=tuple(blacklist or ()), max_tags=max_tags),
         radius=radius,
         group_parents=group_parents,
     )
-    query_map = {q.name: q.tags for q in specs}
-    summary = RefreshSummary(dataset=dataset)
-    per_worker_rps = requests_per_second / WORKERS
+    plan = RefreshPlan(queries=tuple(specs), limit=limit, target_size=target_size, filters=filters,
+                       options=options, max_rounds=max_rounds)
+    progress_key = artifact_key("dataset-refresh-progress", dataset)
+    reporter = ProgressReporter.create(progress_key, f"{dataset}: collecting posts")
+    steps = TaskSteps(ws, dataset, plan, booru_url=booru_url, requests_per_second=requests_per_second,
+                      credentials_block=credentials_block, backoff_base=retry_backoff_s,
+                      shard_size=shard_size, reporter=reporter, progress_key=progress_key)
 
-    with dataset_lock(paths, timeout=lock_timeout_s):
-        kept_now = recover_dataset(ws, dataset)
-        progress_key = artifact_key("dataset-refresh-progress", dataset)
-        reporter = ProgressReporter.create(progress_key, f"{dataset}: collecting posts")
-        used: dict[str, int] = {}
-        exhausted: set[str] = set()
-        for round_no in range(1, max_rounds + 1):
-            state = load_state(paths)
-            exhausted |= {q.name for q in specs if state.cursor(q.name, q.tags).exhausted}
-            budgets = plan_budgets(specs, limit=limit, target_size=target_size,
-                                   kept_now=kept_now, used=used, exhausted=exhausted)
-            if not any(budgets.values()):
-                break
-            collection = collect_posts(ws, dataset, specs, budgets, filters, booru_url,
-                                       requests_per_second, credentials_block, retry_backoff_s,
-                                       retry_failed=round_no == 1)
-            summary.already_seen += collection.already_seen
-            exhausted |= set(collection.exhausted)
-            for candidate in collection.candidates:
-                used[candidate.query] = used.get(candidate.query, 0) + 1
-            shards = shard(collection.candidates, shard_size) if collection.candidates else []
-            run_key = f"{progress_key}:{round_no}:{id(summary)}"
-            ShardProgress.register(run_key, ShardProgress(
-                reporter, len(collection.candidates), f"{dataset} round {round_no}"))
-            try:
-                futures = [
-                    download_shard.submit(
-                        ws, dataset, part, options, booru_url, per_worker_rps, i,
-                        credentials_block, run_key, retry_backoff_s,
-                    )
-                    for i, part in enumerate(shards, start=1)
-                ]
-                rows = [row for future in futures for row in future.result()]
-            finally:
-                ShardProgress.drop(run_key)
-            result = commit_rows(ws, dataset, collection.rows + rows, collection.cursors,
-                                 radius, group_parents, query_map)
-            summary.add_rows(result["rows"])
-            summary.rounds = round_no
-            kept_now = result["total_kept"]
-            logger.info("round %d: %d new images kept, %d in the data set",
-                        round_no, result["added"], kept_now)
-            if target_size is None or kept_now >= target_size or not collection.candidates:
-                break
-        summary.version = finalize_dataset_version(ws, dataset, query_map)
-        summary.total_kept = kept_now
-        summary.exhausted = sorted(exhausted)
-        reporter.update(100.0, f"{dataset}: done, {summary.kept} kept, version "
-                        f"{summary.version or 'unchanged'}", force=True)
+    def log_round(round_no: int, result: CommitResult) -> None:
+        logger.info("round %d: %d new images kept, %d in the data set",
+                    round_no, result.added, result.total_kept)
+
+    summary = Refresh(paths, plan, steps, lock_timeout=lock_timeout_s, on_round=log_round).run()
+    reporter.update(100.0, f"{dataset}: done, {summary.kept} kept, version "
+                    f"{summary.version or 'unchanged'}", force=True)
     publish_summary(summary)
     logger.info("%s", summary.format_table())
     return summary.to_dict()

@@ -1,5 +1,6 @@
-"""Prefect tasks around the data pipeline (``lora.data.refresh``): thin wrappers that add
-retries, sharding, progress and summary artifacts.
+"""Prefect tasks around the data pipeline's steps (``lora.data.refresh`` runs them in order;
+the flow's ``TaskSteps`` maps each step onto a task here): thin wrappers that add retries,
+sharding, progress and summary artifacts.
 
 - ``collect-posts`` retries network failures; auth and query errors fail at once (retrying
   cannot fix a wrong key or a third tag).
@@ -23,19 +24,11 @@ from prefect.cache_policies import NO_CACHE
 
 from lora.booru import BooruAuthError, BooruQueryError, Credentials
 from lora.data.manifest import DatasetPaths, load_rows
-from lora.data.refresh import (
-    Candidate,
-    Collection,
-    FetchFilters,
-    PrepareOptions,
-    QuerySpec,
-    collect_candidates,
-    commit,
-    download_and_prepare,
-    finalize_version,
-    make_client,
-    recover,
-)
+from lora.data.candidates import Candidate
+from lora.data.collect import Collection, FetchFilters, collect_candidates, make_client
+from lora.data.commit import CommitResult, commit, finalize_version, recover
+from lora.data.prepare import PrepareOptions, download_and_prepare
+from lora.data.queries import QuerySpec
 from lora.data.state import QueryCursor
 from lora.data.summary import RefreshSummary
 from tasks.artifacts import ProgressReporter, artifact_key
@@ -105,7 +98,8 @@ def collect_posts(
     """Walk the query cursors and choose this round's download candidates."""
     credentials = resolve_credentials(credentials_block)
     paths = DatasetPaths.of(workspace, dataset)
-    with make_client(booru_url, credentials, requests_per_second, backoff_base=backoff_base) as client:
+    with make_client(booru_url, credentials, requests_per_second, backoff_base=backoff_base,
+                     filters=filters) as client:
         collection = collect_candidates(
             client, paths, queries, filters=filters, credentials=credentials, budgets=budgets,
             retry_failed=retry_failed,
@@ -177,14 +171,17 @@ def download_shard(
     credentials_block: str | None = None,
     progress_key: str | None = None,
     backoff_base: float = 1.0,
+    filters: FetchFilters | None = None,
 ) -> list[dict[str, Any]]:
     """Download, prepare and caption one shard into the data set's staging folder.
 
-    A retry (or a new flow run after a crash) re-uses what the last try finished."""
+    A retry (or a new flow run after a crash) re-uses what the last try finished. ``filters``
+    carries the download limits (allowed file hosts, size cap)."""
     credentials = resolve_credentials(credentials_block)
     paths = DatasetPaths.of(workspace, dataset)
     progress = ShardProgress.get(progress_key)
-    with make_client(booru_url, credentials, requests_per_second, backoff_base=backoff_base) as client:
+    with make_client(booru_url, credentials, requests_per_second, backoff_base=backoff_base,
+                     filters=filters) as client:
         rows = download_and_prepare(
             client, paths, candidates, options,
             on_progress=progress.step if progress else None,
@@ -203,13 +200,12 @@ def commit_rows(
     radius: int,
     group_parents: bool,
     queries: dict[str, str],
-) -> dict[str, Any]:
+) -> CommitResult:
     """Phash dedup against the whole data set, append the manifest, then advance cursors."""
-    result = commit(
+    return commit(
         DatasetPaths.of(workspace, dataset), rows, cursors, radius=radius,
         group_parents=group_parents, queries=queries, finalize=False,
     )
-    return {"rows": result.rows, "added": result.added, "total_kept": result.total_kept}
 
 
 @task(name="finalize-version", cache_policy=NO_CACHE)

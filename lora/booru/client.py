@@ -16,17 +16,17 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
 
 from lora.booru.credentials import Credentials
 from lora.booru.errors import TAG_LIMIT_HINT, BooruAuthError, BooruError, BooruQueryError, DownloadError
-from lora.booru.posts import Post
+from lora.booru.posts import MalformedPost, Post, PostFormatError
 from lora.booru.query import check_tag_limit
 from lora.booru.ratelimit import RateLimiter
 from lora.fsutil import atomic_write
@@ -39,6 +39,48 @@ MAX_LIMIT = 200
 ANONYMOUS_TAG_LIMIT = 2
 MAX_RETRY_AFTER = 300.0
 _CHUNK = 1 << 16
+#: Global cap on one download, whatever the post declares (Danbooru's own upload limit is
+#: 50 MB for most accounts; a larger answer is a broken or hostile server).
+DEFAULT_MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
+#: A server may send a few bytes more than the post's declared ``file_size`` (re-encoded
+#: metadata); anything beyond this margin is not the file the post describes.
+SIZE_MARGIN_BYTES = 64 * 1024
+SIZE_MARGIN_FRACTION = 0.01
+MAX_REDIRECTS = 5
+#: File hosts of the real Danbooru family: images come from its CDN (cdn.donmai.us) and older
+#: mirrors on the same domain. A booru on one of these domains may serve files from any of them.
+KNOWN_FILE_DOMAINS = ("donmai.us",)
+
+OnMalformed = Callable[[MalformedPost], None]
+
+
+def normalize_host(value: str) -> str:
+    """A host name as the user wrote it for ``--allow-file-host`` (``*.example.com`` allowed),
+    lower-cased; ValueError naming the problem otherwise."""
+    host = (value or "").strip().lower().rstrip(".")
+    bare = host[2:] if host.startswith("*.") else host
+    if not bare or any(c in bare for c in "/:@ ?#*") or bare.startswith(".") or ".." in bare:
+        raise ValueError(
+            f"file host {value!r}: give a host name such as files.example.com or *.example.com "
+            "(no scheme, port or path)"
+        )
+    return host
+
+
+def _domain_of(host: str) -> str | None:
+    for domain in KNOWN_FILE_DOMAINS:
+        if host == domain or host.endswith("." + domain):
+            return domain
+    return None
+
+
+def max_download_size(declared: int, cap: int) -> int:
+    """How many bytes a download may have: the declared size plus a small margin, never more
+    than ``cap`` (unknown sizes, 0, get the cap)."""
+    if declared and declared > 0:
+        margin = max(SIZE_MARGIN_BYTES, int(declared * SIZE_MARGIN_FRACTION))
+        return min(cap, declared + margin)
+    return cap
 
 
 def _version() -> str:
@@ -93,6 +135,8 @@ class DanbooruClient:
         max_retries: int = 5,
         timeout: float = 30.0,
         backoff_base: float = 1.0,
+        file_hosts: Iterable[str] = (),
+        max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
     ) -> None:
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url: expected an http(s) URL, got {base_url!r}")
@@ -108,7 +152,12 @@ class DanbooruClient:
             raise ValueError(f"max_retries: must be >= 0, got {max_retries!r}")
         if timeout <= 0:
             raise ValueError(f"timeout: must be positive, got {timeout!r}")
+        if max_download_bytes <= 0:
+            raise ValueError(f"max_download_bytes: must be positive, got {max_download_bytes!r}")
         self.base_url = base_url.rstrip("/")
+        self.host = (urlsplit(self.base_url).hostname or "").lower()
+        self.file_hosts = tuple(dict.fromkeys(normalize_host(h) for h in file_hosts))
+        self.max_download_bytes = int(max_download_bytes)
         self.credentials = credentials
         self.user_agent = user_agent or default_user_agent(credentials.login if credentials else None)
         self.requests_per_second = rps
@@ -208,8 +257,31 @@ class DanbooruClient:
                 "walk with cursor pages (iter_posts, page=b<id>) instead" + said
             )
 
-    def get_posts(self, tags: str, *, page: str | int | None = None, limit: int = MAX_LIMIT) -> list[Post]:
-        """One page of posts.json, newest first. `page` is N, "b<id>" or "a<id>"."""
+    def get_posts(
+        self,
+        tags: str,
+        *,
+        page: str | int | None = None,
+        limit: int = MAX_LIMIT,
+        on_malformed: OnMalformed | None = None,
+    ) -> list[Post]:
+        """One page of posts.json, newest first. `page` is N, "b<id>" or "a<id>".
+
+        An item that is not a readable post (an id that is not a number, a field of the wrong
+        type) is left out and handed to ``on_malformed`` (logged when None): one broken entry
+        must not cost the rest of the page.
+        """
+        return self._get_page(tags, page=page, limit=limit, on_malformed=on_malformed)[0]
+
+    def _get_page(
+        self,
+        tags: str,
+        *,
+        page: str | int | None,
+        limit: int,
+        on_malformed: OnMalformed | None,
+    ) -> tuple[list[Post], int]:
+        """(readable posts, number of items the server listed)."""
         if self.credentials is None:
             check_tag_limit(tags, ANONYMOUS_TAG_LIMIT)
         params: dict[str, Any] = {"tags": tags, "limit": max(1, min(MAX_LIMIT, int(limit)))}
@@ -218,7 +290,17 @@ class DanbooruClient:
         data = self._get_json("posts.json", params)
         if not isinstance(data, list):
             raise BooruError(f"posts.json: expected a JSON list, got {type(data).__name__}")
-        return [Post.from_json(item) for item in data]
+        posts: list[Post] = []
+        for item in data:
+            try:
+                posts.append(Post.from_json(item))
+            except (PostFormatError, ValueError, TypeError) as exc:
+                error = exc if isinstance(exc, PostFormatError) else PostFormatError("post", str(exc))
+                bad = MalformedPost.from_item(item, error)
+                log.warning("posts.json: skipped a malformed post (%s): %s", bad.key, bad.message)
+                if on_malformed is not None:
+                    on_malformed(bad)
+        return posts, len(data)
 
     def iter_posts(
         self,
@@ -228,13 +310,16 @@ class DanbooruClient:
         after_id: int | None = None,
         limit: int = MAX_LIMIT,
         max_posts: int | None = None,
+        on_malformed: OnMalformed | None = None,
     ) -> Iterator[Post]:
         """Every post matching `tags`, once each, by cursor pages.
 
         Without after_id: newest first, walking older (`page=b<id>`) from before_id (or the
         newest post). With after_id: only posts with id > after_id, yielded oldest first
         (each `page=a<id>` holds the next ids above the cursor, listed newest first), so a
-        caller may save the last yielded id as its cursor at any point.
+        caller may save the last yielded id as its cursor at any point. Malformed items go to
+        ``on_malformed`` (see :meth:`get_posts`); a short last page of nothing but malformed
+        items ends the walk, a full one is an error (the cursor cannot move past it).
         """
         if before_id is not None and after_id is not None:
             raise ValueError("iter_posts: give before_id or after_id, not both")
@@ -246,8 +331,13 @@ class DanbooruClient:
         cursor: int | None = after_id if newer else before_id
         while True:
             page = (f"a{cursor}" if newer else (f"b{cursor}" if cursor is not None else None))
-            posts = self.get_posts(tags, page=page, limit=limit)
+            posts, listed = self._get_page(tags, page=page, limit=limit, on_malformed=on_malformed)
             if not posts:
+                if listed >= max(1, min(MAX_LIMIT, int(limit))):
+                    raise BooruError(
+                        f"posts.json page {page or 1}: none of its {listed} posts is readable, so "
+                        "the walk cannot continue past it; the server's answers are malformed"
+                    )
                 return
             ids = [p.id for p in posts]
             nxt = max(ids) if newer else min(ids)
@@ -266,6 +356,41 @@ class DanbooruClient:
             cursor = nxt
 
     # -- downloads ---------------------------------------------------------------------
+    def file_host_allowed(self, host: str) -> bool:
+        """Whether files may come from ``host``: the booru's own host, a known file host of its
+        family (Danbooru's CDN on donmai.us), or one the user allowed (``file_hosts``)."""
+        host = (host or "").lower().rstrip(".")
+        if not host:
+            return False
+        if host == self.host:
+            return True
+        domain = _domain_of(self.host)
+        if domain is not None and _domain_of(host) == domain:
+            return True
+        for allowed in self.file_hosts:
+            if allowed.startswith("*.") and host.endswith(allowed[1:]):
+                return True
+            if host == allowed:
+                return True
+        return False
+
+    def _check_file_url(self, url: str) -> None:
+        """Refuse a file URL (or a redirect target) that is not http(s) on an allowed host."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise DownloadError(
+                f"unsupported-url-scheme:{scheme or 'none'}",
+                f"file URL {url[:200]!r} is not an http(s) URL; only http and https are fetched",
+            )
+        host = (parts.hostname or "").lower()
+        if not self.file_host_allowed(host):
+            raise DownloadError(
+                f"file-host-not-allowed:{host or 'none'}",
+                f"file URL host {host!r} is not the booru's host ({self.host}) or a known file host; "
+                f"allow it with --allow-file-host {host}" if host else f"file URL {url[:200]!r} names no host",
+            )
+
     def download(
         self,
         post_or_url: Post | str,
@@ -273,15 +398,25 @@ class DanbooruClient:
         *,
         md5: str | None = None,
         retries: int = 3,
+        max_bytes: int | None = None,
     ) -> Path:
         """Fetch a file to `dest` atomically, verifying its md5 (a Post's md5 by default).
 
         The bytes stream into a temporary file beside dest and are moved into place only when
         complete and verified, so dest is either absent or whole. Up to `retries` retries
         after the first try; then DownloadError(reason) with nothing left behind.
+
+        Limits, checked before and while reading: the URL and every redirect hop must be
+        http(s) on an allowed host (:meth:`file_host_allowed`), and at most ``max_bytes`` are
+        read (default: the post's declared ``file_size`` plus a small margin, never more than
+        ``max_download_bytes``). Breaking a limit is not retried: reason
+        ``unsupported-url-scheme:<scheme>``, ``file-host-not-allowed:<host>``,
+        ``too-many-redirects`` or ``oversized``.
         """
+        declared = 0
         if isinstance(post_or_url, Post):
             url = post_or_url.file_url
+            declared = post_or_url.file_size
             if md5 is None:
                 md5 = post_or_url.md5
             if not url:
@@ -290,15 +425,17 @@ class DanbooruClient:
             url = str(post_or_url)
         if url.startswith("//"):
             url = "https:" + url
-        elif not url.startswith(("http://", "https://")):
+        elif not urlsplit(url).scheme:
             url = urljoin(self.base_url + "/", url)
+        self._check_file_url(url)
+        limit = max_bytes if max_bytes is not None else max_download_size(declared, self.max_download_bytes)
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         want = md5.lower() if md5 else None
         failure = DownloadError("connection-error")
         for attempt in range(max(0, retries) + 1):
             try:
-                self._download_once(url, dest, want)
+                self._download_once(url, dest, want, limit)
                 return dest
             except DownloadError as exc:
                 failure = exc
@@ -312,22 +449,42 @@ class DanbooruClient:
                 time.sleep(min(delay, MAX_RETRY_AFTER))
         raise DownloadError(failure.reason, f"download of {url} failed: {failure}")
 
-    def _download_once(self, url: str, dest: Path, md5: str | None) -> None:
+    def _open_file(self, url: str) -> requests.Response:
+        """GET a file URL, following redirects one hop at a time so each hop's target is checked."""
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = self._files.get(url, stream=True, timeout=self.timeout, allow_redirects=False)
+            if resp.status_code not in (301, 302, 303, 307, 308):
+                return resp
+            location = resp.headers.get("Location")
+            resp.close()
+            if not location:
+                raise DownloadError(f"http-{resp.status_code}", f"redirect without a Location from {url}")
+            url = urljoin(url, location)
+            self._check_file_url(url)
+        raise DownloadError("too-many-redirects", f"more than {MAX_REDIRECTS} redirects")
+
+    def _download_once(self, url: str, dest: Path, md5: str | None, limit: int) -> None:
         def fetch(tmp: Path) -> None:
             digest = hashlib.md5()
             received = 0
             try:
-                with open(tmp, "wb") as fh, self._files.get(url, stream=True, timeout=self.timeout) as resp:
+                with open(tmp, "wb") as fh, self._open_file(url) as resp:
                     if resp.status_code >= 400:
                         err = DownloadError(f"http-{resp.status_code}", f"HTTP {resp.status_code} for {url}")
                         if resp.status_code == 429:
                             err.retry_after = _retry_after_seconds(resp.headers.get("Retry-After"))  # type: ignore[attr-defined]
                         raise err
                     expected = resp.headers.get("Content-Length")
+                    if expected is not None and expected.isdigit() and int(expected) > limit:
+                        raise DownloadError("oversized", f"the server announces {expected} bytes, over the "
+                                                         f"limit of {limit} for this file")
                     for chunk in resp.iter_content(_CHUNK):
+                        received += len(chunk)
+                        if received > limit:
+                            raise DownloadError("oversized", f"the server sent more than {limit} bytes, "
+                                                             "over the limit for this file; stopped reading")
                         fh.write(chunk)
                         digest.update(chunk)
-                        received += len(chunk)
                     fh.flush()
                     os.fsync(fh.fileno())
             except requests.Timeout as exc:
@@ -336,6 +493,8 @@ class DanbooruClient:
                 raise DownloadError("truncated", f"connection dropped after {received} bytes") from exc
             except requests.ConnectionError as exc:
                 raise DownloadError("connection-error", f"connection error ({type(exc).__name__})") from exc
+            except requests.RequestException as exc:
+                raise DownloadError("bad-file-url", f"cannot fetch {url[:200]!r}: {type(exc).__name__}") from exc
             except OSError as exc:
                 raise DownloadError("io-error", f"cannot write {dest}: {exc}") from exc
             if expected is not None and expected.isdigit() and int(expected) != received:

@@ -28,7 +28,9 @@ class DownloadError(BooruError):
     """A file could not be downloaded intact; `reason` is a short machine-readable code.
 
     Codes: "md5-mismatch", "truncated", "timeout", "connection-error", "http-<status>",
-    "no-file-url", "io-error".
+    "no-file-url", "io-error"; and the limits, which are never retried: "oversized" (more bytes
+    than the post declares, or than the global cap), "unsupported-url-scheme:<scheme>",
+    "file-host-not-allowed:<host>", "too-many-redirects", "bad-file-url".
     """
 
     def __init__(self, reason: str, message: str | None = None) -> None:

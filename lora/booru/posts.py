@@ -7,6 +7,8 @@ a training image at all.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -40,7 +42,65 @@ def _tags(value: Any) -> list[str]:
         return []
     if isinstance(value, str):
         return value.split()
-    return [str(t) for t in value]
+    if isinstance(value, (list, tuple)):
+        return [str(t) for t in value]
+    raise PostFormatError("tags", f"expected a string or a list of tags, got {type(value).__name__}")
+
+
+def _post_id(value: Any) -> int:
+    """A post id: a positive whole number (a JSON number or a string of digits), nothing else."""
+    if isinstance(value, bool):
+        raise PostFormatError("id", f"expected a positive whole number, got {value!r}")
+    if isinstance(value, int) and value > 0:
+        return value
+    if isinstance(value, str) and value.strip().isdigit() and int(value) > 0:
+        return int(value)
+    if isinstance(value, float) and value.is_integer() and value > 0:
+        return int(value)
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise PostFormatError("id", f"expected a positive whole number, got {shown}")
+
+
+class PostFormatError(ValueError):
+    """A posts.json item that cannot be read as a post; ``field`` names the offending field.
+
+    The client skips such an item (the rest of the page goes on) and reports it as a
+    :class:`MalformedPost`, so one broken entry never aborts a fetch.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"post field {field!r}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class MalformedPost:
+    """A posts.json item that was skipped: which field was wrong, and a stable key for it.
+
+    ``key`` is the post id when that one is readable, else a short hash of the item, so the
+    same broken entry is recorded once however often a later walk meets it again.
+    """
+
+    key: str
+    field: str
+    message: str
+    post_id: int | None = None
+
+    @classmethod
+    def from_item(cls, item: Any, error: PostFormatError) -> "MalformedPost":
+        """Describe a skipped item; its id is used as the key when it is a readable id."""
+        post_id: int | None = None
+        if isinstance(item, dict):
+            try:
+                post_id = _post_id(item.get("id"))
+            except PostFormatError:
+                post_id = None
+        if post_id is not None:
+            key = str(post_id)
+        else:
+            raw = json.dumps(item, sort_keys=True, default=str).encode()
+            key = "malformed-" + hashlib.sha1(raw).hexdigest()[:16]
+        return cls(key=key, field=error.field, message=str(error), post_id=post_id)
 
 
 @dataclass
@@ -74,9 +134,13 @@ class Post:
     def from_json(cls, d: dict[str, Any]) -> "Post":
         """A Post from Danbooru's posts.json item, or from `Post.to_json()` output."""
         if not isinstance(d, dict):
-            raise ValueError(f"post: expected a JSON object, got {type(d).__name__}")
-        if d.get("id") is None or _opt_int(d.get("id")) is None:
-            raise ValueError(f"post: missing or invalid 'id' in {sorted(d)[:8]}...")
+            raise PostFormatError("post", f"expected a JSON object, got {type(d).__name__}")
+        if d.get("id") is None:
+            raise PostFormatError("id", f"missing in an item with fields {sorted(map(str, d))[:8]}")
+        post_id = _post_id(d.get("id"))
+        for name in ("file_url", "md5", "file_ext"):
+            if d.get(name) is not None and not isinstance(d.get(name), str):
+                raise PostFormatError(name, f"expected a string, got {type(d.get(name)).__name__}")
 
         def pick(*names: str) -> Any:
             for n in names:
@@ -90,7 +154,7 @@ class Post:
             path = urlparse(file_url).path
             ext = path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
         return cls(
-            id=int(d["id"]),
+            id=post_id,
             md5=_opt_str(d.get("md5")),
             file_url=file_url,
             large_file_url=_opt_str(d.get("large_file_url")),
@@ -137,7 +201,7 @@ def skip_reason(
     post: Post,
     *,
     max_file_size: int = 50 * 2**20,
-    max_pixels: int = 40_000_000,
+    max_pixels: int = 150_000_000,
     allowed_exts: tuple[str, ...] | list[str] = IMAGE_EXTS,
 ) -> str | None:
     """Why this post cannot be a training image, decided from its metadata alone; None to keep.

@@ -70,11 +70,13 @@ def _check_common(args: argparse.Namespace) -> str | None:
         return f"--radius must be between 0 and 16, got {args.radius}"
     if args.max_tags is not None and args.max_tags < 0:
         return f"--max-tags must be >= 0, got {args.max_tags}"
+    if not args.max_megapixels > 0:
+        return f"--max-megapixels must be positive, got {args.max_megapixels:g}"
     return None
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from lora.booru import BooruAuthError, BooruError, BooruQueryError, Credentials
+    from lora.booru import BooruAuthError, BooruError, BooruQueryError, Credentials, normalize_host
     from lora.data.manifest import DatasetBusyError, ManifestError
     from lora.data.refresh import make_query_specs, refresh_dataset
 
@@ -89,6 +91,15 @@ def _fetch(args: argparse.Namespace) -> int:
         problem = f"--limit must be >= 0, got {args.limit}"
     if problem is None and args.target_size is not None and args.target_size < 1:
         problem = f"--target-size must be >= 1, got {args.target_size}"
+    if problem is None and not args.max_file_mb > 0:
+        problem = f"--max-file-mb must be positive, got {args.max_file_mb:g}"
+    hosts: list[str] = []
+    for host in args.allow_file_host:
+        if problem is None:
+            try:
+                hosts.append(normalize_host(host))
+            except ValueError as exc:
+                problem = f"--allow-file-host: {exc}"
     if problem:
         return _error(problem, 2)
     limit = args.limit
@@ -115,6 +126,8 @@ def _fetch(args: argparse.Namespace) -> int:
             limit=limit, ratings=ratings, min_side=args.min_side, caption=caption,
             radius=args.radius, group_parents=args.group_parents,
             requests_per_second=args.requests_per_second, on_progress=on_progress,
+            allow_file_hosts=hosts, max_file_size=int(args.max_file_mb * 1024 * 1024),
+            max_pixels=int(args.max_megapixels * 1_000_000),
         )
     except (BooruQueryError, BooruAuthError) as exc:
         return _error(str(exc), 2)
@@ -144,6 +157,7 @@ def _import(args: argparse.Namespace) -> int:
         summary = import_folder(
             args.workspace, args.dataset, args.source, query=args.query,
             caption=_caption_options(args), min_side=args.min_side, radius=args.radius,
+            max_pixels=int(args.max_megapixels * 1_000_000), follow_symlinks=args.follow_symlinks,
             on_progress=on_progress,
         )
     except (FolderImportError, ManifestError, ValueError) as exc:
@@ -159,6 +173,8 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    from lora.data.images import DEFAULT_MAX_PIXELS
+
     parser.add_argument("--workspace", default="workspace", help="workspace folder (default: ./workspace)")
     parser.add_argument("--dataset", default="anime", help="data set name (default: anime)")
     parser.add_argument("--min-side", type=int, default=512,
@@ -169,10 +185,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tags", type=int, default=None, help="at most this many tags per caption")
     parser.add_argument("--radius", type=int, default=4,
                         help="phash Hamming radius for near-duplicates (default 4)")
+    parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6,
+                        help=f"refuse images over this many megapixels as decompression bombs "
+                        f"(default {DEFAULT_MAX_PIXELS / 1e6:g}; an 8000x8000 image is 64)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lora.data.refresh import DEFAULT_BOORU_URL
+    from lora.data.refresh import DEFAULT_BOORU_URL, DEFAULT_MAX_FILE_SIZE
 
     fetch = sub.add_parser(
         "fetch",
@@ -195,6 +214,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="API request rate (default 1, at most 10)")
     fetch.add_argument("--group-parents", action="store_true",
                        help="treat posts of one parent/child group as duplicates")
+    fetch.add_argument("--allow-file-host", action="append", default=[], metavar="HOST",
+                       help="also download files from HOST (repeatable; *.example.com allowed). "
+                       "Without it, files come only from the booru's own host and its known CDN "
+                       "(cdn.donmai.us for Danbooru)")
+    fetch.add_argument("--max-file-mb", type=float, default=DEFAULT_MAX_FILE_SIZE / 2**20,
+                       help=f"largest file to download, in MiB (default {DEFAULT_MAX_FILE_SIZE / 2**20:g}); "
+                       "a download also stops just past the post's declared size")
     _add_common(fetch)
     fetch.set_defaults(func=_fetch)
 
@@ -203,9 +229,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="import a local folder (plain images or the old downloader's layout) into a data set",
         description="Import images from a folder through the same dedup, caption and prepare steps "
         "as a fetch. Plain images use their .txt captions when present; the old downloader's "
-        "layout (<style>/<file>.png + metadata.json) maps style to query and tags to captions.",
+        "layout (<style>/<file>.png + metadata.json) maps style to query and tags to captions. "
+        "Hidden files are skipped and symlinks out of the folder refused (both are reported); "
+        "a folder inside the data set itself is refused.",
     )
     imp.add_argument("--from", dest="source", required=True, help="folder to import")
     imp.add_argument("--query", default=None, help="query name recorded for plain images (default: import)")
+    imp.add_argument("--follow-symlinks", action="store_true",
+                     help="also import files and folders that symlinks lead to outside the source "
+                     "folder (refused by default)")
     _add_common(imp)
     imp.set_defaults(func=_import)

@@ -38,8 +38,13 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
 ]
 
-DEFAULT_MAX_PIXELS = 40_000_000
-"""Default pixel limit: far above any real illustration (Danbooru's largest are ~30 MP)."""
+DEFAULT_MAX_PIXELS = 150_000_000
+"""Default decompression-bomb limit, in pixels (150 MP, e.g. 12000x12500).
+
+Real large images pass: an 8000x8000 scan is 64 MP, Danbooru's largest illustrations are a few
+tens of MP. Decoding 150 MP as RGB needs ~450 MB, which a training machine has; a bomb claims
+thousands of MP. Pillow's own guard (``Image.MAX_IMAGE_PIXELS``, ~89 MP, refusing at twice that)
+would reject some legitimate images first, so a larger limit asked for here raises it too."""
 
 PNG_COMPRESS_LEVEL = 3
 """zlib level for stored PNGs: level 6 (Pillow's default) costs ~2x the time for ~5% smaller files."""
@@ -222,8 +227,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise ImageRejected("unsupported-mode", f"cannot convert image mode {mode!r} to RGB: {exc}") from exc
 
 
+def _let_pillow_open(max_pixels: int) -> None:
+    """Raise Pillow's process-wide bomb guard so it never refuses what ``max_pixels`` allows.
+
+    Pillow refuses images over twice ``Image.MAX_IMAGE_PIXELS`` before we see their size; our
+    own check (below) is the one that decides. The guard only ever goes up, so concurrent calls
+    with different limits cannot make it refuse an allowed image."""
+    guard = Image.MAX_IMAGE_PIXELS
+    if guard is not None and max_pixels > 2 * guard:
+        Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1
+
+
 def _open(data: bytes, what: str, max_pixels: int) -> tuple[Image.Image, bool, str | None]:
     """Open and fully decode frame 0. Returns (image, animated, format)."""
+    _let_pillow_open(max_pixels)
     # No warnings.catch_warnings() here: it is not thread-safe, and callers may prepare images
     # in threads. Pillow's DecompressionBombWarning (over ~89 MP) is rare and harmless to show.
     try:

@@ -39,6 +39,10 @@ class RefreshSummary:
     rounds: int = 0
     exhausted: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    #: Earlier kept images a better copy replaced (they stay on disk for older versions).
+    replaced: int = 0
+    #: Things passed over that are not manifest rows (hidden files, refused symlinks ...).
+    notes: list[str] = field(default_factory=list)
 
     def add_rows(self, rows: Iterable[dict[str, Any]]) -> None:
         """Count committed rows (each row once)."""
@@ -102,8 +106,12 @@ class RefreshSummary:
                     f"    {query:<{width}}  {counts.get('kept', 0):>6}{counts.get('duplicate', 0):>6}"
                     f"{counts.get('rejected', 0):>6}{counts.get('failed', 0):>6}"
                 )
+        if self.replaced:
+            lines.append(f"  replaced {self.replaced} earlier image(s) with a better copy (lossless, "
+                         "larger or captioned); older versions keep theirs")
         if self.exhausted:
             lines.append(f"  no older posts left for: {', '.join(sorted(self.exhausted))}")
+        lines += [f"  note: {note}" for note in self.notes]
         lines.append(
             f"  version: {self.version or 'none (nothing new kept)'}; "
             f"the data set holds {self.total_kept} images"

@@ -64,7 +64,7 @@ TRAPS: dict[str, str] = {
     "palette": "palette (mode P) PNG",
     "ugoira-zip": "file_ext zip (ugoira)",
     "cmyk": "CMYK JPEG",
-    "near-resize": "an earlier post scaled to 90%",
+    "near-resize": "an earlier post scaled to 90%, same format",
     "animated-gif": "animated GIF, 3 frames",
     "corrupt": "random bytes with a .png extension (md5 matches the bytes)",
     "truncated": "PNG cut at 60% (md5 matches the cut bytes)",
@@ -350,8 +350,9 @@ def _trap_post(rng: random.Random, post_id: int, trap: str, normals: list[FakePo
             # The copy must stay >= 512 on the short side, so the original is made larger.
             orig.recipe.size = (768, 1024)
             orig.width, orig.height = 768, 1024
-            r = Recipe("picture", seed=orig.recipe.seed, size=orig.recipe.size, fmt="png", scale=0.9)
-            w, h, ext = round(768 * 0.9), round(1024 * 0.9), "png"
+            # Same format as the original: the smaller copy is the worse one by every measure.
+            r = Recipe("picture", seed=orig.recipe.seed, size=orig.recipe.size, fmt=orig.recipe.fmt, scale=0.9)
+            w, h, ext = round(768 * 0.9), round(1024 * 0.9), orig.file_ext
         elif trap == "near-reencode":
             r = Recipe("picture", seed=orig.recipe.seed, size=orig.recipe.size, fmt="jpg", quality=60)
             w, h, ext = orig.width, orig.height, "jpg"
@@ -515,6 +516,7 @@ class RequestRecord:
     has_auth: bool
     auth_login: str | None = None
     status: int = 0
+    bytes_sent: int = 0
 
 
 _BLOCKED_AGENTS = ("python-requests", "python-urllib", "curl/", "wget/", "python-httpx", "go-http-client", "java/")
@@ -535,6 +537,12 @@ class FakeDanbooru:
     first posts.json with 429 + Retry-After: 1; `fail_once_503` answers the next one with 503;
     `flaky_download_ids` get a dropped connection half-way on their first file GET;
     `delay_once_s` makes the first posts.json answer that late (for client timeouts).
+
+    Download traps: `oversize_ids` stream `oversize_bytes` of junk (no Content-Length) instead
+    of their small declared file; `file_urls` replace a post's listed file_url (``{base}``,
+    ``{port}`` are filled in, e.g. ``"ftp://{port}/x.png"`` or ``"http://localhost:{port}/..."``);
+    `redirects` answer a post's file GET with a 302 to the given location (same placeholders);
+    `raw_items` are listed verbatim at the top of every posts.json page (malformed posts).
     """
 
     GOLD_TAG_LIMIT = 6
@@ -550,6 +558,11 @@ class FakeDanbooru:
         fail_once_503: bool = False,
         flaky_download_ids: set[int] | frozenset[int] | tuple[int, ...] = (),
         delay_once_s: float = 0.0,
+        oversize_ids: set[int] | frozenset[int] | tuple[int, ...] = (),
+        oversize_bytes: int = 300 * 1024 * 1024,
+        file_urls: dict[int, str] | None = None,
+        redirects: dict[int, str] | None = None,
+        raw_items: list[Any] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         seed: int = 0,
@@ -562,6 +575,11 @@ class FakeDanbooru:
         self._fail_pending = fail_once_503
         self._flaky_pending = set(flaky_download_ids)
         self._delay_pending = float(delay_once_s)
+        self.oversize_ids = set(oversize_ids)
+        self.oversize_bytes = int(oversize_bytes)
+        self.file_urls = dict(file_urls or {})
+        self.redirects = dict(redirects or {})
+        self.raw_items = list(raw_items or [])
         self._seed = seed
         self._added = 0
         self._host, self._port = host, port
@@ -703,7 +721,17 @@ class FakeDanbooru:
         else:
             raise _HttpError(422, f"invalid page {page!r}")
         base = self.url
-        return [p.to_json(base) for p in chosen]
+        listed = []
+        for p in chosen:
+            item = p.to_json(base)
+            if p.id in self.file_urls:
+                item["file_url"] = self.fill(self.file_urls[p.id])
+            listed.append(item)
+        return list(self.raw_items) + listed
+
+    def fill(self, template: str) -> str:
+        """A trap URL with ``{base}`` and ``{port}`` filled in."""
+        return template.replace("{base}", self.url).replace("{port}", str(self.port))
 
     def _take_flaky(self, post_id: int) -> bool:
         with self._lock:
@@ -767,6 +795,16 @@ def _make_handler(fake: FakeDanbooru) -> type[BaseHTTPRequestHandler]:
             post = fake.post(int(stem)) if stem.isdigit() else None
             if post is None or not post.has_file or name != post.filename:
                 raise _HttpError(404, "Not found")
+            if post.id in fake.redirects:
+                rec.status = 302
+                self.send_response(302)
+                self.send_header("Location", fake.fill(fake.redirects[post.id]))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if post.id in fake.oversize_ids:
+                self._stream_junk(rec, fake.oversize_bytes)
+                return
             data = post.data
             flaky = fake._take_flaky(post.id)
             rec.status = 200
@@ -783,6 +821,24 @@ def _make_handler(fake: FakeDanbooru) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             self.wfile.write(data)
+            rec.bytes_sent = len(data)
+
+        def _stream_junk(self, rec: RequestRecord, total: int) -> None:
+            """Far more bytes than the post declares, without a Content-Length (HTTP/1.0: the
+            body ends when the connection closes). Counts what was written before the client
+            hung up."""
+            rec.status = 200
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            chunk = b"\x89PNG" + bytes(64 * 1024 - 4)
+            try:
+                while rec.bytes_sent < total:
+                    self.wfile.write(chunk)
+                    rec.bytes_sent += len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = True
 
     return Handler
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from lora.data.dedup import hamming
 from lora.data.images import (
+    DEFAULT_MAX_PIXELS,
     ImageRejected,
     compute_phash,
     int_to_phash,
@@ -54,7 +55,7 @@ def test_decompression_bomb_rejected_before_decoding(picture, encoded):
     assert load_image(data, max_pixels=640 * 512).size == (640, 512)
 
 
-@pytest.mark.parametrize("side", [9000, 30000])  # over our 40 MP default / over Pillow's own limit
+@pytest.mark.parametrize("side", [13000, 30000])  # over our 150 MP default / over Pillow's own limit
 def test_header_claiming_huge_size_is_a_bomb(picture, encoded, side):
     # A small PNG whose IHDR claims 30000 x 30000 pixels (valid CRC): must be refused from the
     # header alone, without allocating 900 MB.
@@ -66,6 +67,20 @@ def test_header_claiming_huge_size_is_a_bomb(picture, encoded, side):
         load_image(bytes(data))
     assert exc.value.reason == "decompression-bomb"
     assert "too many pixels" in str(exc.value)
+
+
+@pytest.mark.parametrize("side", [8000, 12000])
+def test_a_large_real_image_size_is_not_a_bomb(picture, encoded, side):
+    # 8000 x 8000 = 64 MP (a real scan or a large illustration; the project used to refuse
+    # anything over 40 MP) and 144 MP pass the size check and are decoded; this header's
+    # pixel data is missing, so decoding then finds it truncated: not a bomb.
+    data = bytearray(encoded(picture(12, (64, 64)), "PNG"))
+    data[16:24] = struct.pack(">II", side, side)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    with pytest.raises(ImageRejected) as exc:
+        load_image(bytes(data))
+    assert exc.value.reason in ("truncated", "corrupt")
+    assert DEFAULT_MAX_PIXELS >= side * side
 
 
 def test_truncated_animated_gif_is_rejected(picture, encoded):
