@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from lora.fsutil import atomic_write, file_digest
+from lora.fsutil import atomic_write_bytes, file_digest
 
 from .buckets import Bucket, load_for_bucket
 from .dataset import Item
@@ -51,9 +51,9 @@ def model_key(model_id: str, vae_config: dict, text_config: dict) -> str:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    # No fsync: a damaged entry is detected on load and re-encoded. 0o666: plain open() mode.
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)),
-                 fsync=False, mode=0o666)
+    # No fsync: a damaged entry is detected on load and re-encoded. Serialised here rather than
+    # by save_file, which creates its file private (0600): a shared cache follows the umask.
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}), fsync=False)
 
 
 def _load(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor] | None:

@@ -6,7 +6,9 @@ or, for the lock, a real second process holding the run folder's lock.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -95,10 +97,25 @@ def test_second_trainer_is_kept_out_and_a_killed_one_does_not_block(tmp_path, da
     assert main(_base(dataset, run, "--stop-at-step", "1")) == 3
 
 
-def test_finished_run_is_extended_only_when_asked(tmp_path, dataset, capsys):
+@pytest.fixture()
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_finished_run_is_extended_only_when_asked(tmp_path, dataset, capsys, umask_022):
     run = tmp_path / "run"
     assert main(_base(dataset, run)) == 0
     capsys.readouterr()
+    # every file and folder of the run follows the umask (LoRA files, checkpoints, config, log)
+    modes = {str(p.relative_to(run)): stat.S_IMODE(p.stat().st_mode) for p in run.rglob("*")
+             if p.name != ".lock"}
+    assert "lora/run.safetensors" in modes and "checkpoints/step-4/trainable.safetensors" in modes
+    assert {k: oct(m) for k, m in modes.items() if (run / k).is_file() and m != 0o644} == {}
+    assert {m for k, m in modes.items() if (run / k).is_dir()} == {0o755}, modes
     lora_dir = run / "lora"
     before = {p.name: p.read_bytes() for p in lora_dir.iterdir()}
     assert len(before) == 2
