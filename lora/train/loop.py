@@ -35,7 +35,7 @@ from lora.config import ConfigError, TrainConfig, make_config
 
 from . import checkpoint as ckpt
 from .batching import epoch_steps
-from .cache import build_cache, encode_prompts
+from .cache import build_cache, encode_prompts, train_cache_root
 from .distributed import any_process, is_main_launched_process, launched_rank
 from .host import host_threads_for
 from .log import LOG_NAME, close_epoch, new_log, write_log
@@ -170,7 +170,7 @@ class _Trainer:
         self.text_encoder = comps.text_encoder
         self.live_text = cfg.caption_shuffle or cfg.train_text_encoder
 
-        cache_root = Path(cfg.cache_dir) if cfg.cache_dir else plan.dataset_dir / "cache" / "train"
+        cache_root = train_cache_root(plan.dataset_dir, cfg.cache_dir)
         common = dict(root=cache_root, model_id=comps.model_id, vae=comps.vae,
                       text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                       resolution=cfg.resolution, device=self.device)
