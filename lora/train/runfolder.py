@@ -84,6 +84,9 @@ def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
         run_dir.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise RunFolderError(f"run folder {run_dir} is a file, not a folder; use another --run-dir") from None
+    except OSError as exc:  # a parent that is a file, no permission, a read-only mount
+        raise RunFolderError(f"cannot create run folder {run_dir} ({exc.strerror or exc}); "
+                             "use another --run-dir") from None
     lock = FileLock(str(run_dir / LOCK_NAME), timeout=0)
     try:
         lock.acquire()

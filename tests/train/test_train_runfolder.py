@@ -53,12 +53,19 @@ def test_segment_limits_are_checked_by_the_library_too(tmp_path, tiny_cfg):
         train(tiny_cfg(), tmp_path / "r", time_budget_s=-60)
 
 
+def test_serve_limit_is_checked(capsys):
+    assert main(["serve", "--limit", "0"]) == 2
+    assert _one_error_line(capsys) == "error: --limit must be >= 1, got 0"
+
+
 def test_run_folder_that_is_a_file_exits_2(tmp_path, dataset, capsys):
     not_a_folder = tmp_path / "run"
     not_a_folder.write_text("my notes\n")
     assert main(_base(dataset, not_a_folder)) == 2
     assert "is a file, not a folder" in _one_error_line(capsys)
     assert not_a_folder.read_text() == "my notes\n"
+    assert main(_base(dataset, not_a_folder / "inside")) == 2
+    assert "cannot create run folder" in _one_error_line(capsys)
 
 
 def test_failed_first_attempt_does_not_pin_the_config(tmp_path, dataset, capsys):
