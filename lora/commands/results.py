@@ -32,6 +32,9 @@ def _analyze(args: argparse.Namespace) -> int:
     if not (args.spike_threshold > 0):
         return _fail(f"--spike-threshold must be a positive percentage, got {args.spike_threshold}",
                      2)
+    missing = [item for item in args.logs if not Path(item).exists()]
+    if missing:  # a path on the command line that is not there: a usage error
+        return _fail(f"{missing[0]}: no such file or run folder", 2)
     analyses = []
     for item in args.logs:
         try:
@@ -136,6 +139,8 @@ def _publish(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not run.is_dir():
         return _fail(f"{run}: run folder not found", 2)
+    if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
+        return _fail(f"--repo-id must look like USER/NAME, got {args.repo_id!r}", 2)
     try:
         result = publish(run, args.repo_id, private=args.private, endpoint=args.endpoint,
                          dry_run=args.dry_run, trigger_word=args.trigger_word,
