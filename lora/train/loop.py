@@ -38,7 +38,7 @@ from .batching import epoch_steps
 from .cache import build_cache, encode_prompts, train_cache_root
 from .distributed import any_process, is_main_launched_process, launched_rank
 from .host import host_threads_for
-from .log import LOG_NAME, close_epoch, new_log, write_log
+from .log import close_epoch, new_log, write_log
 from .noise import shuffle_caption
 from .plan import DataPlan, make_plan
 from .runfolder import CONFIG_NAME, DIFFUSERS_FILE, LORA_DIR, lora_files, run_folder, run_lock, settle_finished_run  # noqa: F401
