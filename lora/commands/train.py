@@ -2,7 +2,9 @@
 
 Exit codes: 0 the run is complete (LoRA files written); 3 stopped early and resumable
 (time budget or --stop-at-step) — re-run the same command to continue; 2 bad arguments,
-config or data set; 1 runtime failure (model cannot load, out of memory, ...).
+config or data set, or a run folder that cannot take this run (a file, another trainer in it,
+another run's settings, a finished run without --extend); 1 runtime failure (model cannot
+load, out of memory, ...).
 """
 from __future__ import annotations
 
