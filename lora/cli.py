@@ -54,6 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last net: one line, exit 1; -v shows the traceback
+        if args.verbose:
+            raise
+        detail = " ".join(str(exc).split())[:300]
+        print(f"error: {args.command} failed: {type(exc).__name__}{': ' + detail if detail else ''} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

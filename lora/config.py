@@ -72,7 +72,7 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     model: str = DEFAULT_MODEL
     dataset: str | None = None
     dataset_version: str | None = None
-    cache_dir: str | None = None  # default: <dataset>/cache/train
+    cache_dir: str | None = None  # default: lora.train.cache.train_cache_root (never the data set)
     target_dataset_size: int | None = Field(default=None, gt=0)
 
     # schedule

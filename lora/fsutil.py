@@ -12,6 +12,10 @@ one tested copy. Rules it keeps:
   an empty file. Callers that never fsynced (reports, plots, caches) may opt out.
 - A folder is replaced by a fully built sibling; the old one is removed only after the new
   one is in place, and is put back when the swap itself fails.
+- What is created follows the umask, as ``open()`` and ``mkdir`` do (0644 files and 0755
+  folders under the usual umask 022), never the private 0600/0700 of ``tempfile.mkstemp`` /
+  ``mkdtemp``: data sets, LoRA files and samples are read by other programs, often under
+  another user (an A1111/ComfyUI container, a Prefect worker).
 
 No Prefect, no third-party imports: this is imported by the lowest layers.
 """
@@ -32,6 +36,7 @@ __all__ = [
     "atomic_write_text",
     "file_digest",
     "fsync_path",
+    "make_temp_dir",
     "swap_dir",
 ]
 
@@ -41,7 +46,7 @@ _CHUNK = 1 << 20
 def _create_temp(folder: Path, prefix: str, suffix: str, mode: int) -> Path:
     """A new, empty file with a unique name in ``folder`` (``O_EXCL``, so never someone else's).
 
-    ``mode`` goes through the umask like ``open()``; 0o600 equals ``tempfile.mkstemp``.
+    ``mode`` goes through the umask like ``open()`` (0o666 gives what ``open()`` gives).
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
@@ -83,20 +88,22 @@ def atomic_write(
     suffix: str = ".tmp",
     fsync: bool = True,
     exclusive: bool = False,
-    mode: int = 0o600,
+    mode: int = 0o666,
 ) -> Path:
     """Create or replace ``path`` with whatever ``write(tmp)`` puts into a temporary file.
 
     ``write`` receives the path of an existing, empty temporary file in ``path``'s folder
     (created as ``<prefix><random><suffix>``, prefix default ``.<name>.``) and may open,
-    truncate or overwrite it by name (e.g. ``pq.write_table``, ``safetensors.save_file``).
+    truncate or overwrite it by name (e.g. ``pq.write_table``). A writer that replaces the file
+    by a rename of its own (safetensors' ``save_file``) leaves that file's permissions, 0600 for
+    safetensors: serialise to bytes (``safetensors.torch.save``) and use :func:`atomic_write_bytes`.
     Then the file is fsynced (``fsync=True``) and renamed over ``path``. If anything fails,
     ``path`` keeps its old content and the temporary file is removed; the error propagates.
 
     ``exclusive=True`` creates ``path`` only if it does not exist yet (FileExistsError
     otherwise), atomically even between processes. ``mode`` is the new file's permission
-    before the umask: 0o600 (default) is what ``tempfile.mkstemp`` gives, 0o666 what
-    ``open()`` gives. The parent folder is created if needed. Returns ``path``.
+    before the umask: 0o666 (default) is what ``open()`` gives; pass 0o600 for a file only
+    its owner may read. The parent folder is created if needed. Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +130,7 @@ def atomic_write_bytes(
     suffix: str = ".tmp",
     fsync: bool = True,
     exclusive: bool = False,
-    mode: int = 0o600,
+    mode: int = 0o666,
 ) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda tmp: tmp.write_bytes(data), prefix=prefix, suffix=suffix,
@@ -139,7 +146,7 @@ def atomic_write_text(
     suffix: str = ".tmp",
     fsync: bool = True,
     exclusive: bool = False,
-    mode: int = 0o600,
+    mode: int = 0o666,
 ) -> Path:
     """Write ``text`` (encoded, newlines untouched) to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode(encoding), prefix=prefix, suffix=suffix,
@@ -155,7 +162,7 @@ def atomic_write_json(
     suffix: str = ".tmp",
     fsync: bool = True,
     exclusive: bool = False,
-    mode: int = 0o600,
+    mode: int = 0o666,
 ) -> Path:
     """Write ``obj`` as JSON (``json.dumps(obj, indent=indent)`` plus a final newline) atomically.
 
@@ -165,6 +172,24 @@ def atomic_write_json(
     text = json.dumps(obj, indent=indent) + "\n"
     return atomic_write_text(path, text, prefix=prefix, suffix=suffix, fsync=fsync,
                              exclusive=exclusive, mode=mode)
+
+
+def make_temp_dir(parent: Path | str, prefix: str) -> Path:
+    """A new, empty folder ``<prefix><random>`` in ``parent`` (created if needed), never an existing one.
+
+    Like ``tempfile.mkdtemp`` but with ``mkdir``'s permissions (0o777 minus the umask), since
+    the folder is usually renamed into place as an output (samples, a staged upload).
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise FileExistsError(f"no unused temporary folder name {prefix}* in {parent}")
 
 
 def swap_dir(tmp_dir: Path | str, target_dir: Path | str, *, old: Path | str | None = None) -> None:

@@ -10,6 +10,10 @@ Layout of ``out_dir`` (rebuilt as a whole each time, swapped in atomically)::
     grid.png                         rows = prompt x seed, columns = base / run names
     images/<column>_p<k>_s<seed>.png one file per image
     samples.json                     settings and one record per image
+    .animelora-samples               marks the folder as this module's output
+
+Only such a folder (or an empty or new one) is ever replaced: a folder holding anything else,
+or a file, is refused before any model is loaded, so ``--out`` can never cost a user a file.
 """
 from __future__ import annotations
 
@@ -18,14 +22,13 @@ import logging
 import re
 import shutil
 import sys
-import tempfile
 import textwrap
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from lora.fsutil import swap_dir
+from lora.fsutil import make_temp_dir, swap_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,18 @@ LCM_GUIDANCE = 1.0
 SCHEDULERS = ("euler_a", "dpm++", "euler", "ddim", "lcm")
 BASE_COLUMN = "base"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+#: Written into every samples folder: the folder is ours to replace on the next run.
+OUT_MARKER = ".animelora-samples"
+_MARKER_TEXT = ("Written by `animelora sample`. The next run with this output folder replaces the folder "
+                "as a whole, as long as it holds only what animelora wrote.\n")
 
 
 class SampleError(RuntimeError):
     """Sampling cannot start (a missing LoRA, LCM-LoRA or base model); one-line message."""
+
+
+class SampleUsageError(SampleError):
+    """The arguments cannot work (output folder, device, steps, prompts): a usage error."""
 
 
 @dataclass(frozen=True)
@@ -122,11 +133,85 @@ def _lora_weight_file(run_dir: Path) -> Path:
 
 
 def _device(device: str) -> str:
-    if device != "auto":
-        return device
+    """The device to render on; one that does not exist here is a :class:`SampleUsageError`."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SampleUsageError(f"device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SampleUsageError(f"device {device!r}: no CUDA device is available here; use cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise SampleUsageError(f"device {device!r}: this machine has {count} CUDA device(s) "
+                                   f"(cuda:0 to cuda:{count - 1})")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if not (mps and mps.is_available()):
+            raise SampleUsageError(f"device {device!r}: Apple MPS is not available here; use cpu or auto")
+    elif dev.type != "cpu":
+        raise SampleUsageError(f"device {device!r} is not supported for sampling; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _own_listing(folder: Path) -> set[str] | None:
+    """The files a samples folder of ours may hold (relative names), or None if it is not ours.
+
+    Ours: it has the marker, or (written before the marker existed) a samples.json of this
+    module's shape. Its image files are the ones samples.json lists.
+    """
+    meta_path = folder / "samples.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
+    except (OSError, ValueError):
+        meta = None
+    shaped = (isinstance(meta, dict) and isinstance(meta.get("images"), list)
+              and isinstance(meta.get("columns"), list))
+    if not (folder / OUT_MARKER).is_file() and not shaped:
+        return None
+    allowed = {OUT_MARKER, "samples.json", "grid.png", "images"}
+    if shaped:
+        allowed |= {r["file"] for r in meta["images"] if isinstance(r, dict) and isinstance(r.get("file"), str)}
+    else:
+        allowed |= {f"images/{p.name}" for p in (folder / "images").glob("*.png")}
+    return allowed
+
+
+def check_out_dir(out_dir: Path | str, run_dirs: Sequence[Path] = ()) -> Path:
+    """The resolved output folder, if writing there can lose nothing; else :class:`SampleUsageError`.
+
+    Accepted: a new folder, an empty one, or an earlier samples folder of ours that holds
+    nothing else. Refused: a file, a folder with anything of someone else's in it, the current
+    folder or one above it, a run folder or one above a run folder.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise SampleUsageError(f"output folder {out} is a file; name a folder (a file is never replaced)")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise SampleUsageError(f"output folder {out} is the current folder or holds it; name a new "
+                               f"sub-folder such as {out / 'samples'}")
+    for run in run_dirs:
+        run = Path(run).expanduser().resolve()
+        if out == run or out in run.parents:
+            raise SampleUsageError(f"output folder {out} is (or holds) the run folder {run}; name a new "
+                                   f"sub-folder such as {run / 'samples'}")
+    if out.is_dir() and any(out.iterdir()):
+        allowed = _own_listing(out)
+        if allowed is None:
+            raise SampleUsageError(f"output folder {out} is not empty and was not written by animelora sample; "
+                                   "name a new or empty folder (nothing was changed)")
+        foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                         if str(p.relative_to(out)) not in allowed or (p.is_symlink()))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise SampleUsageError(f"output folder {out} holds files animelora sample did not write ({shown}); "
+                                   "move them away or name another folder (nothing was changed)")
+    return out
 
 
 def _set_scheduler(pipe: Any, name: str) -> None:
@@ -263,15 +348,15 @@ def generate_samples(
 
     runs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(r) for r in run_dirs]
     if not runs:
-        raise SampleError("no run folder given to sample")
+        raise SampleUsageError("no run folder given to sample")
     weights = [_lora_weight_file(r) for r in runs]
     names = _unique([r.name for r in runs])
     prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise SampleError("prompts must be a non-empty list of non-empty strings")
+        raise SampleUsageError("prompts must be a non-empty list of non-empty strings")
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
-        raise SampleError("at least one seed is needed")
+        raise SampleUsageError("at least one seed is needed")
     lcm_path = Path(lcm_lora) if lcm_lora else None
     if lcm_path is not None and not lcm_path.exists():
         raise SampleError(f"LCM-LoRA weights not found at {lcm_path}: download "
@@ -280,14 +365,18 @@ def generate_samples(
     tiny = base_model == "tiny"
     if lcm_path is not None:
         scheduler = "lcm"
-    steps = int(steps or (LCM_STEPS if lcm_path else TINY_STEPS if tiny else DEFAULT_STEPS))
+    steps = int(steps if steps is not None else (LCM_STEPS if lcm_path else TINY_STEPS if tiny else DEFAULT_STEPS))
     guidance = float(guidance if guidance is not None else (LCM_GUIDANCE if lcm_path else 7.0))
-    size = int(resolution or (TINY_RESOLUTION if tiny else 512))
+    size = int(resolution if resolution is not None else (TINY_RESOLUTION if tiny else 512))
     batch_size = max(1, int(batch_size))
     if steps <= 0 or size <= 0 or size % 8:
-        raise SampleError(f"steps must be > 0 and resolution a multiple of 8 (got {steps}, {size})")
+        raise SampleUsageError(f"steps must be > 0 and resolution a positive multiple of 8 (got {steps}, {size})")
+    if scheduler not in SCHEDULERS:
+        raise SampleUsageError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
 
     dev = _device(device)
+    shown_out = Path(out_dir)
+    out = check_out_dir(shown_out, runs)  # before the model loads: a refusal costs nothing
     dtype = torch.float16 if dev.startswith("cuda") else torch.float32
     pipe = load_pipeline(base_model, dtype=dtype, device=dev)
     _set_scheduler(pipe, scheduler)
@@ -313,9 +402,7 @@ def generate_samples(
             raise SampleError(f"{lcm_path}: cannot load LCM-LoRA ({type(exc).__name__}: "
                               f"{' '.join(str(exc).split())[:200]})") from exc
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
     columns = [BASE_COLUMN] + names
     records: list[SampleImage] = []
     files: dict[tuple[int, int, int], Path] = {}
@@ -360,6 +447,8 @@ def generate_samples(
             "device": dev, "grid": "grid.png", "images": [asdict(r) for r in records],
         }
         (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / OUT_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
+        check_out_dir(out, runs)  # nothing of anyone else's arrived while rendering
         swap_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -367,8 +456,8 @@ def generate_samples(
     finally:
         close()
     log.info("wrote %d sample images and %s", len(records), out / "grid.png")
-    return SamplesResult(out_dir=out, grid_path=out / "grid.png", json_path=out / "samples.json",
-                         columns=columns, images=records)
+    return SamplesResult(out_dir=shown_out, grid_path=shown_out / "grid.png",
+                         json_path=shown_out / "samples.json", columns=columns, images=records)
 
 
 def _activate(pipe: Any, adapter: str | None, scale: float, lcm: bool) -> None:

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        print(f"error: --limit must be >= 1, got {args.limit}", file=sys.stderr)
+        return 2
     serve = importlib.import_module("deployments.serve")
     return serve.main(limit=args.limit)
 

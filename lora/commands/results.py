@@ -32,6 +32,9 @@ def _analyze(args: argparse.Namespace) -> int:
     if not (args.spike_threshold > 0):
         return _fail(f"--spike-threshold must be a positive percentage, got {args.spike_threshold}",
                      2)
+    missing = [item for item in args.logs if not Path(item).exists()]
+    if missing:  # a path on the command line that is not there: a usage error
+        return _fail(f"{missing[0]}: no such file or run folder", 2)
     analyses = []
     for item in args.logs:
         try:
@@ -98,7 +101,7 @@ def _sample(args: argparse.Namespace) -> int:
     if not model:
         return _fail(f"{run}: no base model in config.json; pass --model tiny|HUB_ID|PATH", 2)
 
-    from lora.sample import SampleError, generate_samples, read_prompts
+    from lora.sample import SampleError, SampleUsageError, generate_samples, read_prompts
 
     try:
         prompts = read_prompts(args.prompts) if args.prompts else None
@@ -113,12 +116,16 @@ def _sample(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run / "samples"
     try:
         result = generate_samples(model, [run, *map(Path, args.compare)], out, **kwargs)
+    except SampleUsageError as exc:  # --out, --device, --steps, --resolution: nothing was written
+        return _fail(str(exc), 2)
     except SampleError as exc:
         return _fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - model loading errors come as one line too
+    except Exception as exc:  # noqa: BLE001 - model loading and I/O errors come as one line too
+        if getattr(args, "verbose", False):
+            raise
         if type(exc).__name__ == "ModelLoadError":
             return _fail(str(exc))
-        raise
+        return _fail(f"sampling failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
     print(f"{len(result.images)} images in {result.out_dir}")
     print(f"grid: {result.grid_path}")
     print(f"settings: {result.json_path}")
@@ -132,6 +139,8 @@ def _publish(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not run.is_dir():
         return _fail(f"{run}: run folder not found", 2)
+    if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
+        return _fail(f"--repo-id must look like USER/NAME, got {args.repo_id!r}", 2)
     try:
         result = publish(run, args.repo_id, private=args.private, endpoint=args.endpoint,
                          dry_run=args.dry_run, trigger_word=args.trigger_word,
@@ -181,7 +190,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--lcm-lora", metavar="PATH",
                    help="local LCM-LoRA weights for fast few-step sampling")
-    p.add_argument("--out", help="output folder (default RUN/samples)")
+    p.add_argument("--out", help="output folder (default RUN/samples): new, empty, or an earlier "
+                                 "samples folder, which is replaced; any other folder or a file is refused")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser(

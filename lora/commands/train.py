@@ -3,8 +3,9 @@
 Exit codes: 0 the run is complete (LoRA files written); 3 stopped early and resumable
 (time budget, --stop-at-step, or a first Ctrl-C / SIGTERM: the current step is finished and
 a checkpoint written) — re-run the same command to continue; 2 bad arguments, config or data
-set; 1 runtime failure (model cannot load, out of memory, ...); 130 / 143 a second Ctrl-C /
-SIGTERM, which stops at once without a checkpoint.
+set, or a run folder that cannot take this run (a file, another trainer in it, another run's
+settings, a finished run without --extend); 1 runtime failure (model cannot load, out of
+memory, ...); 130 / 143 a second Ctrl-C / SIGTERM, which stops at once without a checkpoint.
 """
 from __future__ import annotations
 
@@ -64,9 +65,23 @@ def _print_progress(info: dict) -> None:
               f"lr {info.get('lr', 0):.2e} eta {eta_txt}", file=sys.stderr, flush=True)
 
 
+def _segment_problem(args: argparse.Namespace) -> str | None:
+    """A segment limit that could never let the run progress (a wrapper re-running on exit 3
+    would loop forever), named by its flag."""
+    if args.time_budget_minutes is not None and not args.time_budget_minutes > 0:
+        return f"--time-budget-minutes must be > 0, got {args.time_budget_minutes:g}"
+    if args.stop_at_step is not None and args.stop_at_step < 1:
+        return f"--stop-at-step must be >= 1, got {args.stop_at_step}"
+    return None
+
+
 def _handler(args: argparse.Namespace) -> int:
     from lora.config import ConfigError, resolve_config
 
+    problem = _segment_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     try:
         cfg = resolve_config(args.preset, _overrides(args), Path(args.config) if args.config else None)
     except (ConfigError, ValueError) as exc:
@@ -78,7 +93,7 @@ def _handler(args: argparse.Namespace) -> int:
     budget = args.time_budget_minutes * 60 if args.time_budget_minutes is not None else None
     try:
         result = train(cfg, Path(args.run_dir), stop_at_step=args.stop_at_step, time_budget_s=budget,
-                       on_progress=None if args.quiet else _print_progress)
+                       on_progress=None if args.quiet else _print_progress, extend=args.extend)
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -140,5 +155,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--low-memory", action="store_true",
                         help="fit an 8 GB card at batch 4 (gradient checkpointing, no CUDA graphs/compile)")
     parser.add_argument("--stop-at-step", type=int, default=None, help="stop at this global step (exit 3)")
+    parser.add_argument("--extend", action="store_true",
+                        help="train a finished run on to a larger --max-steps, from its final checkpoint "
+                        "(its LoRA files are kept in lora-step-<n>/)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-step progress lines")
     parser.set_defaults(func=_handler)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora.fsutil import swap_dir
+from lora.fsutil import make_temp_dir, swap_dir
 from lora.hub.card import DEFAULT_LICENSE, render_card
 from lora.hub.runinfo import gather, read_json
 
@@ -81,7 +80,7 @@ def stage_run(
     _ensure_report(run_dir)
     info = gather(run_dir, trigger_word)
 
-    tmp = Path(tempfile.mkdtemp(prefix=".hub.tmp-", dir=run_dir))
+    tmp = make_temp_dir(run_dir, ".hub.tmp-")
     try:
         for src in info.lora_files:
             _copy(src, tmp / src.name)

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from lora.fsutil import atomic_write
+from lora.fsutil import atomic_write, atomic_write_bytes, make_temp_dir
 
 from .lora_layers import lora_config_of
 
@@ -59,11 +58,13 @@ def export_diffusers(unet: torch.nn.Module, out_dir: Path, *, text_encoder: torc
             _classic_te_path(k): v for k, v in _peft_state_dict(text_encoder).items()
         }
         kwargs["text_encoder_lora_adapter_metadata"] = _config_metadata(text_encoder)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    tmp = make_temp_dir(out_dir, ".export-")
     try:
         StableDiffusionPipeline.save_lora_weights(tmp, weight_name=DIFFUSERS_WEIGHT_NAME, **kwargs)
         target = out_dir / DIFFUSERS_WEIGHT_NAME
-        os.replace(tmp / DIFFUSERS_WEIGHT_NAME, target)
+        # copied into a file of our own rather than renamed: diffusers writes it private (0600),
+        # and the LoRA file must follow the umask like every other output
+        atomic_write(target, lambda dest: shutil.copyfile(tmp / DIFFUSERS_WEIGHT_NAME, dest), fsync=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -114,7 +115,7 @@ def export_kohya(
     config); ``metadata`` values must be strings (JSON-encode structured values such as
     ``ss_tag_frequency``). fp32 by default: the files are small and lossless.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
@@ -146,7 +147,8 @@ def export_kohya(
             raise TypeError(f"kohya metadata {key!r}: keys and values must be strings (JSON-encode structures)")
         header[key] = value
 
-    return atomic_write(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=header), fsync=False)
+    # serialised here and written by us: safetensors' save_file creates its file private (0600)
+    return atomic_write_bytes(out_path, save(tensors, metadata=header), fsync=False)
 
 
 def _num(x: float) -> str:

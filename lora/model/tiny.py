@@ -23,8 +23,9 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from lora.fsutil import make_temp_dir
 
 TINY_MODEL_NAME = "tiny-sd15-v1"
 TINY_RESOLUTION = 64  # recommended training/sampling size in pixels
@@ -64,7 +65,7 @@ def ensure_tiny_model(root: Path | None = None) -> Path:
     if _is_complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_NAME}-", dir=root))
+    tmp = make_temp_dir(root, f".{TINY_MODEL_NAME}-")  # readable by other users, like the rest of the cache
     try:
         build_tiny_pipeline_folder(tmp)
         (tmp / ".complete").write_text("ok\n")

@@ -1,6 +1,6 @@
 """On-disk cache of VAE latents and text embeddings, so a training step runs only the UNet.
 
-Layout, under ``<cache root>/<model key>/`` (default cache root ``<dataset>/cache/train``)::
+Layout, under ``<cache root>/<model key>/`` (the cache root: :func:`train_cache_root`)::
 
     latents-r<resolution>/<image sha256>-<W>x<H>.safetensors   {"latent", "latent_flip"?}
     text/<caption sha256>.safetensors                          {"hidden"}
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -26,16 +27,52 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from lora.fsutil import atomic_write, file_digest
+from lora.fsutil import atomic_write_bytes, file_digest
 
 from .buckets import Bucket, load_for_bucket
 from .dataset import Item
 
 log = logging.getLogger(__name__)
 ENCODE_BATCH = 8
+#: Environment variable naming the folder of every animelora cache (the tiny model too).
+CACHE_ENV = "ANIMELORA_CACHE"
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` (or its nearest existing parent) can take new files."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
+    return False
+
+
+def _workspace_of(dataset_dir: Path) -> Path | None:
+    """The workspace a data set lives in (``<ws>/datasets/<name>``), or None."""
+    return dataset_dir.parent.parent if dataset_dir.parent.name == "datasets" else None
+
+
+def train_cache_root(dataset_dir: Path | str, cache_dir: Path | str | None = None) -> Path:
+    """Where the latent and text-embedding caches of a run on ``dataset_dir`` go.
+
+    Never inside the data set, which may be read-only (a shared mount, a Kaggle input) and is
+    not the trainer's to change. In order: ``cache_dir`` (the ``cache_dir`` setting);
+    ``$ANIMELORA_CACHE/train``; ``<workspace>/cache/train`` for a data set of a workspace
+    (``<workspace>/datasets/<name>``) whose folder is writable; else the user's cache,
+    ``~/.cache/animelora/train`` (beside the tiny model). Entries are keyed by content and
+    model, so one cache serves every data set and run.
+    """
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser() / "train"
+    workspace = _workspace_of(Path(dataset_dir).expanduser().resolve())
+    if workspace is not None and _writable(workspace / "cache"):
+        return workspace / "cache" / "train"
+    return Path.home() / ".cache" / "animelora" / "train"
 
 
 def file_sha256(path: Path) -> str:
@@ -51,9 +88,9 @@ def model_key(model_id: str, vae_config: dict, text_config: dict) -> str:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    # No fsync: a damaged entry is detected on load and re-encoded. 0o666: plain open() mode.
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)),
-                 fsync=False, mode=0o666)
+    # No fsync: a damaged entry is detected on load and re-encoded. Serialised here rather than
+    # by save_file, which creates its file private (0600): a shared cache follows the umask.
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}), fsync=False)
 
 
 def _load(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor] | None:

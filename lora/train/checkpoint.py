@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from lora.fsutil import atomic_write_json, file_digest, fsync_path, swap_dir
 
@@ -160,7 +160,8 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / WEIGHTS))
+    # bytes written by open(), not save_file (which creates its file 0600): files follow the umask
+    (tmp / WEIGHTS).write_bytes(save({k: v.detach().cpu().contiguous() for k, v in trainable.items()}))
     torch.save(optimizer, tmp / OPTIMIZER)
     torch.save(scheduler, tmp / SCHEDULER)
     rng_json, rng_tensors = rng_snapshot()

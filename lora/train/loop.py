@@ -30,11 +30,11 @@ from typing import Any, Callable
 
 import torch
 
-from lora.config import ConfigError, TrainConfig, config_differences, make_config
+from lora.config import ConfigError, TrainConfig, make_config
 
 from . import checkpoint as ckpt
 from .batching import epoch_steps
-from .cache import build_cache, encode_prompts
+from .cache import build_cache, encode_prompts, train_cache_root
 from .distributed import AgreedFlag, any_process, is_main_launched_process, launched_rank
 from .errors import NonFiniteLossError, TrainingError
 from .host import host_threads_for
@@ -42,7 +42,11 @@ from .interrupt import StopSignals
 from .log import LOG_NAME, TrainingLog
 from .noise import shuffle_caption
 from .pipeline import FinishedStep, StepPipeline
-from .plan import DataPlan, dataset_dir_of, make_plan
+from .plan import DataPlan, make_plan
+from .runfolder import CONFIG_NAME, DIFFUSERS_FILE, LORA_DIR, lora_files, run_folder, run_lock, settle_finished_run
+from .runfolder import pin_config as _pin_config
+from .runfolder import read_log as _read_log
+from .runfolder import write_config as _write_config
 from .runstate import RunState
 from .schedule import Boundary, Checkpoint, Interrupted, Progress, Schedule, StepTarget, TimeBudget, Validation
 from .seeds import derive_seed
@@ -52,11 +56,8 @@ from .validation import validation_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "TrainResult", "TrainingError", "lora_files", "train"]
-
-CONFIG_NAME = "config.json"
-LORA_DIR = "lora"
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+__all__ = ["CONFIG_NAME", "DIFFUSERS_FILE", "LORA_DIR", "NonFiniteLossError", "TrainResult", "TrainingError",
+           "lora_files", "train"]
 
 
 @dataclass
@@ -67,66 +68,6 @@ class TrainResult:
     stopped_reason: str  # "complete" | "step-target" | "time-budget" | "interrupted"
     run_dir: Path
     lora_files: list[Path] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------
-# run folder and config
-
-
-def _existing_config(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / CONFIG_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable run config ({exc}); move it away to start over") from None
-
-
-def _pin_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    """Normalise the config for this run folder and refuse a different existing run."""
-    updates: dict[str, Any] = {"run_name": cfg.run_name or run_dir.name,
-                               "dataset": str(dataset_dir_of(cfg))}
-    existing = _existing_config(run_dir)
-    old = (existing or {}).get("config")
-    if old and cfg.dataset_version is None and old.get("dataset_version"):
-        updates["dataset_version"] = old["dataset_version"]  # a run stays on its version
-    cfg = make_config({**cfg.model_dump(), **updates})
-    if old:
-        diffs = config_differences(old, cfg.model_dump(mode="json"))
-        if diffs:
-            details = ", ".join(f"{k} ({old.get(k)!r} -> {getattr(cfg, k, None)!r})" for k in diffs)
-            raise ConfigError(
-                f"run folder {run_dir} holds a run with a different config: {details}; "
-                "use another --run-dir or the same settings"
-            )
-    return cfg
-
-
-def _write_config(run_dir: Path, cfg: TrainConfig, plan: DataPlan) -> None:
-    ckpt.write_json_atomic(run_dir / CONFIG_NAME, {
-        "config": cfg.model_dump(mode="json"),
-        "dataset_version": plan.version,
-        "base_model": cfg.model,
-        "dataset_dir": str(plan.dataset_dir),
-        "total_steps": plan.total_steps,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "num_train_images": len(plan.train_items),
-        "num_validation_images": len(plan.val_items),
-        "validation_images": [i.name for i in plan.val_items],
-    })
-
-
-def lora_files(run_dir: Path, run_name: str) -> list[Path]:
-    files = [run_dir / LORA_DIR / DIFFUSERS_FILE, run_dir / LORA_DIR / f"{run_name}.safetensors"]
-    return files if all(p.is_file() for p in files) else []
-
-
-def _read_log(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((run_dir / LOG_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +159,7 @@ class _Trainer:
         self.text_encoder = comps.text_encoder
         self.live_text = cfg.caption_shuffle or cfg.train_text_encoder
 
-        cache_root = Path(cfg.cache_dir) if cfg.cache_dir else plan.dataset_dir / "cache" / "train"
+        cache_root = train_cache_root(plan.dataset_dir, cfg.cache_dir)
         common = dict(root=cache_root, model_id=comps.model_id, vae=comps.vae,
                       text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                       resolution=cfg.resolution, device=self.device)
@@ -356,6 +297,7 @@ def train(
     stop_at_step: int | None = None,
     time_budget_s: float | None = None,
     on_progress: Callable[[dict], None] | None = None,
+    extend: bool = False,
 ) -> TrainResult:
     """Train or resume the run in ``run_dir`` for one segment (see the module docstring).
 
@@ -365,11 +307,20 @@ def train(
     checkpoint on disk. ``on_progress`` gets ``{step, total_steps, epoch, loss, lr, eta_s,
     images_per_sec}`` after every step. On a GPU the run uses one torch CPU thread unless
     ``OMP_NUM_THREADS`` says otherwise (lora/train/host.py says why).
+
+    One trainer per run folder (a second one gets :class:`~lora.train.runfolder.RunFolderError`);
+    a finished run is trained further only with ``extend`` (lora/train/runfolder.py).
     """
+    if stop_at_step is not None and (isinstance(stop_at_step, bool) or stop_at_step < 1):
+        raise ConfigError(f"invalid training segment: stop_at_step must be >= 1, got {stop_at_step}")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise ConfigError(f"invalid training segment: time_budget_s must be > 0, got {time_budget_s}")
+    run_dir = run_folder(run_dir)
     signals = StopSignals()
-    with host_threads_for(torch.cuda.is_available()), signals.installed():
+    with host_threads_for(torch.cuda.is_available()), run_lock(run_dir, enabled=is_main_launched_process()), \
+            signals.installed():
         return _train_segment(cfg, run_dir, stop_at_step=stop_at_step, time_budget_s=time_budget_s,
-                              on_progress=on_progress, signals=signals)
+                              on_progress=on_progress, signals=signals, extend=extend)
 
 
 def _train_segment(
@@ -380,6 +331,7 @@ def _train_segment(
     time_budget_s: float | None,
     on_progress: Callable[[dict], None] | None,
     signals: StopSignals | None = None,
+    extend: bool = False,
 ) -> TrainResult:
     """The body of :func:`train`."""
     started = time.monotonic()
@@ -405,9 +357,8 @@ def _train_segment(
     done_step = 0
     if latest is not None:
         done_step = json.loads((latest / ckpt.STATE).read_text())["global_step"]
-    existing_log = _read_log(run_dir)
-    files = lora_files(run_dir, run_name)
-    if done_step >= total and files and existing_log and existing_log.get("complete"):
+    files = settle_finished_run(run_dir, run_name, total, done_step, extend=extend)
+    if files is not None:  # finished at exactly this many steps: nothing to do
         return TrainResult(done_step, total, True, "complete", run_dir, files)
     if stop_at_step is not None and done_step >= stop_at_step and done_step < total:
         return TrainResult(done_step, total, False, "step-target", run_dir, [])

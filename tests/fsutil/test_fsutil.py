@@ -94,12 +94,12 @@ def test_exclusive_refuses_an_existing_file(tmp_path: Path) -> None:
 
 
 def test_mode_follows_the_request(tmp_path: Path) -> None:
-    private = atomic_write_bytes(tmp_path / "p", b"x")
-    assert private.stat().st_mode & 0o777 == 0o600  # same as tempfile.mkstemp
+    private = atomic_write_bytes(tmp_path / "p", b"x", mode=0o600)
+    assert private.stat().st_mode & 0o777 == 0o600  # only when asked for
     umask = os.umask(0o022)
     os.umask(umask)
-    shared = atomic_write_bytes(tmp_path / "s", b"x", mode=0o666)
-    assert shared.stat().st_mode & 0o777 == 0o666 & ~umask  # same as open()
+    shared = atomic_write_bytes(tmp_path / "s", b"x")
+    assert shared.stat().st_mode & 0o777 == 0o666 & ~umask  # the default: same as open()
 
 
 def _build(folder: Path, files: dict[str, str]) -> Path:

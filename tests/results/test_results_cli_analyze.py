@@ -52,13 +52,14 @@ def test_table_output_and_plot(tmp_path, guide_log, epoch_log, capsys):
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.parametrize("content, problem", [
-    (None, "no such file"), ("", "file is empty"), ("{oops", "not valid JSON")])
-def test_bad_log_is_one_line_exit_1(tmp_path, guide_log, content, problem, capsys):
+@pytest.mark.parametrize("content, problem, code", [
+    (None, "no such file", 2), ("", "file is empty", 1), ("{oops", "not valid JSON", 1)])
+def test_bad_log_is_one_line(tmp_path, guide_log, content, problem, code, capsys):
+    """A path that is not there is a usage error (2); a log that cannot be read, a failure (1)."""
     path = tmp_path / "training_log.json"
     if content is not None:
         path.write_text(content)
-    assert main(["analyze", str(guide_log), str(path)]) == 1
+    assert main(["analyze", str(guide_log), str(path)]) == code
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")

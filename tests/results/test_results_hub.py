@@ -201,7 +201,7 @@ def test_cli_publish_and_cli_errors(run_copy, hf_env, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "401" in err[0]
     assert "hf_wrong_wrong_wrong" not in err[0]
-    assert main(["publish", "--run", str(run_copy), "--repo-id", "no-slash", "--dry-run"]) == 1
+    assert main(["publish", "--run", str(run_copy), "--repo-id", "no-slash", "--dry-run"]) == 2  # usage
     assert "USER/NAME" in capsys.readouterr().err
 
 

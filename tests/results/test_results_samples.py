@@ -117,3 +117,87 @@ def test_cli_sample_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["sample", "--run", str(run), "--seeds", "a,b"])
     assert info.value.code == 2
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _sample_cli(run, out, tmp_path, *extra) -> list[str]:
+    prompts = tmp_path / "one-prompt.txt"
+    prompts.write_text("1girl, anime watercolor style\n")
+    return ["sample", "--run", str(run), "--model", "tiny", "--prompts", str(prompts), "--seeds", "0",
+            "--device", "cpu", "--out", str(out), *extra]
+
+
+def test_cli_sample_out_never_deletes_what_it_did_not_write(lora_runs, tmp_path, capsys, monkeypatch):
+    run = lora_runs[0]
+    # a folder of the user's: refused, untouched
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me\n")
+    (mine / "sub" / "photo.png").write_bytes(b"not really a png")
+    assert main(_sample_cli(run, mine, tmp_path)) == 2
+    assert "not empty and was not written by animelora sample" in _one_error_line(capsys)
+    assert (mine / "notes.txt").read_text() == "keep me\n" and (mine / "sub" / "photo.png").is_file()
+    # a file: refused, untouched
+    a_file = tmp_path / "grid.png"
+    a_file.write_bytes(b"user file")
+    assert main(_sample_cli(run, a_file, tmp_path)) == 2
+    assert "is a file" in _one_error_line(capsys)
+    assert a_file.read_bytes() == b"user file"
+    # the current folder: one line, no traceback
+    monkeypatch.chdir(mine)
+    assert main(_sample_cli(run, ".", tmp_path)) == 2
+    assert "current folder" in _one_error_line(capsys)
+    # the run folder itself
+    assert main(_sample_cli(run, run, tmp_path)) == 2
+    assert "run folder" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_cli_sample_replaces_only_its_own_folder(lora_runs, tmp_path, capsys, monkeypatch):
+    import os
+    import stat
+
+    run = lora_runs[0]
+    out = tmp_path / "samples"
+    old_umask = os.umask(0o022)
+    try:
+        assert main(_sample_cli(run, out, tmp_path)) == 0, capsys.readouterr().err
+        modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    finally:
+        os.umask(old_umask)
+    # readable by other users (a web UI container, another worker), like any open()/mkdir output
+    assert {oct(m) for p, m in modes.items() if p.is_file()} == {"0o644"}
+    assert {oct(m) for p, m in modes.items() if p.is_dir()} == {"0o755"}
+    assert (out / ".animelora-samples").is_file()
+    first = json.loads((out / "samples.json").read_text())
+    # its own earlier output is replaced as a whole, atomically
+    assert main(_sample_cli(run, out, tmp_path, "--seeds", "5")) == 0
+    meta = json.loads((out / "samples.json").read_text())
+    assert first["seeds"] == [0] and meta["seeds"] == [5]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["base_p0_s5.png", "tiny-a_p0_s5.png"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".samples")]
+    # once the user adds a file of their own, the folder is no longer replaced
+    (out / "images" / "favourite.png").write_bytes(b"mine")
+    capsys.readouterr()
+    assert main(_sample_cli(run, out, tmp_path)) == 2
+    assert "favourite.png" in _one_error_line(capsys)
+    assert (out / "images" / "favourite.png").read_bytes() == b"mine"
+
+
+def test_cli_sample_usage_errors_exit_2(lora_runs, tmp_path, capsys):
+    import torch
+
+    run = lora_runs[0]
+    if not torch.cuda.is_available():
+        assert main(_sample_cli(run, tmp_path / "o", tmp_path, "--device", "cuda")) == 2
+        assert "no CUDA device" in _one_error_line(capsys)
+    assert main(_sample_cli(run, tmp_path / "o", tmp_path, "--device", "warp-drive")) == 2
+    assert "not a device name" in _one_error_line(capsys)
+    assert main(_sample_cli(run, tmp_path / "o", tmp_path, "--steps", "0")) == 2
+    assert "steps must be > 0" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
