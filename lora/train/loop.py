@@ -44,7 +44,7 @@ from .plan import DataPlan, dataset_dir_of, make_plan
 from .seeds import derive_seed
 from .step import (PendingStep, StepRunner, make_accelerator, make_optimizer, make_scheduler, mixed_precision,
                    setup_lora_unet, stack_to_device, weight_dtype)
-from .validation import validation_loss
+from .validation import has_base_record, validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def _write_config(run_dir: Path, cfg: TrainConfig, plan: DataPlan) -> None:
         "num_train_images": len(plan.train_items),
         "num_validation_images": len(plan.val_items),
         "validation_images": [i.name for i in plan.val_items],
+        "held_out_images": [i.name for i in plan.held_out_items],
     })
 
 
@@ -470,7 +471,7 @@ def _train_segment(
     deadline = started + time_budget_s if time_budget_s is not None else None
     run_dir = Path(run_dir).expanduser().resolve()
     cfg = _pin_config(cfg, run_dir)
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, run_dir=run_dir)  # a started run keeps the split it recorded
     if cfg.dataset_version != plan.version:
         cfg = make_config({**cfg.model_dump(), "dataset_version": plan.version})
     if plan.total_steps < 1:
@@ -512,6 +513,8 @@ def _train_segment(
     elif total > 0:
         log.info("starting run %s: %d steps (%d per epoch), %d training and %d validation images",
                  run_name, total, plan.steps_per_epoch, len(plan.train_items), len(plan.val_items))
+
+    _validate_base_model(trainer, log_data, state["global_step"])
 
     reason = "complete"
     step_times: deque[float] = deque(maxlen=8)
@@ -642,6 +645,14 @@ def _train_segment(
     trainer.accelerator.wait_for_everyone()  # the checkpoint is on disk before any process returns
     log.info("stopped at step %d/%d (%s)", state["global_step"], total, reason)
     return TrainResult(state["global_step"], total, False, reason, run_dir, [])
+
+
+def _validate_base_model(trainer: _Trainer, log_data: dict[str, Any], global_step: int) -> None:
+    """Step 0: score the held-out images before the first step. The LoRA starts at zero, so
+    this is the base model's figure: what every later evaluation, and the publish gate, is
+    measured against. Done once per run (a resumed run already has it)."""
+    if global_step == 0 and not has_base_record(log_data):
+        _validate_into(trainer, log_data, 0, 0)
 
 
 def _validate_into(trainer: _Trainer, log_data: dict[str, Any], step: int, epoch: int) -> None:
