@@ -1,0 +1,113 @@
+"""Paired comparisons on the data set's held-out images, with a 95% bootstrap interval.
+
+Real tiny runs (tiny SD1.5, a generated data set holding out a quarter of its images, a high
+learning rate so that ten epochs clearly beat two): every cross-seed comparison of the two
+recipes must name the 10-epoch run, two seeds of one recipe must not be told apart, and a run
+compared with its base model reports the step-0 figure.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lora.analysis import analyze_log, compare_runs
+from lora.analysis.paired import Scores, paired_compare
+from lora.cli import main
+
+SEEDS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[tuple[int, int], Path]:
+    """(epochs, seed) -> run folder: 2 and 10 epochs of one recipe, two seeds each."""
+    import torch
+
+    from lora.config import resolve_config
+    from lora.data.split import load_settings
+    from lora.model import ensure_tiny_model
+    from lora.testing.datasets import write_synthetic_dataset
+    from lora.train import train
+
+    ensure_tiny_model()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("paired")
+    data = write_synthetic_dataset(base / "data", 16, [(64, 64)])
+    load_settings(data, 0.25)  # a data set that holds out 4 of its 16 images
+    out = {}
+    try:
+        for epochs in (2, 10):
+            for seed in SEEDS:
+                name = f"e{epochs}-s{seed}"
+                cfg = resolve_config("phase2a", {
+                    "model": "tiny", "dataset": str(data), "epochs": epochs, "seed": seed,
+                    "learning_rate": 1e-3, "batch_size": 6, "checkpoint_every_minutes": None,
+                    "run_name": name}, None)
+                assert train(cfg, base / name).complete
+                out[(epochs, seed)] = base / name
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def test_every_cross_seed_comparison_names_the_10_epoch_run(runs):
+    for long_seed in SEEDS:
+        for short_seed in SEEDS:
+            longer = analyze_log(runs[(10, long_seed)])
+            shorter = analyze_log(runs[(2, short_seed)])
+            for order in ([longer, shorter], [shorter, longer]):
+                comparison = compare_runs(order)
+                assert comparison.best_by == "paired"
+                assert comparison.best == longer.name, comparison.note
+                (pair,) = comparison.pairs
+                assert pair.shared_images == 4 and pair.timesteps == ("100", "300", "500", "700", "900")
+                assert pair.better == longer.name and (pair.high < 0 or pair.low > 0)
+
+
+def test_two_seeds_of_one_recipe_are_not_distinguishable(runs):
+    for epochs in (2, 10):
+        a, b = (analyze_log(runs[(epochs, s)]) for s in SEEDS)
+        assert a.final_scores.step == b.final_scores.step
+        comparison = compare_runs([a, b])
+        (pair,) = comparison.pairs
+        assert pair.low <= 0 <= pair.high, pair.sentence()
+        assert pair.verdict == "not distinguishable" and comparison.best is None
+        assert "not distinguishable" in comparison.to_markdown()
+
+
+def test_a_run_against_its_base_model_reports_the_step_0_figure(runs):
+    log = json.loads((runs[(10, 1)] / "training_log.json").read_text())
+    step0 = log["validation"][0]
+    assert step0["step"] == 0 and len(step0["per_image"]) == 4
+    analysis = analyze_log(runs[(10, 1)])
+    vs_base = analysis.vs_base
+    assert vs_base.ok and vs_base.b.endswith("base model (step 0)")
+    assert vs_base.mean_b == pytest.approx(step0["loss"])
+    assert vs_base.high < 0  # the LoRA lowered the held-out loss
+    assert analysis.to_dict()["vs_base_model"]["mean_b"] == pytest.approx(step0["loss"])
+    # the verdict uses the measured noise, not the ±2% training-loss threshold
+    assert analysis.validation.trend == "improving" and analysis.validation.noise_pct < 2.0
+
+
+def test_cli_analyze_pairs_runs_and_rescore_compares_exported_loras(runs, capsys):
+    longer, shorter = runs[(10, 1)], runs[(2, 2)]
+    assert main(["analyze", str(shorter), str(longer)]) == 0
+    out = capsys.readouterr().out
+    assert "95% interval" in out and "base model (step 0)" in out
+    assert "best: e10-s1" in out and "improvement % (guide)" in out
+
+    assert main(["analyze", "--rescore", "--device", "cpu", str(shorter), str(longer)]) == 0
+    out = capsys.readouterr().out
+    assert "re-scored on 4 held-out images" in out and "best: e10-s1" in out
+
+
+def test_too_few_shared_images_and_different_base_models_are_said_plainly():
+    a = Scores("a", {"x.png": {"100": 0.5}, "y.png": {"100": 0.4}}, base_model="tiny")
+    b = Scores("b", {"x.png": {"100": 0.6}, "z.png": {"100": 0.4}}, base_model="tiny")
+    result = paired_compare(a, b)
+    assert result.verdict == "too-few-images" and "only 1 shared held-out image" in result.message
+    c = Scores("c", dict(a.per_image), base_model="other/model")
+    assert "different base models" in paired_compare(a, c).message
+    assert "--rescore" in paired_compare(a, None).message
