@@ -111,3 +111,30 @@ def test_too_few_shared_images_and_different_base_models_are_said_plainly():
     c = Scores("c", dict(a.per_image), base_model="other/model")
     assert "different base models" in paired_compare(a, c).message
     assert "--rescore" in paired_compare(a, None).message
+
+
+def test_gate_publishes_only_with_the_interval_below_0_and_the_card_shows_it(runs):
+    from lora.analysis import write_report
+    from lora.gate import gate_comparison, publish_gate
+    from lora.hub import stage_run
+
+    longer, shorter = analyze_log(runs[(10, 1)]), analyze_log(runs[(2, 1)])
+    other_seed = analyze_log(runs[(2, 2)])
+
+    def decide(analysis, compared=None):
+        gate = gate_comparison(analysis, compared)
+        return publish_gate({**analysis.to_dict(), "gate_comparison": gate},
+                            compared.to_dict() if compared else None)
+
+    beats = decide(longer, shorter)
+    assert beats.passed and "95% interval" in beats.reason and "compared run" in beats.reason
+    assert not decide(shorter, longer).passed
+    tie = decide(other_seed, shorter)
+    assert not tie.passed and "not shown lower" in tie.reason
+    vs_base = decide(longer)
+    assert vs_base.passed and "base model (step 0)" in vs_base.reason
+
+    write_report(runs[(10, 1)], longer, gate=gate_comparison(longer))
+    card = (stage_run(runs[(10, 1)], repo_id="me/paired") / "README.md").read_text()
+    assert "validation loss vs base model (step 0)" in card and "95% interval" in card
+    assert "improvement (the guide's metric)" in card
