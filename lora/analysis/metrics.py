@@ -10,7 +10,7 @@ The tolerance differs by series. Training loss uses ±2% (its own noise). Valida
 10-18x steadier, so its tolerance is measured from the run itself: half the width of the 95%
 bootstrap interval of the paired change from the first to the last evaluation (per-image losses,
 lora/analysis/paired.py), or, for older logs without them, twice the jitter of the series around
-its own trend. The guide's improvement % stays as it is, as the guide's metric.
+its own trend (:func:`series_noise_pct`). The guide's improvement % stays as it is, as the guide's metric.
 """
 from __future__ import annotations
 
@@ -333,14 +333,15 @@ def series_metrics(
 def series_noise_pct(values: Sequence[float]) -> float:
     """Twice the jitter of a series around its own trend, in percent of its first value.
 
-    The jitter is the robust spread (1.4826 x median absolute deviation) of the step-to-step
-    changes around their median change: a steady fall has none, however small the fall is.
+    The jitter is the standard deviation of the step-to-step changes around their mean
+    change: a steady fall has none, however small the fall is; a loss going back and forth has
+    as much as it moves.
     """
     if len(values) < 3 or not values[0]:
         return PLATEAU_PCT / 4
     diffs = [b - a for a, b in zip(values, values[1:])]
-    mid = sorted(diffs)[len(diffs) // 2]
-    spread = sorted(abs(d - mid) for d in diffs)[len(diffs) // 2] * 1.4826
+    mean = sum(diffs) / len(diffs)
+    spread = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
     return max(MIN_VALIDATION_NOISE_PCT, 2 * spread / abs(values[0]) * 100.0)
 
 

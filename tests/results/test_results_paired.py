@@ -138,3 +138,16 @@ def test_gate_publishes_only_with_the_interval_below_0_and_the_card_shows_it(run
     card = (stage_run(runs[(10, 1)], repo_id="me/paired") / "README.md").read_text()
     assert "validation loss vs base model (step 0)" in card and "95% interval" in card
     assert "improvement (the guide's metric)" in card
+
+
+def test_validation_verdict_uses_its_own_noise_not_the_training_threshold():
+    steady = [0.2 * (1 - 0.00085 * i) for i in range(11)]  # a noise-free 0.85% fall
+    log = {"losses": [{"epoch": i + 1, "loss": 0.2} for i in range(10)],
+           "validation": [{"step": i, "epoch": i, "loss": v} for i, v in enumerate(steady)]}
+    analysis = analyze_log(log)
+    assert analysis.validation.trend == "improving", analysis.validation.verdict
+    assert analysis.training.trend == "plateau"  # training loss keeps the ±2% threshold
+    noisy = [0.2 * (1 + 0.01 * (-1) ** i) for i in range(10)]  # ±1% back and forth: ends 2% lower
+    log["validation"] = [{"step": i, "epoch": i, "loss": v} for i, v in enumerate(noisy)]
+    jittery = analyze_log(log).validation
+    assert jittery.trend == "plateau" and jittery.noise_pct > 2.0, jittery.verdict
