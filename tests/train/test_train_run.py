@@ -159,7 +159,7 @@ def test_text_encoder_lora_checkpointing_bf16_and_min_snr(tmp_path, tiny_cfg):
     result = train(cfg, tmp_path / "run")
     assert result.complete
     log = json.loads((tmp_path / "run" / "training_log.json").read_text())
-    assert [v["step"] for v in log["validation"]] == [1, 2, 3]
+    assert [v["step"] for v in log["validation"]] == [0, 1, 2, 3]  # step 0: the base model
     lrs = [s["lr"] for s in log["steps"]]
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(2.5e-5)  # cosine with 2 warm-up steps
     assert all(s["loss"] == s["loss"] for s in log["steps"])  # no NaN in bf16
