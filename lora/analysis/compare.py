@@ -134,6 +134,11 @@ def compare_runs(analyses: Sequence[RunAnalysis]) -> Comparison:
     if not analyses:
         raise ValueError("compare_runs needs at least one run analysis")
     rows = tuple(run_row(a) for a in analyses)
+    bases = {a.name: a.settings.get("base_model") for a in analyses if a.settings.get("base_model")}
+    if len(set(bases.values())) > 1:
+        listed = ", ".join(f"{name}: {model}" for name, model in bases.items())
+        return Comparison(analyses, rows, None, "none",
+                          f"different base models ({listed}): their losses are not comparable")
     pairs = tuple(paired_compare(a.final_scores, b.final_scores)
                   for i, a in enumerate(analyses) for b in analyses[i + 1:])
     if len(analyses) > 1 and all(p.ok for p in pairs):

@@ -111,6 +111,10 @@ def test_too_few_shared_images_and_different_base_models_are_said_plainly():
     c = Scores("c", dict(a.per_image), base_model="other/model")
     assert "different base models" in paired_compare(a, c).message
     assert "--rescore" in paired_compare(a, None).message
+    logs = [{"losses": [{"epoch": 1, "loss": 0.2}], "base_model": model, "run_name": model,
+             "validation": [{"step": 1, "epoch": 1, "loss": 0.1}]} for model in ("tiny", "other/model")]
+    comparison = compare_runs([analyze_log(log) for log in logs])
+    assert comparison.best is None and "different base models" in comparison.note
 
 
 def test_gate_publishes_only_with_the_interval_below_0_and_the_card_shows_it(runs):
