@@ -179,7 +179,13 @@ def manifest_splits(root: Path | str) -> dict[str, str] | None:
         return None
     rows = load_rows(paths)
     if any(r.get("status") == "kept" and r.get("split") not in SPLITS for r in rows):
-        fill_manifest_splits(rows, load_settings(paths.root))
+        try:
+            settings = load_settings(paths.root)
+        except OSError as exc:  # read-only: the salt cannot be kept, so neither can the split
+            log.warning("cannot create %s (%s): the held-out split is not recorded",
+                        paths.root / SPLIT_FILE, exc)
+            settings = load_settings(paths.root, create=False)
+        fill_manifest_splits(rows, settings)
     return {r["file"]: r["split"] for r in rows if r.get("status") == "kept" and r.get("file")}
 
 

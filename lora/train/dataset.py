@@ -141,7 +141,10 @@ def split_items(root: Path | str, items: list[Item], *, fraction: float | None =
     """The run's split: the data set's held-out images, of which at most ``limit`` are scored."""
     sides = dataset_sides(root, items, fraction)
     held = [i for i in items if sides[i.name] == data_split.VALIDATION]
-    salt = data_split.load_settings(Path(root), fraction).salt
+    try:
+        salt = data_split.load_settings(Path(root), fraction).salt
+    except OSError:  # a read-only folder without split.json: rank by name alone
+        salt = ""
     scored = sorted(held, key=lambda i: data_split.rank(salt, i.name))
     if limit is not None:
         scored = scored[:max(0, limit)]
