@@ -91,14 +91,33 @@ def test_a_run_against_its_base_model_reports_the_step_0_figure(runs):
     assert analysis.validation.trend == "improving" and analysis.validation.noise_pct < 2.0
 
 
-def test_cli_analyze_pairs_runs_and_rescore_compares_exported_loras(runs, capsys):
+def _as_old_run(run: Path, dest: Path) -> Path:
+    """A copy of ``run`` as a run made before this change left it: no per-image losses, no step
+    0, and only ``validation_images`` in its config."""
+    import shutil
+
+    shutil.copytree(run, dest)
+    log = json.loads((dest / "training_log.json").read_text())
+    log["validation"] = [{k: v for k, v in r.items() if k not in ("per_image", "timesteps")}
+                         for r in log["validation"] if r["step"] != 0]
+    (dest / "training_log.json").write_text(json.dumps(log))
+    config = json.loads((dest / "config.json").read_text())
+    del config["held_out_images"]
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def test_cli_analyze_pairs_runs_and_rescore_compares_exported_loras(runs, capsys, tmp_path):
     longer, shorter = runs[(10, 1)], runs[(2, 2)]
     assert main(["analyze", str(shorter), str(longer)]) == 0
     out = capsys.readouterr().out
     assert "95% interval" in out and "base model (step 0)" in out
     assert "best: e10-s1" in out and "improvement % (guide)" in out
 
-    assert main(["analyze", "--rescore", "--device", "cpu", str(shorter), str(longer)]) == 0
+    old = _as_old_run(shorter, tmp_path / "e2-s2")
+    assert main(["analyze", str(old), str(longer)]) == 0
+    assert "--rescore" in capsys.readouterr().out  # the log cannot be paired: says what to do
+    assert main(["analyze", "--rescore", "--device", "cpu", str(old), str(longer)]) == 0
     out = capsys.readouterr().out
     assert "re-scored on 4 held-out images" in out and "best: e10-s1" in out
 
