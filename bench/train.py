@@ -360,6 +360,8 @@ def end_to_end(smoke: bool, work: Path, train_images: int, epochs: int, override
     setup_s = time.perf_counter() - t0
     cfg = resolve_config("phase2a", {
         "model": str(model), "dataset": str(data), "resolution": size, "epochs": epochs,
+        # the data set holds out val of its images (its split file is created by this run)
+        "validation_fraction": val / (train_images + val),
         "validation_count": val, "validation_max": val, "checkpoint_every_minutes": 10.0, **overrides,
     })
     seen: list[dict] = []

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.dataset_refresh import dataset_refresh
+from lora.analysis.ladder import resolve_compare
 from lora.config import resolve_config
 from lora.data.manifest import DatasetPaths
 from lora.data.versions import latest_version, read_version
@@ -102,7 +103,7 @@ def train_lora(
     overrides: dict[str, Any] | None = None,
     segment_steps: int | None = None,
     segment_minutes: float = 60.0,
-    compare_to: str | None = None,
+    compare_to: str | None = "auto",
     sample: bool = True,
     publish: bool = False,
     publish_dry_run: bool = False,
@@ -117,7 +118,9 @@ def train_lora(
     ``target_size`` is the number of images the data set must hold before training (Level 2
     grows 300 → 600); ``segment_minutes`` is each training segment's time budget (a Colab
     session's limit); ``max_steps`` caps training for demos and tests; ``compare_to`` names an
-    earlier run in the same workspace to compare, sample against and gate publishing on.
+    earlier run in the same workspace to compare, sample against and gate publishing on
+    ("auto", the default: the previous rung of the guide's ladder on the same data set, e.g.
+    phase2a-l2 → phase2a, when it has a finished run; "none": no comparison).
     ``gpus`` > 1 trains each segment data-parallel on that many of the worker's GPUs
     (docs/gpu.md).
     """
@@ -161,7 +164,7 @@ def train_lora(
     if epochs is not None:
         run_overrides["epochs"] = epochs
     cfg = resolve_config(preset, run_overrides, None)
-    total = plan_total_steps(cfg, dataset_dir)
+    total = plan_total_steps(cfg, dataset_dir, run_dir)
     step, complete = training_progress(run_dir)
     per_segment = segment_steps or total
     if complete:
@@ -196,10 +199,11 @@ def train_lora(
         progress.update(100.0, f"{run_name}: complete at step {step}/{total}", force=True)
 
     # 3.–5. Analyze, sample, publish.
-    compare_dir = str(ws / "runs" / compare_to) if compare_to else None
-    if compare_dir and not Path(compare_dir).exists():
-        raise FileNotFoundError(f"compare_to run {compare_to!r} not found in {ws / 'runs'}")
-    analysis = analyze_run(str(run_dir), run_name, compare_dir)
+    found = resolve_compare(ws, compare_to, preset, dataset_dir, run_dir)
+    compare_dir = str(found) if found else None
+    if compare_dir:
+        logger.info("comparing with run %s", Path(compare_dir).name)
+    analysis = analyze_run(str(run_dir), run_name, compare_dir, workspace=str(ws))
     lora_files = link_lora_files(str(run_dir), run_name)
     samples = sample_run(model, str(run_dir), run_name, compare_dir) if sample else None
     token = _secret(hub_token_block, ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")) if publish else None

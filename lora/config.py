@@ -134,7 +134,9 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     compiled_channels_last: Literal["auto", "on", "off"] = "auto"
     seed: int = Field(default=42, ge=0)
 
-    # validation
+    # validation: the held-out images belong to the data set (lora/data/split.py);
+    # validation_fraction is the held-out share of a data set whose split file a run creates,
+    # validation_count / validation_max cap how many of the held-out images a run scores
     validation_fraction: float = Field(default=0.1, ge=0, lt=1)
     validation_count: int | None = Field(default=None, ge=0)
     validation_max: int = Field(default=50, ge=0)

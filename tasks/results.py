@@ -19,7 +19,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from lora.analysis import analyze_log, compare_runs, write_report
-from lora.gate import publish_gate
+from lora.gate import gate_comparison, publish_gate
 from tasks.artifacts import artifact_key
 
 
@@ -36,18 +36,31 @@ def _fmt(value: Any) -> str:
 
 
 @task(name="analyze-run", cache_policy=NO_CACHE)
-def analyze_run(run_dir: str, run_name: str, compare_dir: str | None = None) -> dict[str, Any]:
-    """Analyze the training log, compare with a previous run, write report/ and artifacts."""
+def analyze_run(run_dir: str, run_name: str, compare_dir: str | None = None,
+                workspace: str | None = None) -> dict[str, Any]:
+    """Analyze the training log, compare with a previous run, write report/ and artifacts.
+
+    The publish gate's comparison (against the compared run, else the base model at step 0)
+    goes into the metrics with its 95% interval; with ``workspace`` the report also shows the
+    guide's ladder of runs on the same data set."""
+    from lora.analysis.ladder import build_ladder
+
     logger = get_run_logger()
     analysis = analyze_log(Path(run_dir), name=run_name)
     comparison = None
     baseline: dict[str, Any] | None = None
+    base_analysis = None
     if compare_dir:
         base_analysis = analyze_log(Path(compare_dir), name=Path(compare_dir).name)
         baseline = base_analysis.to_dict()
-        comparison = compare_runs([base_analysis, analysis])
-    report_md = write_report(Path(run_dir), analysis, comparison)
+        comparison = compare_runs([analysis, base_analysis])
+    gate = gate_comparison(analysis, base_analysis)
+    ladder = build_ladder(workspace, run_dir) if workspace else None
+    report_md = write_report(Path(run_dir), analysis, comparison, gate=gate, ladder=ladder)
     metrics = analysis.to_dict()
+    if gate is not None:
+        metrics["gate_comparison"] = gate
+        logger.info("validation loss vs the %s: %s", gate.get("against"), gate.get("text"))
     logger.info("verdict: %s", metrics.get("verdict"))
 
     losses = metrics.get("losses", [])

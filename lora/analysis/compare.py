@@ -1,9 +1,12 @@
 """Comparing runs, as the guide compared v1.5 with v2a.
 
 The guide ranked runs by training-loss improvement %. That figure moves a few percent by chance
-(random timesteps), so when every run has validation loss (fixed timesteps and noise) the best
-run is the one with the lowest final validation loss; otherwise the improvement % decides, with
-a note saying how weak that signal is.
+(random timesteps). Runs whose logs keep per-image validation losses are compared pairwise on
+the held-out images they share, image by image and timestep by timestep, with a 95% bootstrap
+interval (lora/analysis/paired.py); the best run is the one that beats every other with an
+interval below 0, and "not distinguishable" is a valid answer. Older logs fall back to the
+lowest final validation loss (means, possibly over different images), then to the guide's
+improvement %, each with a note saying how weak that signal is.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from lora.analysis.metrics import RunAnalysis
+from lora.analysis.paired import PairedComparison, paired_compare, pick_best
 
 NOISY_NOTE = ("training loss with random timesteps is noisy (the guide's runs moved about ±4%); "
               "log validation loss for a reliable comparison")
@@ -24,20 +28,36 @@ class Comparison:
     analyses: tuple[RunAnalysis, ...]
     rows: tuple[dict[str, Any], ...]
     best: str | None
-    best_by: str  # "validation" | "improvement" | "none"
+    best_by: str  # "paired" | "validation" | "improvement" | "none"
     note: str
+    pairs: tuple[PairedComparison, ...] = ()
 
     @property
     def best_by_validation(self) -> str | None:
         """The run with the lowest final validation loss, when every run logged one."""
-        return self.best if self.best_by == "validation" else None
+        return self.best if self.best_by in ("paired", "validation") else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows": [dict(r) for r in self.rows], "best": self.best, "best_by": self.best_by,
-                "best_by_validation": self.best_by_validation, "note": self.note}
+                "best_by_validation": self.best_by_validation, "note": self.note,
+                "pairs": [p.to_dict() for p in self.pairs]}
+
+    def pair_lines(self) -> list[str]:
+        """One sentence per paired comparison (each run vs its base model, then run vs run)."""
+        lines = []
+        for analysis in self.analyses:
+            vs_base = analysis.vs_base
+            if vs_base is not None and vs_base.ok:
+                lines.append(vs_base.sentence())
+        return lines + [p.sentence() for p in self.pairs]
 
     def to_markdown(self) -> str:
-        return table_markdown(self.rows) + f"\n\n**Best:** {self.best or '-'} ({self.note})\n"
+        text = table_markdown(self.rows)
+        lines = self.pair_lines()
+        if lines:
+            text += "\n\nPaired on shared held-out images (difference = first minus second; " \
+                    "below 0: the first has the lower loss):\n\n" + "\n".join(f"- {line}" for line in lines)
+        return text + f"\n\n**Best:** {self.best or '-'} ({self.note})\n"
 
 
 COLUMNS = (
@@ -47,7 +67,7 @@ COLUMNS = (
     ("min_loss", "min"),
     ("min_epoch", "min epoch"),
     ("final_loss", "final"),
-    ("improvement_pct", "improvement %"),
+    ("improvement_pct", "improvement % (guide)"),
     ("spikes", "spikes"),
     ("val_final_loss", "val final"),
     ("val_improvement_pct", "val improvement %"),
@@ -114,13 +134,32 @@ def compare_runs(analyses: Sequence[RunAnalysis]) -> Comparison:
     if not analyses:
         raise ValueError("compare_runs needs at least one run analysis")
     rows = tuple(run_row(a) for a in analyses)
+    bases = {a.name: a.settings.get("base_model") for a in analyses if a.settings.get("base_model")}
+    if len(set(bases.values())) > 1:
+        listed = ", ".join(f"{name}: {model}" for name, model in bases.items())
+        return Comparison(analyses, rows, None, "none",
+                          f"different base models ({listed}): their losses are not comparable")
+    pairs = tuple(paired_compare(a.final_scores, b.final_scores)
+                  for i, a in enumerate(analyses) for b in analyses[i + 1:])
+    if len(analyses) > 1 and all(p.ok for p in pairs):
+        best_name = pick_best([a.name for a in analyses], pairs)
+        if best_name is not None:
+            note = ("lower validation loss than every other run on their shared held-out images, "
+                    "95% interval below 0")
+        else:
+            note = ("not distinguishable: no run is lower than every other with a 95% interval "
+                    "that excludes 0")
+        return Comparison(analyses, rows, best_name, "paired", note, pairs)
+    unpaired = [p for p in pairs if not p.ok]
     with_val = [a for a in analyses if a.validation is not None
                 and math.isfinite(a.validation.final_loss)]
     if len(with_val) == len(analyses):
         best = min(with_val, key=lambda a: a.validation.final_loss)  # type: ignore[union-attr]
         note = (f"lowest final validation loss ({best.validation.final_loss:.5g}); "  # type: ignore[union-attr]
                 "validation uses fixed timesteps and noise")
-        return Comparison(analyses, rows, best.name, "validation", note)
+        if unpaired:
+            note += f"; not paired: {unpaired[0].message}"
+        return Comparison(analyses, rows, best.name, "validation", note, pairs)
     finite = [a for a in analyses if math.isfinite(a.improvement_pct)]
     if not finite:
         return Comparison(analyses, rows, None, "none", "no run has a finite loss")
@@ -129,4 +168,4 @@ def compare_runs(analyses: Sequence[RunAnalysis]) -> Comparison:
     missing = ", ".join(a.name for a in analyses if id(a) not in have)
     note = (f"highest training-loss improvement ({best.improvement_pct:+.1f}%); no validation "
             f"loss for {missing}: {NOISY_NOTE}")
-    return Comparison(analyses, rows, best.name, "improvement", note)
+    return Comparison(analyses, rows, best.name, "improvement", note, pairs)

@@ -5,6 +5,12 @@ The guide judged runs by initial, minimum and final epoch loss, the improvement
 loss with random timesteps moves a few percent by chance, so the verdict only calls a change
 "improving" or "rising" past a tolerance, and prefers the validation loss (fixed timesteps and
 noise) when the log has it.
+
+The tolerance differs by series. Training loss uses ±2% (its own noise). Validation loss is
+10-18x steadier, so its tolerance is measured from the run itself: half the width of the 95%
+bootstrap interval of the paired change from the first to the last evaluation (per-image losses,
+lora/analysis/paired.py), or, for older logs without them, twice the jitter of the series around
+its own trend (:func:`series_noise_pct`). The guide's improvement % stays as it is, as the guide's metric.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from lora.analysis.log import TrainingLog, load_log, parse_log, resolve_log_path
+from lora.analysis.paired import PairedComparison, Scores, paired_compare, relative_noise_pct, scores_from_log
 
 # Below this many percent of change the loss is flat (the guide's runs moved about ±4%).
 PLATEAU_PCT = 2.0
@@ -21,6 +28,8 @@ PLATEAU_PCT = 2.0
 RISE_PCT = 3.0
 # Smoothing factor of the exponential moving average (weight of the newest point).
 EMA_ALPHA = 0.5
+# The validation tolerance never drops below this (float noise of a perfectly flat series).
+MIN_VALIDATION_NOISE_PCT = 0.02
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,9 @@ class SeriesMetrics:
     steps: tuple[int | None, ...] = ()
     per_timestep_initial: dict[str, float] = field(default_factory=dict)
     per_timestep_final: dict[str, float] = field(default_factory=dict)
+    #: the ± percentage below which a change counts as noise, and how it was obtained
+    noise_pct: float = PLATEAU_PCT
+    noise_source: str = "training-loss threshold"
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -67,6 +79,8 @@ class SeriesMetrics:
             "verdict": self.verdict,
             "rising_after_epoch": self.rising_after_epoch,
             "diverged_epoch": self.diverged_epoch,
+            "noise_pct": round(self.noise_pct, 4),
+            "noise_source": self.noise_source,
         }
         if self.per_timestep_final:
             data["per_timestep_initial"] = dict(self.per_timestep_initial)
@@ -87,6 +101,16 @@ class RunAnalysis:
     settings: dict[str, Any]
     spike_threshold_pct: float
     derived_from_steps: bool = False
+    #: per-image validation losses at the last evaluation and at step 0 (the base model)
+    final_scores: Scores | None = None
+    base_scores: Scores | None = None
+
+    @property
+    def vs_base(self) -> PairedComparison | None:
+        """The run against its own base model (step 0), paired on its held-out images."""
+        if self.final_scores is None and self.base_scores is None:
+            return None
+        return paired_compare(self.final_scores, self.base_scores)
 
     # The guide's figures, read straight off the training series.
     @property
@@ -145,6 +169,9 @@ class RunAnalysis:
         data["losses"] = [dict(row) for row in self.losses]
         data["settings"] = dict(self.settings)
         data["derived_from_steps"] = self.derived_from_steps
+        data["improvement_pct_label"] = "the guide's metric: training-loss improvement, first to last epoch"
+        vs_base = self.vs_base
+        data["vs_base_model"] = vs_base.to_dict() if vs_base is not None else None
         if self.validation is not None:
             val = self.validation.to_dict()
             val["points"] = [dict(p) for p in self.validation_points]
@@ -200,8 +227,15 @@ def _judge(
     smoothed: Sequence[float],
     improvement: float,
     min_index: int,
+    noise_pct: float = PLATEAU_PCT,
+    noise_source: str = "",
 ) -> tuple[str, str, int | None]:
-    """(trend, verdict text, rising-after epoch) for a finite series."""
+    """(trend, verdict text, rising-after epoch) for a finite series.
+
+    ``noise_pct``: changes within ± this are noise (training loss: the fixed ±2%; validation
+    loss: measured, see the module docstring); a rise must pass the larger of it and RISE_PCT
+    for training loss, and the measured noise for validation loss."""
+    rise_threshold = RISE_PCT if label == "training" else noise_pct
     n = len(values)
     unit = "epoch" if label == "training" else "evaluation"
 
@@ -213,11 +247,11 @@ def _judge(
     min_loss, final = values[min_index], values[-1]
     rise_pct = (final - min_loss) / min_loss * 100.0 if min_loss > 0 else 0.0
     tail = list(values[min_index:])  # raw: the EMA still lags the fall before the minimum
-    if min_index < n - 1 and rise_pct > RISE_PCT and (len(tail) < 3 or _slope(tail) > 0):
+    if min_index < n - 1 and rise_pct > rise_threshold and (len(tail) < 3 or _slope(tail) > 0):
         k = epochs[min_index]
         where = f"epoch {at(min_index)}" if epochs[min_index] is not None else at(min_index)
         advice = "likely learning rate too high or overfitting"
-        if improvement > PLATEAU_PCT:
+        if improvement > noise_pct:
             text = (f"improved {improvement:.1f}% overall but rising after {where}: {advice}; "
                     f"the best weights were at {where} ({min_loss:.5g})")
         else:
@@ -225,17 +259,19 @@ def _judge(
                     f"minimum {min_loss:.5g}; {abs(improvement):.1f}% "
                     f"{'worse' if improvement < 0 else 'better'} than the first {unit})")
         return "rising", text, (int(k) if k is not None else None)
-    if improvement > PLATEAU_PCT:
+    if improvement > noise_pct:
         last = list(smoothed[-3:])
         still = _slope(last) < 0 if len(last) >= 2 else True
         text = f"improving: loss fell {improvement:.1f}% from {values[0]:.5g} to {final:.5g}"
         text += ", still falling at the end" if still else ", flattening out at the end"
         return "improving", text, None
-    if improvement < -PLATEAU_PCT:
+    if improvement < -noise_pct:
         return ("rising", f"rising: loss ended {-improvement:.1f}% above the start: likely "
                 f"learning rate too high", None)
-    return ("plateau", f"plateau: loss moved {improvement:+.1f}% overall (within ±{PLATEAU_PCT:g}%"
-            f"{', the noise of random-timestep training loss' if label == 'training' else ''});"
+    why = ", the noise of random-timestep training loss" if label == "training" else \
+        f", the measured noise of this validation loss ({noise_source})"
+    shown = f"{noise_pct:.1f}" if noise_pct >= 0.1 else f"{noise_pct:.2g}"
+    return ("plateau", f"plateau: loss moved {improvement:+.2f}% overall (within ±{shown}%{why});"
             " more epochs or a higher learning rate may help", None)
 
 
@@ -246,6 +282,8 @@ def series_metrics(
     spike_threshold_pct: float,
     label: str = "training",
     steps: Sequence[int | None] = (),
+    noise_pct: float | None = None,
+    noise_source: str | None = None,
 ) -> SeriesMetrics:
     """Metrics of one loss series; non-finite values mark where the run diverged."""
     diverged_at = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
@@ -266,8 +304,14 @@ def series_metrics(
     min_index = min(range(finite_n), key=lambda i: fin_values[i])
     improvement = (initial - final) / initial * 100.0 if initial else 0.0
     spikes = find_spikes(fin_epochs, fin_values, spike_threshold_pct)
+    if noise_pct is None:
+        if label == "training":
+            noise_pct, noise_source = PLATEAU_PCT, "training-loss threshold"
+        else:
+            noise_pct, noise_source = series_noise_pct(fin_values), "jitter of the series around its trend"
+    noise_source = noise_source or ""
     trend, verdict, rising_after = _judge(label, fin_epochs, fin_values, smoothed, improvement,
-                                          min_index)
+                                          min_index, noise_pct, noise_source)
     diverged_epoch = None
     if diverged_at is not None:
         diverged_epoch = epochs[diverged_at]
@@ -282,8 +326,23 @@ def series_metrics(
         initial_loss=initial, min_loss=fin_values[min_index], min_epoch=fin_epochs[min_index],
         final_loss=final, improvement_pct=improvement, spikes=tuple(spikes), trend=trend,
         verdict=verdict, rising_after_epoch=rising_after, diverged_epoch=diverged_epoch,
-        steps=tuple(steps[:finite_n]),
+        steps=tuple(steps[:finite_n]), noise_pct=noise_pct, noise_source=noise_source,
     )
+
+
+def series_noise_pct(values: Sequence[float]) -> float:
+    """Twice the jitter of a series around its own trend, in percent of its first value.
+
+    The jitter is the standard deviation of the step-to-step changes around their mean
+    change: a steady fall has none, however small the fall is; a loss going back and forth has
+    as much as it moves.
+    """
+    if len(values) < 3 or not values[0]:
+        return PLATEAU_PCT / 4
+    diffs = [b - a for a, b in zip(values, values[1:])]
+    mean = sum(diffs) / len(diffs)
+    spread = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    return max(MIN_VALIDATION_NOISE_PCT, 2 * spread / abs(values[0]) * 100.0)
 
 
 def _default_name(log: TrainingLog, path: Path | None) -> str:
@@ -324,17 +383,26 @@ def analyze_log(
         [p.epoch for p in parsed.losses], [p.loss for p in parsed.losses],
         spike_threshold_pct=spike_threshold_pct,
     )
+    run_name = name or _default_name(parsed, path)
+    raw = parsed.raw if isinstance(parsed.raw, Mapping) else {}
+    final_scores = scores_from_log(raw, run_name)
+    base_scores = scores_from_log(raw, run_name, "base")
     validation = None
     if parsed.validation:
         points = parsed.validation
+        first_scores = base_scores or _first_scores(raw, run_name)
+        noise = relative_noise_pct(first_scores, final_scores)
         validation = series_metrics(
             [p.epoch for p in points], [p.loss for p in points],
             spike_threshold_pct=spike_threshold_pct, label="validation",
             steps=[p.step for p in points],
+            noise_pct=None if noise is None else max(noise, MIN_VALIDATION_NOISE_PCT),
+            noise_source=None if noise is None else "half the 95% interval of the paired change "
+                                                    "on its held-out images",
         )
         validation = _with_timesteps(validation, points[0].per_timestep, points[-1].per_timestep)
     return RunAnalysis(
-        name=name or _default_name(parsed, path),
+        name=run_name,
         source=parsed.source,
         training=training,
         validation=validation,
@@ -346,7 +414,21 @@ def analyze_log(
         settings=parsed.settings,
         spike_threshold_pct=spike_threshold_pct,
         derived_from_steps=parsed.derived_from_steps,
+        final_scores=final_scores,
+        base_scores=base_scores,
     )
+
+
+def _first_scores(raw: Mapping[str, Any], name: str) -> Scores | None:
+    """The first validation record with per-image losses (a log whose step 0 is missing)."""
+    from lora.analysis.paired import _record_scores
+
+    for record in raw.get("validation") or []:
+        if isinstance(record, Mapping):
+            found = _record_scores(record, name, None)
+            if found is not None:
+                return found
+    return None
 
 
 def _with_timesteps(

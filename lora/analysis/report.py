@@ -35,7 +35,7 @@ def metrics_markdown(analysis: RunAnalysis) -> str:
         ("initial loss", fmt(analysis.initial_loss)),
         ("minimum loss", f"{fmt(analysis.min_loss)} (epoch {analysis.min_epoch})"),
         ("final loss", fmt(analysis.final_loss)),
-        ("improvement", f"{fmt(analysis.improvement_pct, 'pct')}%"),
+        ("improvement (the guide's metric, training loss)", f"{fmt(analysis.improvement_pct, 'pct')}%"),
         ("spikes", ", ".join(f"+{s.jump_pct:.1f}% at epoch {s.epoch}" for s in analysis.spikes)
          or "none"),
         ("epochs logged", str(len(analysis.losses))),
@@ -47,7 +47,11 @@ def metrics_markdown(analysis: RunAnalysis) -> str:
             ("validation minimum", f"{fmt(val.min_loss)} (epoch {val.min_epoch})"),
             ("validation final", fmt(val.final_loss)),
             ("validation improvement", f"{fmt(val.improvement_pct, 'pct')}%"),
+            ("validation noise (±)", f"{val.noise_pct:.3g}% ({val.noise_source})"),
         ]
+        vs_base = analysis.vs_base
+        if vs_base is not None:
+            rows.append(("validation vs base model (step 0)", vs_base.figure()))
         if val.per_timestep_final:
             rows.append(("validation final per timestep", ", ".join(
                 f"t={t}: {fmt(v)}" for t, v in val.per_timestep_final.items())))
@@ -56,10 +60,13 @@ def metrics_markdown(analysis: RunAnalysis) -> str:
 
 
 def write_report(
-    run_dir: Path | str, analysis: RunAnalysis, comparison: Comparison | None = None
+    run_dir: Path | str, analysis: RunAnalysis, comparison: Comparison | None = None,
+    *, gate: dict[str, Any] | None = None, ladder: Any = None,
 ) -> Path:
     """Write ``report/metrics.json``, ``report/loss_curve.png`` and ``report/report.md``.
 
+    ``gate``: the paired comparison the publish gate decides on (lora/gate.py);
+    ``ladder``: the guide's ladder of runs on this data set (lora/analysis/ladder.py).
     Returns the path of ``report.md``. Each file is replaced atomically.
     """
     report = Path(run_dir) / "report"
@@ -67,6 +74,10 @@ def write_report(
     metrics: dict[str, Any] = analysis.to_dict()
     if comparison is not None:
         metrics["comparison"] = comparison.to_dict()
+    if gate is not None:
+        metrics["gate_comparison"] = gate
+    if ladder is not None:
+        metrics["ladder"] = ladder.to_dict()
     write_text_atomic(report / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
     plot_loss(analysis, report / "loss_curve.png")
 
@@ -76,6 +87,8 @@ def write_report(
         parts += ["## Settings", "", "| setting | value |", "|---|---|"]
         parts += [f"| {k} | {v} |" for k, v in settings.items()]
         parts.append("")
+    if gate is not None:
+        parts += [f"**Validation loss vs the {gate.get('against')}:** {gate.get('text')}", ""]
     parts += ["## Metrics", "", metrics_markdown(analysis), "", "## Per-epoch loss", "",
               "| epoch | loss | smoothed | time (s) |", "|---|---|---|---|"]
     for row, smooth in zip(analysis.losses, analysis.training.smoothed):
@@ -86,6 +99,12 @@ def write_report(
         plot_comparison(list(comparison.analyses), report / "comparison.png")
         parts += ["## Comparison", "", comparison.to_markdown(), "",
                   "![comparison](comparison.png)", ""]
+    if ladder is not None and ladder.rungs:
+        from lora.analysis.ladder import plot_ladder
+
+        plot_ladder(ladder, report / "ladder.png")
+        parts += ["## The guide's ladder on this data set", "", ladder.to_markdown(), "",
+                  "![ladder](ladder.png)", ""]
     return write_text_atomic(report / "report.md", "\n".join(parts))
 
 

@@ -32,6 +32,8 @@ def _analyze(args: argparse.Namespace) -> int:
     if not (args.spike_threshold > 0):
         return _fail(f"--spike-threshold must be a positive percentage, got {args.spike_threshold}",
                      2)
+    if args.rescore:
+        return _rescore(args)
     missing = [item for item in args.logs if not Path(item).exists()]
     if missing:  # a path on the command line that is not there: a usage error
         return _fail(f"{missing[0]}: no such file or run folder", 2)
@@ -57,10 +59,48 @@ def _analyze(args: argparse.Namespace) -> int:
     print()
     for analysis in analyses:
         print(f"{analysis.name}: {analysis.verdict}")
+    lines = comparison.pair_lines()
+    if lines:
+        print("\npaired on shared held-out images (difference = first minus second; below 0: "
+              "the first has the lower loss):")
+        for line in lines:
+            print(f"  {line}")
     if len(analyses) > 1:
         print(f"\nbest: {comparison.best or '-'} ({comparison.note})")
     if args.plot:
         print(f"\nplot: {args.plot}")
+    return 0
+
+
+def _rescore(args: argparse.Namespace) -> int:
+    """Score every run's exported LoRA and the base model on one common held-out set."""
+    from lora.analysis.paired import paired_compare, pick_best
+    from lora.analysis.rescore import RescoreError, rescore_runs
+
+    try:
+        result = rescore_runs([Path(p) for p in args.logs], device=args.device)
+    except RescoreError as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - model loading errors come as one line too
+        if type(exc).__name__ == "ModelLoadError":
+            return _fail(str(exc))
+        raise
+    runs = list(result.runs)
+    pairs = [paired_compare(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]]
+    vs_base = [paired_compare(run, result.base) for run in runs]
+    if args.json:
+        print(json.dumps({"images": list(result.images), "vs_base_model": [p.to_dict() for p in vs_base],
+                          "pairs": [p.to_dict() for p in pairs]}, indent=2))
+        return 0
+    print(f"re-scored on {len(result.images)} held-out images that no compared run trained on "
+          "(fixed timesteps and noise); difference = first minus second, below 0: the first has "
+          "the lower loss")
+    for line in [p.sentence() for p in vs_base + pairs]:
+        print(f"  {line}")
+    if len(runs) > 1:
+        best = pick_best([r.label for r in runs], pairs)
+        print(f"\nbest: {best or '-'} ("
+              + ("lower than every other run, 95% interval below 0)" if best else "not distinguishable)"))
     return 0
 
 
@@ -165,6 +205,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="epoch-to-epoch jump that counts as a spike (default 30%%)")
     p.add_argument("--plot", metavar="OUT.png",
                    help="write a loss-curve PNG (a comparison plot for several runs)")
+    p.add_argument("--rescore", action="store_true",
+                   help="re-score each run folder's exported LoRA (and the base model) on the "
+                        "held-out images no compared run trained on, with fixed noise: compares "
+                        "old runs and runs on different data-set versions fairly")
+    p.add_argument("--device", default="auto", help="device for --rescore: auto, cpu, cuda ...")
     p.set_defaults(func=_analyze)
 
     p = sub.add_parser(

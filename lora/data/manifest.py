@@ -73,6 +73,7 @@ SCHEMA = pa.schema(
         pa.field("parent_id", pa.int64()),
         pa.field("file", pa.string()),
         pa.field("version_added", pa.string()),
+        pa.field("split", pa.string()),  # "validation" | "train": lora/data/split.py
         pa.field("status", pa.string(), nullable=False),
         pa.field("reason", pa.string()),
         pa.field("duplicate_of", pa.string()),
@@ -264,8 +265,11 @@ def load_manifest(paths: DatasetPaths):
 
 
 def save_rows(paths: DatasetPaths, rows: Iterable[dict[str, Any]]) -> None:
-    """Write the whole manifest atomically (temporary file in the same folder, then replace)."""
+    """Write the whole manifest atomically (temporary file in the same folder, then replace).
+
+    Kept rows without a held-out side get one here, so every writer records the split."""
     rows = list(rows)
+    _record_splits(paths, rows)
     seen: set[str] = set()
     for row in rows:
         _check_row(row)
@@ -279,6 +283,14 @@ def save_rows(paths: DatasetPaths, rows: Iterable[dict[str, Any]]) -> None:
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write(paths.manifest, lambda tmp: pq.write_table(table, str(tmp)),
                  prefix=".manifest.", suffix=".parquet.tmp")
+
+
+def _record_splits(paths: DatasetPaths, rows: list[dict[str, Any]]) -> None:
+    from lora.data.split import fill_manifest_splits, load_settings  # split.py imports this module
+
+    if any(r.get("status") == "kept" and not r.get("split") for r in rows):
+        paths.root.mkdir(parents=True, exist_ok=True)
+        fill_manifest_splits(rows, load_settings(paths.root))
 
 
 def upsert_rows(

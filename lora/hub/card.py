@@ -88,7 +88,7 @@ def _metrics_section(metrics: dict[str, Any]) -> list[str]:
         ("final loss", _fmt(metrics.get("final_loss"))),
     ]
     imp = metrics.get("improvement_pct")
-    rows.append(("improvement", f"{imp:+.1f}%" if isinstance(imp, (int, float)) else "-"))
+    rows.append(("improvement (the guide's metric)", f"{imp:+.1f}%" if isinstance(imp, (int, float)) else "-"))
     spikes = metrics.get("spikes") or []
     rows.append(("spikes", ", ".join(f"+{s['jump_pct']:.1f}% at epoch {s['epoch']}"
                                      for s in spikes if isinstance(s, dict)) or "none"))
@@ -103,6 +103,11 @@ def _metrics_section(metrics: dict[str, Any]) -> list[str]:
         if isinstance(per, dict) and per:
             rows.append(("validation final, per timestep",
                          ", ".join(f"t={t}: {_fmt(v)}" for t, v in per.items())))
+    gate = metrics.get("gate_comparison")  # paired, 95% interval (lora/gate.py)
+    if isinstance(gate, dict) and gate.get("status") == "ok":
+        rows.append((f"validation loss vs {gate.get('against')}",
+                     f"{gate['diff']:+.5g} ({gate['diff_pct']:+.2f}%), 95% interval "
+                     f"[{gate['low']:+.5g}, {gate['high']:+.5g}] on {gate['shared_images']} held-out images"))
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     if metrics.get("verdict"):
         lines += ["", f"Verdict: {metrics['verdict']}."]

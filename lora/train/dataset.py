@@ -2,17 +2,18 @@
 
 Two layouts (docs/architecture.md): a data-set folder with ``versions/vNNNN.json`` (the latest
 version, or the one pinned by the config, lists ``files``), or a plain folder of images with
-``.txt`` captions beside them. The split is a pure function of (seed, file name), so every
-segment of a run, and every run with the same seed, holds out the same images.
+``.txt`` captions beside them. The held-out images belong to the data set, not to the run
+(lora/data/split.py): every run, whatever its seed or preset, and every version hold out the
+same images, so runs can be compared on them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora.data import split as data_split
 from lora.data import versions as data_versions
 from lora.data.manifest import DatasetPaths
 
@@ -106,26 +107,61 @@ def read_dataset(dataset_dir: Path | str, version: str | None = None) -> tuple[s
     return resolved, items
 
 
-def validation_size(n: int, fraction: float, count: int | None, cap: int) -> int:
-    """How many images to hold out: an explicit count, else ``fraction`` (min 1 from 5 images)."""
-    if n < 2:
-        return 0
-    if count is not None:
-        k = count
-    elif n < 5 or fraction <= 0:
-        k = 0
-    else:
-        k = max(1, min(cap, round(n * fraction)))
-    return max(0, min(k, n - 1))  # at least one training image always
+@dataclass(frozen=True)
+class Split:
+    """A run's view of the data set's held-out split.
+
+    ``held_out``: every image of the version that the data set holds out (never trained on);
+    ``validation``: the ones this run scores (all of them, or the first ``validation_max`` by
+    the data set's rank); ``train``: the rest.
+    """
+
+    train: list[Item]
+    validation: list[Item]
+    held_out: list[Item]
 
 
-def split_validation(
-    items: list[Item], seed: int, fraction: float, count: int | None = None, cap: int = 50
-) -> tuple[list[Item], list[Item]]:
-    """``(train, validation)``: the held-out images are the first by sha256(seed, name)."""
-    k = validation_size(len(items), fraction, count, cap)
-    ranked = sorted(items, key=lambda i: hashlib.sha256(f"{seed}:{i.name}".encode()).hexdigest())
-    held = {i.name for i in ranked[:k]}
-    train = [i for i in items if i.name not in held]
-    val = [i for i in items if i.name in held]
-    return train, val
+def dataset_sides(root: Path | str, items: list[Item], fraction: float | None = None) -> dict[str, str]:
+    """``{item name: "validation"|"train"}`` from the data set (lora/data/split.py).
+
+    A data set with a manifest answers from its ``split`` column; images a version lists but
+    the manifest does not keep, and folders without a manifest, are recorded in ``split.json``.
+    """
+    root = Path(root)
+    names = [i.name for i in items]
+    sides = data_split.manifest_splits(root) or {}
+    missing = [n for n in names if n not in sides]
+    if missing:
+        sides = {**sides, **data_split.folder_splits(root, missing, fraction)}
+    return {n: sides[n] for n in names}
+
+
+def split_items(root: Path | str, items: list[Item], *, fraction: float | None = None,
+                limit: int | None = None) -> Split:
+    """The run's split: the data set's held-out images, of which at most ``limit`` are scored."""
+    sides = dataset_sides(root, items, fraction)
+    held = [i for i in items if sides[i.name] == data_split.VALIDATION]
+    try:
+        salt = data_split.load_settings(Path(root), fraction).salt
+    except OSError:  # a read-only folder without split.json: rank by name alone
+        salt = ""
+    scored = sorted(held, key=lambda i: data_split.rank(salt, i.name))
+    if limit is not None:
+        scored = scored[:max(0, limit)]
+    chosen = {i.name for i in scored}
+    held_names = {i.name for i in held}
+    return Split(train=[i for i in items if i.name not in held_names],
+                 validation=[i for i in items if i.name in chosen], held_out=held)
+
+
+def recorded_split(items: list[Item], held_out: list[str] | None, validation: list[str]) -> Split:
+    """The split a run recorded in its ``config.json`` (read back on resume, never recomputed).
+
+    Runs made before the data set owned the split recorded only ``validation_images``: those
+    were their held-out images, and everything else trained.
+    """
+    held = set(validation) if held_out is None else set(held_out) | set(validation)
+    val = set(validation)
+    return Split(train=[i for i in items if i.name not in held],
+                 validation=[i for i in items if i.name in val],
+                 held_out=[i for i in items if i.name in held])

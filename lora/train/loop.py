@@ -52,7 +52,7 @@ from .schedule import Boundary, Checkpoint, Interrupted, Progress, Schedule, Ste
 from .seeds import derive_seed
 from .step import (StepRunner, make_accelerator, make_optimizer, make_scheduler, mixed_precision,
                    setup_lora_unet, stack_to_device, weight_dtype)
-from .validation import validation_loss
+from .validation import has_base_record, validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def _train_segment(
     deadline = started + time_budget_s if time_budget_s is not None else None
     run_dir = Path(run_dir).expanduser().resolve()
     cfg = _pin_config(cfg, run_dir)
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, run_dir=run_dir)  # a started run keeps the split it recorded
     if cfg.dataset_version != plan.version:
         cfg = make_config({**cfg.model_dump(), "dataset_version": plan.version})
     if plan.total_steps < 1:
@@ -415,6 +415,7 @@ class _Segment:
         self.schedule = Schedule(stops, actions, is_main=trainer.is_main)
 
     def train(self) -> TrainResult:
+        self._validate_base_model()
         reason = "complete"
         while self.run.global_step < self.total:
             stop = self.schedule.stop_reason(self.run.global_step)
@@ -471,6 +472,13 @@ class _Segment:
         self.validation_s = time.monotonic() - t
         if result is not None:
             self.training_log.add_validation(step, epoch, result)
+
+    def _validate_base_model(self) -> None:
+        """Step 0: score the held-out images before the first step. The LoRA starts at zero, so
+        this is the base model's figure: what every later evaluation, and the publish gate, is
+        measured against. Done once per run (a resumed run already has it)."""
+        if self.run.global_step == 0 and not has_base_record(self.training_log.data):
+            self._validate(0, 0)
 
     def _checkpoint(self) -> None:
         self.training_log.set_global_step(self.run.global_step)

@@ -227,6 +227,7 @@ def write_config(run_dir: Path, cfg: TrainConfig, plan: DataPlan) -> None:
         "num_train_images": len(plan.train_items),
         "num_validation_images": len(plan.val_items),
         "validation_images": [i.name for i in plan.val_items],
+        "held_out_images": [i.name for i in plan.held_out_items],
     })
 
 

@@ -4,6 +4,10 @@ Per-step training loss uses random timesteps and carries little signal; this mea
 the same images, the same timesteps (default 100/300/500/700/900) and the same noise every
 time, so two points of one run, and two runs on the same split, are directly comparable.
 The noise depends only on the image's name and the timestep (not on the run seed).
+
+Each record also keeps the loss of every image at every timestep (``per_image``), so two runs
+(or a run and its own step 0, the base model) can be compared image by image on the images
+they share (lora/analysis/paired.py) instead of by two means over different images.
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ def validation_loss(
     device,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> dict | None:
-    """``{"loss": mean, "per_timestep": {"100": ...}}`` or None without held-out images.
+    """``{"loss": mean, "per_timestep": {"100": ...}, "per_image": {name: [loss at each
+    timestep, in the order of "timesteps"]}, "timesteps": [...]}`` or None without held-out
+    images.
 
     Each image is one UNet call over a batch of all timesteps.
     """
@@ -37,6 +43,7 @@ def validation_loss(
     was_training = unet.training
     unet.eval()
     sums = torch.zeros(len(timesteps), dtype=torch.float64)
+    per_image: dict[str, list[float]] = {}
     try:
         t = torch.tensor(list(timesteps), dtype=torch.long)
         for lat, hidden, name in zip(latents, text, names):
@@ -50,11 +57,20 @@ def validation_loss(
                 pred = unet(noisy, td, ehs, return_dict=False)[0]
             target = target_for(noise_scheduler, x0, noise, td)
             per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            sums += per.double().cpu()
+            per = per.double().cpu()
+            sums += per
+            per_image[name] = [float(v) for v in per.tolist()]
     finally:
         unet.train(was_training)
     means = (sums / len(latents)).tolist()
     return {
         "loss": float(sum(means) / len(means)),
         "per_timestep": {str(ts): float(m) for ts, m in zip(timesteps, means)},
+        "timesteps": [int(ts) for ts in timesteps],
+        "per_image": per_image,
     }
+
+
+def has_base_record(log_data: dict) -> bool:
+    """Whether the log already holds the step-0 (base model) validation record."""
+    return any(v.get("step") == 0 for v in log_data.get("validation") or [])

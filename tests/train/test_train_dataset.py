@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from lora.train.buckets import buckets_for, load_for_bucket
-from lora.train.dataset import DatasetError, read_dataset, split_validation
+from lora.train.dataset import DatasetError, read_dataset, split_items
 
 
 def test_versions_latest_or_pinned_and_plain_folders(tmp_path, dataset):
@@ -35,17 +35,20 @@ def test_versions_latest_or_pinned_and_plain_folders(tmp_path, dataset):
         read_dataset(tmp_path / "nothing")
 
 
-def test_validation_split_is_deterministic_and_keeps_training_images(dataset):
-    _, items = read_dataset(dataset)
-    train, val = split_validation(items, seed=42, fraction=0.1)
-    assert len(val) == 1 and len(train) == 11
-    assert split_validation(items, seed=42, fraction=0.1) == (train, val)
-    others = {split_validation(items, seed=s, fraction=0.1)[1][0].name for s in range(10)}
-    assert len(others) > 1  # the seed picks the held-out image
-    assert split_validation(items[:4], seed=1, fraction=0.1)[1] == []  # too small to hold out
-    train, val = split_validation(items[:2], seed=1, fraction=0.5, count=5)
-    assert len(train) == 1 and len(val) == 1  # never the last training image
-    assert len(split_validation(items, seed=1, fraction=0.5, cap=3)[1]) == 3
+def test_validation_split_is_the_data_sets_and_keeps_training_images(tmp_path):
+    from lora.testing.datasets import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "d", 12, [(64, 64)])
+    _, items = read_dataset(root)
+    split = split_items(root, items, fraction=0.1)
+    assert len(split.validation) == 1 and len(split.train) == 11
+    assert split_items(root, items) == split  # recorded in the data set: the same every time
+    small = write_synthetic_dataset(tmp_path / "small", 4, [(64, 64)])
+    assert split_items(small, read_dataset(small)[1]).validation == []  # too small to hold out
+    big = write_synthetic_dataset(tmp_path / "big", 40, [(64, 64)])
+    _, many = read_dataset(big)
+    capped = split_items(big, many, fraction=0.5, limit=3)
+    assert len(capped.held_out) == 20 and len(capped.validation) == 3 and len(capped.train) == 20
 
 
 def test_kohya_buckets_and_cover_crop(tmp_path):

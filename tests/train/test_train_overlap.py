@@ -41,7 +41,7 @@ def test_overlapped_steps_train_exactly_like_reading_every_step(tmp_path, tiny_c
     assert plain.complete and over.complete
     a, b = _log(tmp_path / "off"), _log(tmp_path / "on")
     assert _steps(b) == _steps(a) and [s[0] for s in _steps(b)] == list(range(1, 10))
-    assert b["validation"] == a["validation"] and [v["step"] for v in b["validation"]] == [3, 6, 9]
+    assert b["validation"] == a["validation"] and [v["step"] for v in b["validation"]] == [0, 3, 6, 9]
     assert [(e["epoch"], e["loss"]) for e in b["losses"]] == [(e["epoch"], e["loss"]) for e in a["losses"]]
     assert len(b["losses"]) >= 2  # epoch ends fell inside the run
     assert seen == list(range(1, 10))  # every step reported once, in order

@@ -13,6 +13,11 @@ from safetensors.torch import load_file
 from lora.config import ConfigError
 from lora.train import FAKE_OOM_ENV, plan_total_steps, train
 
+def log_val_name(run):
+    (name,) = json.loads((run / "config.json").read_text())["validation_images"]
+    return name
+
+
 GUIDE_KEYS = {"epochs", "batch_size", "learning_rate", "lora_rank", "lora_alpha", "losses"}
 
 
@@ -40,7 +45,9 @@ def test_tiny_run_writes_log_validation_and_both_lora_files(tmp_path, tiny_cfg):
     assert [s["step"] for s in log["steps"]] == list(range(1, 9))
     assert {"loss", "lr", "grad_norm", "images_per_sec", "epoch"} <= set(log["steps"][0])
     val = log["validation"]
-    assert [v["step"] for v in val] == [3, 6, 8]  # each epoch end and the end
+    assert [v["step"] for v in val] == [0, 3, 6, 8]  # the base model, each epoch end and the end
+    assert val[0]["epoch"] == 0 and set(val[-1]["per_image"]) == {config_val := log_val_name(run)}
+    assert val[-1]["timesteps"] == [100, 300, 500, 700, 900] and len(val[-1]["per_image"][config_val]) == 5
     assert set(val[-1]["per_timestep"]) == {"100", "300", "500", "700", "900"}
     assert val[-1]["loss"] == pytest.approx(sum(val[-1]["per_timestep"].values()) / 5)
     assert val[0]["loss"] != val[-1]["loss"]  # the LoRA changed the prediction
@@ -152,7 +159,7 @@ def test_text_encoder_lora_checkpointing_bf16_and_min_snr(tmp_path, tiny_cfg):
     result = train(cfg, tmp_path / "run")
     assert result.complete
     log = json.loads((tmp_path / "run" / "training_log.json").read_text())
-    assert [v["step"] for v in log["validation"]] == [1, 2, 3]
+    assert [v["step"] for v in log["validation"]] == [0, 1, 2, 3]  # step 0: the base model
     lrs = [s["lr"] for s in log["steps"]]
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(2.5e-5)  # cosine with 2 warm-up steps
     assert all(s["loss"] == s["loss"] for s in log["steps"])  # no NaN in bf16
