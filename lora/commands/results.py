@@ -177,15 +177,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(default: the run's config.json 'model')")
     p.add_argument("--prompts", metavar="FILE",
                    help="prompts file: one per line (# comments) or a JSON list")
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--negative-prompt", default=None,
+                   help="negative prompt for every image (default: lowres, bad anatomy, ...)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated (default 0,1)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default 20; 4 for tiny or LCM)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7; 1 for LCM)")
-    p.add_argument("--lora-scale", type=float, default=1.0)
-    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="LoRA strength (default 1.0; 0.8 is what the model card suggests)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size, a multiple of 8 (default 512; the tiny model's own size for tiny)")
     p.add_argument("--scheduler", default="euler_a",
-                   choices=("euler_a", "dpm++", "euler", "ddim"))
+                   choices=("euler_a", "dpm++", "euler", "ddim"),
+                   help="sampler (default euler_a, as in AUTOMATIC1111's default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--lcm-lora", metavar="PATH",
                    help="local LCM-LoRA weights for fast few-step sampling")
