@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping
 import pydantic
 from pydantic import Field, field_validator, model_validator
 
-#: The guide's presets (see /work/shared/DESIGN.md). Anything not named keeps its default.
+#: The blog guide's Phase 1.5 / Phase 2A settings (README: Presets). Anything not named keeps its default.
 PRESETS: dict[str, dict[str, Any]] = {
     "phase1.5": {
         "epochs": 10, "batch_size": 2, "learning_rate": 1e-4, "lora_rank": 8, "lora_alpha": 32,
