@@ -127,12 +127,22 @@ class TrainProgress:
             self.bar = tqdm(total=total, initial=max(0, step - 1), unit="step", file=self.stream,
                             dynamic_ncols=True, desc="training",
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                       "[{elapsed}, {postfix}]")
+                                       "[{elapsed}{postfix}]")
         if total and self.bar.total != total:
             self.bar.total = total
         self.bar.set_description_str(f"training (epoch {self.last.get('epoch')})", refresh=False)
         self.bar.set_postfix_str(self.postfix(), refresh=False)
         self.bar.update(max(0, step - self.bar.n))
+
+    def logging_above_bar(self):
+        """While training: log lines are printed above the bar instead of through it."""
+        if not self.interactive:
+            from contextlib import nullcontext
+
+            return nullcontext()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm()
 
     def close(self) -> None:
         logger = logging.getLogger(VALIDATION_LOGGER)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,9 @@ def _handler(args: argparse.Namespace) -> int:
     try:
         if not quiet:
             print(describe_schedule(cfg, make_plan(cfg), run_name), file=sys.stderr, flush=True)
-        result = train(cfg, Path(args.run_dir), stop_at_step=args.stop_at_step, time_budget_s=budget,
-                       on_progress=progress)
+        with progress.logging_above_bar() if progress is not None else nullcontext():
+            result = train(cfg, Path(args.run_dir), stop_at_step=args.stop_at_step,
+                           time_budget_s=budget, on_progress=progress)
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
