@@ -10,8 +10,8 @@ step: VAE and text encoder every step, fp16 autocast) runs in the same call.
 
     python bench/train.py                    # GPU: full size, prints images/s and peak GiB
     python bench/train.py --smoke            # CPU-sized shapes, two timed steps (a test)
-    python bench/train.py --peer PATH        # where peer_baselines.py is (default: shared/bench/
-                                             # in the repo, else ../shared/bench/)
+    python bench/train.py --peer PATH        # the peer step's file (not part of this repository;
+                                             # default: $ANIMELORA_PEER_BASELINES); --no-peer: ours only
 
 Writes ``$OUT/bench_train.json`` when ``OUT`` is set.
 """
@@ -52,8 +52,10 @@ SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0
 
 
 def find_peer(path: str | None) -> Path | None:
-    candidates = [Path(path)] if path else [REPO / "shared" / "bench" / "peer_baselines.py",
-                                            REPO.parent / "shared" / "bench" / "peer_baselines.py"]
+    """The peer step's file: ``--peer``, else ``$ANIMELORA_PEER_BASELINES`` (it is not part of
+    this repository)."""
+    env = os.environ.get("ANIMELORA_PEER_BASELINES")
+    candidates = [Path(path)] if path else ([Path(env)] if env else [])
     for c in candidates:
         if c.is_file():
             return c
@@ -99,7 +101,7 @@ def peak_reserved() -> float:
     return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-#: UNet forward+backward with a frozen base, LoRA r16, 512 px (REFERENCE.md, FlopCounterMode).
+#: UNet forward+backward with a frozen base, LoRA r16, 512 px (counted with torch's FlopCounterMode).
 GFLOP_PER_IMAGE = 1788.0
 #: The card's measured bf16 matrix rate (H200: about 790 TFLOP/s); override with --peak-tflops.
 PEAK_TFLOPS = 790.0
@@ -386,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20, smoke 2)")
     ap.add_argument("--warm", type=int, default=None, help="warm-up steps (default 5, smoke 1)")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--peer", default=None, help="path to peer_baselines.py")
+    ap.add_argument("--peer", default=None,
+                    help="path to peer_baselines.py (default: $ANIMELORA_PEER_BASELINES)")
     ap.add_argument("--no-peer", action="store_true", help="skip the diffusers-script baseline")
     ap.add_argument("--variants", default="diffusers_script_fp16,animelora_plain,animelora_plain_gc,"
                                           "animelora_fast,animelora_fast_gc")
@@ -420,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_peer and any(not v.startswith("animelora") for v in variants):
         path = find_peer(a.peer)
         if path is None:
-            print("error: peer_baselines.py not found (shared/bench/ or ../shared/bench/); pass --peer PATH "
-                  "or --no-peer", file=sys.stderr)
+            print("error: peer_baselines.py not found; pass --peer PATH (or set "
+                  "ANIMELORA_PEER_BASELINES), or --no-peer", file=sys.stderr)
             return 2
         peer = load_peer(path)
 

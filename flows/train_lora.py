@@ -109,6 +109,7 @@ def train_lora(
     publish_dry_run: bool = False,
     repo_id: str | None = None,
     private: bool = False,
+    allow_test_model: bool = False,
     hub_token_block: str | None = None,
     hub_endpoint: str | None = None,
     gpus: int = 1,
@@ -210,6 +211,7 @@ def train_lora(
     outcome = publish_run(
         str(run_dir), run_name, analysis["metrics"], analysis["baseline"], publish, repo_id,
         publish_dry_run, token=token, endpoint=hub_endpoint, private=private,
+        allow_test_model=allow_test_model,
     )
     return {
         "run_name": run_name,

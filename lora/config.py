@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping
 import pydantic
 from pydantic import Field, field_validator, model_validator
 
-#: The guide's presets (see /work/shared/DESIGN.md). Anything not named keeps its default.
+#: The blog guide's Phase 1.5 / Phase 2A settings (README: Presets). Anything not named keeps its default.
 PRESETS: dict[str, dict[str, Any]] = {
     "phase1.5": {
         "epochs": 10, "batch_size": 2, "learning_rate": 1e-4, "lora_rank": 8, "lora_alpha": 32,
@@ -47,7 +47,7 @@ _TINY_RESOLUTION_FALLBACK = 64
 RESUME_TOLERANT_FIELDS = frozenset({
     "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
     "cache_dir", "compile", "cuda_graphs", "channels_last", "attention", "cudnn_benchmark",
-    "fused_qkv", "overlap_steps", "compiled_channels_last", "low_memory",
+    "fused_qkv", "overlap_steps", "compiled_channels_last", "low_memory", "save_dtype",
 })
 
 
@@ -147,6 +147,10 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     checkpoint_every_steps: int | None = Field(default=None, gt=0)
     checkpoint_every_minutes: float | None = Field(default=10.0, gt=0)
     keep_checkpoints: int = Field(default=3, ge=1)
+
+    # output: tensor type of the kohya/A1111/ComfyUI file (fp16 = the usual shared size, half
+    # of fp32; training itself is unchanged, so a run may switch it between segments)
+    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
 
     @model_validator(mode="before")
     @classmethod

@@ -316,6 +316,12 @@ def _progress(total: int, progress: Callable[[int, int], None] | None):
     return tick, close
 
 
+def _run_lora_files(runs: Sequence[Path]) -> list[Path]:
+    """The first run's LoRA files (where its trigger word is recorded)."""
+    lora_dir = Path(runs[0]) / "lora"
+    return sorted(lora_dir.glob("*.safetensors")) if lora_dir.is_dir() else []
+
+
 def generate_samples(
     base_model: str,
     run_dirs: Sequence[Path | str] | Path | str,
@@ -333,6 +339,7 @@ def generate_samples(
     lcm_lora: Path | str | None = None,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    trigger_word: str | None = None,
 ) -> SamplesResult:
     """Render base-model and LoRA images at fixed prompts and seeds; write grid and JSON.
 
@@ -340,7 +347,9 @@ def generate_samples(
     defaults to 20 (4 for the tiny model or with LCM-LoRA); ``resolution`` to 512 (the tiny
     model's own size for "tiny"). ``batch_size`` images are rendered per pipeline call (each
     with its own seeded generator). ``lcm_lora``: a local LCM-LoRA file or folder; it switches to
-    the LCM scheduler, few steps and guidance about 1.
+    the LCM scheduler, few steps and guidance about 1. ``trigger_word`` (default: the one the
+    first run's kohya file records) is put first in each default prompt, as users will prompt
+    the LoRA; prompts given explicitly are used as written.
     """
     import torch
 
@@ -351,7 +360,12 @@ def generate_samples(
         raise SampleUsageError("no run folder given to sample")
     weights = [_lora_weight_file(r) for r in runs]
     names = _unique([r.name for r in runs])
-    prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
+    if prompts is None:
+        from lora.hub.runinfo import kohya_trigger_phrase
+
+        trigger = trigger_word or kohya_trigger_phrase(_run_lora_files(runs))
+        prompts = [f"{trigger}, {p}" if trigger else p for p in DEFAULT_PROMPTS]
+    prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise SampleUsageError("prompts must be a non-empty list of non-empty strings")
     seeds = list(dict.fromkeys(int(s) for s in seeds))

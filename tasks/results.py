@@ -126,8 +126,11 @@ def publish_run(
     token: str | None = None,
     endpoint: str | None = None,
     private: bool = False,
+    allow_test_model: bool = False,
 ) -> dict[str, Any]:
-    """Publish when asked and when the gate passes; otherwise say why it was skipped."""
+    """Publish when asked and when the gate passes; otherwise say why it was skipped.
+
+    A run of the tiny test model is uploaded only with ``allow_test_model`` (dry runs stage it)."""
     from lora.hub import publish as hub_publish
     from lora.hub import stage_run
 
@@ -142,7 +145,7 @@ def publish_run(
     else:
         result = hub_publish(
             Path(run_dir), repo_id, token=token, endpoint=endpoint, private=private,
-            dry_run=dry_run,
+            dry_run=dry_run, allow_test_model=allow_test_model,
         )
         url = getattr(result, "url", None) or getattr(result, "commit_url", None)
         outcome = {

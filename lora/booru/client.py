@@ -1,6 +1,6 @@
 """DanbooruClient: posts.json with cursor paging, auth, rate limit, retries; verified downloads.
 
-Why it looks like this (see REFERENCE.md, Danbooru section):
+Why it looks like this (Danbooru's documented API behaviour):
 - Offset pages are capped (HTTP 410 past page 1000) and skip or repeat posts while uploads
   arrive, so listing walks `page=b<id>` / `page=a<id>` cursors and keeps a seen-id set.
 - Danbooru allows at most 10 requests/s and asks for ~1/s; API calls go through one limiter.

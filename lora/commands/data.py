@@ -10,12 +10,20 @@ Danbooru credentials come only from DANBOORU_LOGIN / DANBOORU_API_KEY, never fro
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any, Callable
 
 __all__ = ["register"]
 
 _RATINGS = {"g", "s", "q", "e", "general", "sensitive", "safe", "questionable", "explicit"}
+#: Shown in --help without importing the fetch pipeline (lora.data.refresh.DEFAULT_BOORU_URL,
+#: which the handler uses); building the CLI must stay fast.
+_BOORU_URL_HELP = "https://danbooru.donmai.us"
+#: likewise lora.data.images.DEFAULT_MAX_PIXELS and lora.data.collect.DEFAULT_MAX_FILE_SIZE
+#: (tests/datapipe/test_datapipe_cli.py checks that they agree)
+_MAX_PIXELS_HELP = 150_000_000
+_MAX_FILE_SIZE_HELP = 50 * 2**20
 
 
 def _error(message: str, code: int) -> int:
@@ -27,7 +35,7 @@ def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
-def _progress_bar(desc: str) -> tuple[Callable[[dict[str, Any]], None], Callable[[], None]]:
+def _progress_bar(desc: str, quiet: bool = False) -> tuple[Callable[[dict[str, Any]], None], Callable[[], None]]:
     """A tqdm bar fed by ``on_progress`` events; one bar per round (the total changes)."""
     from tqdm import tqdm
 
@@ -41,7 +49,7 @@ def _progress_bar(desc: str) -> tuple[Callable[[dict[str, Any]], None], Callable
             round_no = event.get("round")
             label = f"{desc} (round {round_no})" if round_no and round_no > 1 else desc
             state["bar"] = tqdm(total=event.get("total"), desc=label, unit="img",
-                                disable=not sys.stderr.isatty(), file=sys.stderr)
+                                disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
             state["key"] = key
         state["bar"].update(1)
 
@@ -78,7 +86,7 @@ def _check_common(args: argparse.Namespace) -> str | None:
 def _fetch(args: argparse.Namespace) -> int:
     from lora.booru import BooruAuthError, BooruError, BooruQueryError, Credentials, normalize_host
     from lora.data.manifest import DatasetBusyError, ManifestError
-    from lora.data.refresh import make_query_specs, refresh_dataset
+    from lora.data.refresh import DEFAULT_BOORU_URL, make_query_specs, refresh_dataset
 
     problem = _check_common(args)
     ratings = _csv(args.ratings)
@@ -118,11 +126,11 @@ def _fetch(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _error(str(exc), 2)
 
-    on_progress, close = _progress_bar("downloading")
+    on_progress, close = _progress_bar("downloading", getattr(args, "quiet", False))
     try:
         summary = refresh_dataset(
             args.workspace, args.dataset, specs,
-            booru_url=args.booru_url, credentials=credentials, target_size=args.target_size,
+            booru_url=args.booru_url or DEFAULT_BOORU_URL, credentials=credentials, target_size=args.target_size,
             limit=limit, ratings=ratings, min_side=args.min_side, caption=caption,
             radius=args.radius, group_parents=args.group_parents,
             requests_per_second=args.requests_per_second, on_progress=on_progress,
@@ -141,8 +149,16 @@ def _fetch(args: argparse.Namespace) -> int:
         return _error(f"{type(exc).__name__}: {exc}", 1)
     finally:
         close()
-    print(summary.format_table())
+    _report(summary, args)
     return 0
+
+
+def _report(summary: Any, args: argparse.Namespace) -> None:
+    """The summary table for people, or with --json one object (counts, version, reasons)."""
+    if getattr(args, "json", False):
+        print(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(summary.format_table())
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -152,7 +168,7 @@ def _import(args: argparse.Namespace) -> int:
     problem = _check_common(args)
     if problem:
         return _error(problem, 2)
-    on_progress, close = _progress_bar("importing")
+    on_progress, close = _progress_bar("importing", getattr(args, "quiet", False))
     try:
         summary = import_folder(
             args.workspace, args.dataset, args.source, query=args.query,
@@ -168,13 +184,11 @@ def _import(args: argparse.Namespace) -> int:
         return _error(f"{type(exc).__name__}: {exc}", 1)
     finally:
         close()
-    print(summary.format_table())
+    _report(summary, args)
     return 0
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from lora.data.images import DEFAULT_MAX_PIXELS
-
     parser.add_argument("--workspace", default="workspace", help="workspace folder (default: ./workspace)")
     parser.add_argument("--dataset", default="anime", help="data set name (default: anime)")
     parser.add_argument("--min-side", type=int, default=512,
@@ -185,14 +199,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tags", type=int, default=None, help="at most this many tags per caption")
     parser.add_argument("--radius", type=int, default=4,
                         help="phash Hamming radius for near-duplicates (default 4)")
-    parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6,
+    parser.add_argument("--max-megapixels", type=float, default=_MAX_PIXELS_HELP / 1e6,
                         help=f"refuse images over this many megapixels as decompression bombs "
-                        f"(default {DEFAULT_MAX_PIXELS / 1e6:g}; an 8000x8000 image is 64)")
+                        f"(default {_MAX_PIXELS_HELP / 1e6:g}; an 8000x8000 image is 64)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (kept, duplicates, rejected, reasons, version, "
+                             "total) on stdout instead of the table; progress stays on stderr")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lora.data.refresh import DEFAULT_BOORU_URL, DEFAULT_MAX_FILE_SIZE
-
     fetch = sub.add_parser(
         "fetch",
         help="fetch, dedup, caption and prepare Danbooru posts into a versioned data set",
@@ -201,12 +216,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prepare the images, and write a new data-set version. Re-running continues from the "
         "cursor. Credentials: DANBOORU_LOGIN and DANBOORU_API_KEY in the environment.",
     )
-    fetch.add_argument("--booru-url", default=DEFAULT_BOORU_URL, help=f"default {DEFAULT_BOORU_URL}")
+    fetch.add_argument("--booru-url", default=None,
+                       help=f"Danbooru (or a compatible server) base URL (default {_BOORU_URL_HELP})")
     fetch.add_argument("--tags", default=None, help='Danbooru tags, e.g. "1girl solo" (query "default")')
     fetch.add_argument("--query", action="append", default=[], metavar="NAME[:LIMIT]=TAGS",
                        help="a named query (repeatable), e.g. sketch_aesthetic=sketch")
     fetch.add_argument("--limit", type=int, default=None,
-                       help="new posts per query per run (default 100 unless --target-size)")
+                       help="per query and run, take at most this many new posts as download "
+                            "candidates (default 100 unless --target-size). Posts skipped from "
+                            "their metadata (deleted, too small, byte-identical) do not count; "
+                            "images dropped after download (near-duplicates, unreadable) do, so "
+                            "fewer images may be added. For a number of images use --target-size")
     fetch.add_argument("--target-size", type=int, default=None,
                        help="grow the data set until it holds this many images (walks older posts)")
     fetch.add_argument("--ratings", default="g,s", help="comma-separated ratings (default g,s)")
@@ -218,8 +238,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="also download files from HOST (repeatable; *.example.com allowed). "
                        "Without it, files come only from the booru's own host and its known CDN "
                        "(cdn.donmai.us for Danbooru)")
-    fetch.add_argument("--max-file-mb", type=float, default=DEFAULT_MAX_FILE_SIZE / 2**20,
-                       help=f"largest file to download, in MiB (default {DEFAULT_MAX_FILE_SIZE / 2**20:g}); "
+    fetch.add_argument("--max-file-mb", type=float, default=_MAX_FILE_SIZE_HELP / 2**20,
+                       help=f"largest file to download, in MiB (default {_MAX_FILE_SIZE_HELP / 2**20:g}); "
                        "a download also stops just past the post's declared size")
     _add_common(fetch)
     fetch.set_defaults(func=_fetch)

@@ -153,6 +153,8 @@ def _sample(args: argparse.Namespace) -> int:
                                   device=args.device, lcm_lora=args.lcm_lora)
     if args.negative_prompt is not None:
         kwargs["negative_prompt"] = args.negative_prompt
+    if getattr(args, "trigger_word", None):
+        kwargs["trigger_word"] = args.trigger_word
     out = Path(args.out) if args.out else run / "samples"
     try:
         result = generate_samples(model, [run, *map(Path, args.compare)], out, **kwargs)
@@ -174,7 +176,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 # -- publish -------------------------------------------------------------------------------
 def _publish(args: argparse.Namespace) -> int:
-    from lora.hub import PublishError, publish
+    from lora.hub import PublishArgumentError, PublishError, publish
 
     run = Path(args.run)
     if not run.is_dir():
@@ -182,11 +184,19 @@ def _publish(args: argparse.Namespace) -> int:
     if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
         return _fail(f"--repo-id must look like USER/NAME, got {args.repo_id!r}", 2)
     try:
+        if not run.is_dir():
+            raise PublishArgumentError(f"--run {run}: run folder not found")
         result = publish(run, args.repo_id, private=args.private, endpoint=args.endpoint,
                          dry_run=args.dry_run, trigger_word=args.trigger_word,
-                         license=args.license)
+                         license=args.license, base_model=args.base_model,
+                         allow_test_model=args.allow_test_model)
+    except PublishArgumentError as exc:
+        return _fail(str(exc), 2)
     except PublishError as exc:
         return _fail(str(exc))
+    if getattr(args, "json", False):
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
     print(result.describe())
     if not args.dry_run:
         print(f"published: {result.url}")
@@ -223,32 +233,56 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(default: the run's config.json 'model')")
     p.add_argument("--prompts", metavar="FILE",
                    help="prompts file: one per line (# comments) or a JSON list")
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--negative-prompt", default=None,
+                   help="negative prompt for every image (default: lowres, bad anatomy, ...)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated (default 0,1)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default 20; 4 for tiny or LCM)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7; 1 for LCM)")
-    p.add_argument("--lora-scale", type=float, default=1.0)
-    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="LoRA strength (default 1.0; 0.8 is what the model card suggests)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size, a multiple of 8 (default 512; the tiny model's own size for tiny)")
     p.add_argument("--scheduler", default="euler_a",
-                   choices=("euler_a", "dpm++", "euler", "ddim"))
+                   choices=("euler_a", "dpm++", "euler", "ddim"),
+                   help="sampler (default euler_a, as in AUTOMATIC1111's default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--lcm-lora", metavar="PATH",
                    help="local LCM-LoRA weights for fast few-step sampling")
     p.add_argument("--out", help="output folder (default RUN/samples): new, empty, or an earlier "
                                  "samples folder, which is replaced; any other folder or a file is refused")
+    p.add_argument("--trigger-word",
+                   help="put first in each default prompt (default: the trigger word recorded "
+                        "in the run's kohya file); --prompts are used as written")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser(
         "publish", help="stage hub/ and upload the LoRA to the Hugging Face Hub",
-        description="Stage RUN/hub/ from an allow-list (LoRA files, model card, samples, "
-                    "metrics, loss plot) and upload it. The token comes from HF_TOKEN.")
+        description="Stage RUN/hub/ from an allow-list (both LoRA files, the model card, the "
+                    "sample images, metrics and the loss plot) and upload it. Unless --private, "
+                    "the repo and everything in it is public. Checkpoints, caches, config.json "
+                    "and the data set never leave the machine. The token comes from HF_TOKEN.")
     p.add_argument("--run", required=True, help="the run folder")
-    p.add_argument("--repo-id", required=True, metavar="USER/NAME")
-    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--repo-id", required=True, metavar="USER/NAME",
+                   help="the Hub model repo to create or update, e.g. you/anime-lora")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo as private (default: public, visible to everyone)")
     p.add_argument("--dry-run", action="store_true",
-                   help="stage only and print what would be sent")
-    p.add_argument("--endpoint", help="Hub endpoint URL (default https://huggingface.co)")
-    p.add_argument("--trigger-word", help="instance prompt shown in the model card")
-    p.add_argument("--license", default=None, help="license id (default creativeml-openrail-m)")
+                   help="stage only and print what would be sent; nothing leaves the machine")
+    p.add_argument("--endpoint", help="Hub endpoint URL (default: HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--trigger-word",
+                   help="trigger word shown in the card (default: the one recorded in the "
+                        "kohya file, i.e. the first tag of every caption)")
+    p.add_argument("--base-model", metavar="HUB_ID_OR_NAME",
+                   help="the base model to name in the card: a Hub id (owner/name, set as the "
+                        "card's base_model) or the name of a local checkpoint (named in the text "
+                        "only); default: the model the run was trained on")
+    p.add_argument("--license", default=None,
+                   help="a Hub license identifier such as creativeml-openrail-m (default), "
+                        "openrail++, cc-by-nc-4.0, mit or other; checked before staging")
+    p.add_argument("--allow-test-model", action="store_true",
+                   help="upload a run trained on the tiny test model (--model tiny) anyway; "
+                        "refused otherwise, as such a LoRA is of no use")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (repo, visibility, url, files) instead of text")
     p.set_defaults(func=_publish)

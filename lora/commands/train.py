@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,18 +52,34 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "learning_rate": args.lr,
         "run_name": args.run_name,
         "low_memory": True if args.low_memory else None,
+        "save_dtype": args.save_dtype,
     }
     values.update(_parse_set(args.set))
     return values
 
 
-def _print_progress(info: dict) -> None:
-    step, total = info.get("step", 0), info.get("total_steps", 0)
-    if step == total or step % 10 == 0 or step == 1:
-        eta = info.get("eta_s")
-        eta_txt = f"{eta:.0f}s" if isinstance(eta, (int, float)) else "?"
-        print(f"step {step}/{total} epoch {info.get('epoch')} loss {info.get('loss', float('nan')):.4f} "
-              f"lr {info.get('lr', 0):.2e} eta {eta_txt}", file=sys.stderr, flush=True)
+def describe_schedule(cfg: Any, plan: Any, name: str) -> str:
+    """The start line: how many steps, and whether --max-steps or the epochs end the run."""
+    by_epochs = plan.steps_per_epoch * cfg.epochs
+    head = (f"training {name}: {len(plan.train_items)} images ({plan.version}), "
+            f"{plan.steps_per_epoch} steps per epoch, ")
+    if cfg.max_steps is not None and cfg.max_steps < by_epochs:
+        return head + (f"{plan.total_steps} steps: --max-steps {cfg.max_steps} ends the run before "
+                       f"{cfg.epochs} epochs ({by_epochs} steps)")
+    if cfg.max_steps is not None:
+        return head + (f"{plan.total_steps} steps = {cfg.epochs} epochs; --max-steps "
+                       f"{cfg.max_steps} is more than that and is not reached (raise --epochs "
+                       "to train longer)")
+    return head + f"{plan.total_steps} steps = {cfg.epochs} epochs"
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], human: list[str]) -> None:
+    """One JSON object on stdout with --json, else the human lines."""
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2))
+    else:
+        for line in human:
+            print(line)
 
 
 def _segment_problem(args: argparse.Namespace) -> str | None:
@@ -88,12 +105,20 @@ def _handler(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
-    from lora.train import DatasetError, TrainingError, train
+    from lora.train import DatasetError, TrainingError, make_plan, train
 
+    from .progress import TrainProgress
+
+    quiet = getattr(args, "quiet", False)
+    run_name = cfg.run_name or Path(args.run_dir).name
     budget = args.time_budget_minutes * 60 if args.time_budget_minutes is not None else None
+    progress = None if quiet else TrainProgress()
     try:
-        result = train(cfg, Path(args.run_dir), stop_at_step=args.stop_at_step, time_budget_s=budget,
-                       on_progress=None if args.quiet else _print_progress, extend=args.extend)
+        if not quiet:
+            print(describe_schedule(cfg, make_plan(cfg), run_name), file=sys.stderr, flush=True)
+        with progress.logging_above_bar() if progress is not None else nullcontext():
+            result = train(cfg, Path(args.run_dir), stop_at_step=args.stop_at_step,
+                           time_budget_s=budget, on_progress=progress, extend=args.extend)
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -107,21 +132,31 @@ def _handler(args: argparse.Namespace) -> int:
         print(f"error: training failed: {name}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
         return EXIT_FAILED
     finally:
+        if progress is not None:
+            progress.close()
         from lora.train.distributed import close_process_group
 
         close_process_group()  # launched with accelerate launch / torchrun
+    payload = {
+        "status": "complete" if result.complete else "stopped",
+        "exit_code": EXIT_COMPLETE if result.complete else EXIT_STOPPED_EARLY,
+        "run_name": run_name, "run_dir": str(Path(args.run_dir).resolve()),
+        "global_step": result.global_step, "total_steps": result.total_steps,
+        "stopped_reason": None if result.complete else result.stopped_reason,
+        "lora_files": [str(p) for p in result.lora_files],
+        "training_log": str(Path(args.run_dir).resolve() / "training_log.json"),
+    }
     if result.complete:
-        print(f"run complete at step {result.global_step}/{result.total_steps}; LoRA files:")
-        for path in result.lora_files:
-            print(f"  {path}")
+        _emit(args, payload, [f"run complete at step {result.global_step}/{result.total_steps}; "
+                              "LoRA files:", *(f"  {p}" for p in result.lora_files)])
         return EXIT_COMPLETE
     if result.stopped_reason == "interrupted":
         saved = "checkpoint saved" if result.global_step > 0 else "no step done yet"
-        print(f"interrupted at step {result.global_step}/{result.total_steps}: {saved}, "
-              "re-run the same command to continue", flush=True)
+        _emit(args, payload, [f"interrupted at step {result.global_step}/{result.total_steps}: {saved}, "
+                              "re-run the same command to continue"])
         return EXIT_STOPPED_EARLY
-    print(f"stopped at step {result.global_step}/{result.total_steps} ({result.stopped_reason}); "
-          "re-run the same command to continue")
+    _emit(args, payload, [f"stopped at step {result.global_step}/{result.total_steps} "
+                          f"({result.stopped_reason}); re-run the same command to continue"])
     return EXIT_STOPPED_EARLY
 
 
@@ -135,28 +170,54 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(time budget / --stop-at-step / Ctrl-C or SIGTERM; re-run the same command to continue), "
         "2 bad config or data set, 1 runtime failure, 130 / 143 a second Ctrl-C / SIGTERM.",
     )
-    parser.add_argument("--dataset", required=True, help="data-set folder (versions/ or images with .txt)")
-    parser.add_argument("--run-dir", required=True, help="run folder (created, or resumed)")
-    parser.add_argument("--preset", default=None, help="phase1.5, phase2a (default), phase2a-l2, phase2b")
-    parser.add_argument("--model", default=None, help="'tiny', a Hub id, a diffusers folder or a .safetensors file")
+    parser.add_argument("--dataset", required=True,
+                        help="data-set folder (with versions/, or any folder of images with .txt captions)")
+    parser.add_argument("--run-dir", required=True,
+                        help="run folder: created for a new run, resumed from its latest checkpoint otherwise")
+    parser.add_argument("--preset", default=None,
+                        help="phase1.5, phase2a (default), phase2a-l2 or phase2b (README: Presets)")
+    parser.add_argument("--model", default=None,
+                        help="base model: a Hub id (default stable-diffusion-v1-5/stable-diffusion-v1-5, "
+                             "downloaded once, about 4 GB), a diffusers folder, a .safetensors "
+                             "checkpoint, or 'tiny' (a small random-weight model for trying things "
+                             "out; its LoRAs are useless)")
     parser.add_argument("--config", default=None, help="JSON or TOML file of training settings")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any training setting (repeatable)")
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None, help="learning rate")
-    parser.add_argument("--run-name", default=None, help="default: the run folder's name")
-    parser.add_argument("--checkpoint-every-steps", type=int, default=None)
-    parser.add_argument("--checkpoint-every-minutes", type=float, default=None)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="any training setting by its config name, e.g. --set lr_scheduler=cosine (repeatable)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop the run after this many optimizer steps in total. The epochs also "
+                             "end it: the run takes min(--max-steps, epochs x steps per epoch), and "
+                             "the start line says which one applies")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="passes over the training images (preset default, 20 for phase2a); "
+                             "--max-steps may end the run earlier")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of data order, noise and timesteps (default 42); same seed, same LoRA")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="training resolution, a multiple of 16 (default 512; the tiny model's own size for tiny)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (preset default)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (preset default)")
+    parser.add_argument("--run-name", default=None,
+                        help="name of the run in logs, the card and the kohya file (default: the run folder's name)")
+    parser.add_argument("--checkpoint-every-steps", type=int, default=None,
+                        help="write a checkpoint every N steps (default: by time only)")
+    parser.add_argument("--checkpoint-every-minutes", type=float, default=None,
+                        help="write a checkpoint every N minutes of training (default 10)")
     parser.add_argument("--time-budget-minutes", type=float, default=None,
                         help="stop with a checkpoint before this much time has passed (exit 3)")
     parser.add_argument("--low-memory", action="store_true",
                         help="fit an 8 GB card at batch 4 (gradient checkpointing, no CUDA graphs/compile)")
+    parser.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                        help="tensor type of the kohya/AUTOMATIC1111/ComfyUI file (default fp16, "
+                             "half the size of fp32)")
     parser.add_argument("--stop-at-step", type=int, default=None, help="stop at this global step (exit 3)")
     parser.add_argument("--extend", action="store_true",
                         help="train a finished run on to a larger --max-steps, from its final checkpoint "
                         "(its LoRA files are kept in lora-step-<n>/)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no per-step progress lines")
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no start line, no progress bar and nothing from third-party "
+                             "libraries (the same as animelora -q train ...)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (status, steps, LoRA files) on stdout when "
+                             "training ends; progress stays on stderr")
     parser.set_defaults(func=_handler)

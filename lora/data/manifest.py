@@ -11,12 +11,8 @@ such as ``"123"``, or a stable ``local-<md5>`` id for imported files).
 """
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
 import re
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -157,10 +153,12 @@ class DatasetPaths:
 
 # --------------------------------------------------------------------------------------------
 # Locking: one writer per data set. Re-entrant inside a process (a Prefect flow holds it while
-# its tasks, in worker threads, commit), exclusive between processes (fcntl.flock).
+# its tasks, in worker threads, commit), exclusive between processes. The OS lock comes from
+# ``filelock`` (flock on POSIX, msvcrt on Windows), so fetch/import/train also start on native
+# Windows; the in-process count below is ours because filelock's own re-entrancy is per thread.
 # --------------------------------------------------------------------------------------------
 
-_LOCKS: dict[Path, list[Any]] = {}  # path -> [fd, holders]
+_LOCKS: dict[Path, list[Any]] = {}  # path -> [FileLock, holders]
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -174,25 +172,18 @@ def dataset_lock(paths: DatasetPaths, timeout: float = 0.0) -> Iterator[None]:
         if entry is not None:
             entry[1] += 1
     if entry is None:
-        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + max(0.0, timeout)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    os.close(fd)
-                    raise
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise DatasetBusyError(
-                        f"data set {paths.name!r} is being written by another process "
-                        f"(lock {key}); wait for it to finish"
-                    ) from None
-                time.sleep(0.2)
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(key, thread_local=False)
+        try:
+            lock.acquire(timeout=max(0.0, timeout), poll_interval=0.2)
+        except Timeout:
+            raise DatasetBusyError(
+                f"data set {paths.name!r} is being written by another process "
+                f"(lock {key}); wait for it to finish"
+            ) from None
         with _LOCKS_GUARD:
-            _LOCKS[key] = [fd, 1]
+            _LOCKS[key] = [lock, 1]
     try:
         yield
     finally:
@@ -201,8 +192,7 @@ def dataset_lock(paths: DatasetPaths, timeout: float = 0.0) -> Iterator[None]:
             entry[1] -= 1
             if entry[1] == 0:
                 del _LOCKS[key]
-                fcntl.flock(entry[0], fcntl.LOCK_UN)
-                os.close(entry[0])
+                entry[0].release()
 
 
 # --------------------------------------------------------------------------------------------

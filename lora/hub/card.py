@@ -1,9 +1,11 @@
 """The model card (``README.md``): front matter the Hub understands, and a body for people.
 
-Front matter: base_model, license, tags (lora, stable-diffusion, ...), instance_prompt (the
-trigger word) and widget entries pointing at the staged sample images, so the Hub page shows
-them. Body: how to use the LoRA in diffusers and in AUTOMATIC1111/ComfyUI, the training
-settings, the data set, the metrics and the loss plot.
+Front matter: base_model (only a real Hub id: the Hub links it and refuses anything else),
+license, tags (lora, stable-diffusion, ...), instance_prompt (the trigger word) and widget
+entries pointing at the staged sample images, so the Hub page shows them. Body: how to use the
+LoRA in diffusers and (with the kohya file) in AUTOMATIC1111/ComfyUI, the training settings,
+where the data came from, the metrics and the loss plot. A local base checkpoint (an anime
+model that is not on the Hub) is named in the text only.
 """
 from __future__ import annotations
 
@@ -24,11 +26,26 @@ SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+TEST_MODEL_NAMES = ("tiny", "tiny-sd15-v1")
+
+
 def is_hub_id(model: str | None) -> bool:
     """True for ``owner/name`` ids; False for "tiny", local folders and single files."""
     if not model or not _HUB_ID.match(model):
         return False
     return not model.endswith((".safetensors", ".ckpt")) and not Path(model).exists()
+
+
+def is_test_model(model: str | None) -> bool:
+    """True when ``model`` is the tiny random-weight test model (``--model tiny``)."""
+    return bool(model) and (model in TEST_MODEL_NAMES or Path(str(model)).name in TEST_MODEL_NAMES)
+
+
+def model_display_name(model: str) -> str:
+    """A local checkpoint by its file or folder name: the card never shows local paths."""
+    if is_hub_id(model):
+        return model
+    return re.split(r"[\\/]", model.rstrip("/\\"))[-1] or model
 
 
 def sample_widgets(info: RunInfo, prefix: str = "samples/") -> list[dict[str, Any]]:
@@ -57,12 +74,13 @@ def sample_widgets(info: RunInfo, prefix: str = "samples/") -> list[dict[str, An
 def card_metadata(info: RunInfo, *, license: str = DEFAULT_LICENSE) -> dict[str, Any]:
     """The YAML front matter as a dict."""
     meta: dict[str, Any] = {}
-    if is_hub_id(info.base_model):
+    test_model = is_test_model(info.trained_on)
+    if is_hub_id(info.base_model) and not test_model:
         meta["base_model"] = info.base_model
     meta["license"] = license
     meta["library_name"] = "diffusers"
     meta["pipeline_tag"] = "text-to-image"
-    meta["tags"] = list(TAGS)
+    meta["tags"] = ["lora", "test-model", "not-for-use"] if test_model else list(TAGS)
     if info.trigger_word:
         meta["instance_prompt"] = info.trigger_word
     widgets = sample_widgets(info)
@@ -133,11 +151,17 @@ def render_card(
     kohya_stem = info.kohya_file.stem if info.kohya_file else info.run_name
 
     out: list[str] = ["---", front.rstrip(), "---", "", f"# {repo_id.split('/')[-1]}", ""]
+    if is_test_model(info.trained_on):
+        out += ["> **Test artefact, not a usable LoRA.** It was trained on animelora's tiny "
+                "random-weight test model (`--model tiny`), not on Stable Diffusion 1.5: it "
+                "loads only into that test model and its images are noise.", ""]
     out.append(f"An anime-style LoRA for Stable Diffusion 1.5, trained by the `animelora` "
                f"pipeline (run `{info.run_name}`).")
     if info.base_model and not is_hub_id(info.base_model):
-        out.append(f"Base model used for training: `{info.base_model}` (not a Hub model; the "
-                   f"examples below use `{SD15_HUB_ID}`).")
+        name = model_display_name(info.base_model)
+        out.append(f"Base model: `{name}`, a local checkpoint that is not on the Hugging Face "
+                   f"Hub. The examples below load `{SD15_HUB_ID}` in its place; load your copy "
+                   f"of `{name}` instead for results like the samples.")
     else:
         out.append(f"Base model: [`{base}`](https://huggingface.co/{base}).")
     if trigger:
@@ -165,7 +189,9 @@ def render_card(
 
     out += ["## Use with AUTOMATIC1111 / ComfyUI", ""]
     if kohya:
-        out += [f"1. Download `{kohya}` (kohya format, with `ss_*` metadata).",
+        out += [f"1. Download `{kohya}` (kohya format, with `ss_*` and `modelspec.*` metadata). "
+                f"`{DIFFUSERS_WEIGHTS}` is the diffusers-format copy and is not meant for these "
+                "UIs.",
                 "2. AUTOMATIC1111 / Forge: copy it into `stable-diffusion-webui/models/Lora/`, then "
                 f"add `<lora:{kohya_stem}:0.8>` to the prompt, e.g. "
                 f"`{example}, <lora:{kohya_stem}:0.8>`.",
@@ -173,9 +199,9 @@ def render_card(
                 "**Load LoRA** node (strength 0.8) between the checkpoint loader and the sampler.",
                 ""]
     else:
-        out += [f"Download `{DIFFUSERS_WEIGHTS}`; recent AUTOMATIC1111 and ComfyUI versions load "
-                "diffusers-format LoRA files too (copy it into `models/Lora/` or "
-                "`models/loras/`).", ""]
+        out += [f"This repository holds only `{DIFFUSERS_WEIGHTS}`, the diffusers-format file; "
+                "AUTOMATIC1111 and ComfyUI need the kohya-format file (`<run>.safetensors`), "
+                "which this upload does not include.", ""]
 
     out += ["## Training settings", "", "| setting | value |", "|---|---|"]
     for key, value in info.settings.items():
@@ -186,8 +212,7 @@ def render_card(
     out.append(f"- name: {info.dataset or '-'}")
     out.append(f"- version: {info.dataset_version or '-'}")
     out.append(f"- images: {info.dataset_size if info.dataset_size is not None else '-'}")
-    out += ["- source: Danbooru posts selected by tag query, near-duplicates removed, captioned "
-            "with kohya-style tags", ""]
+    out += [f"- source: {info.data_source}", ""]
 
     if info.metrics:
         out += ["## Metrics", ""] + _metrics_section(info.metrics) + [""]

@@ -47,9 +47,17 @@ def _scalar(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value)
 
 
+#: What the card says about the data when the data set's origin is not recorded.
+UNKNOWN_SOURCE = "a folder of images with kohya-style caption files"
+
+
 @dataclass
 class RunInfo:
-    """The card's inputs: names, settings, data set, metrics, samples and LoRA files."""
+    """The card's inputs: names, settings, data set, metrics, samples and LoRA files.
+
+    ``trained_on`` is the model the run was really trained on (from its config); ``base_model``
+    is what the card names as the base (``--base-model`` when given, else ``trained_on``).
+    """
 
     run_dir: Path
     run_name: str
@@ -62,6 +70,8 @@ class RunInfo:
     metrics: dict[str, Any] | None
     samples: dict[str, Any] | None
     lora_files: list[Path] = field(default_factory=list)
+    trained_on: str | None = None
+    data_source: str = UNKNOWN_SOURCE
 
     @property
     def kohya_file(self) -> Path | None:
@@ -75,35 +85,86 @@ class RunInfo:
         return any(p.name == DIFFUSERS_WEIGHTS for p in self.lora_files)
 
 
-def _dataset_size(run_dir: Path, cfg: dict[str, Any], log: dict[str, Any],
-                  dataset: str | None, version: str | None) -> int | None:
-    for source in (log, cfg):
-        for key in ("dataset_size", "num_images", "train_images"):
-            value = source.get(key)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
+def _version_record(run_dir: Path, dataset: str | None, version: str | None) -> dict[str, Any] | None:
+    """``versions/<version>.json`` of the run's data set, when it can be found."""
     if not (dataset and version):
         return None
     # runs/<name>/ sits next to datasets/<name>/ in the workspace.
     candidates = [Path(dataset) / "versions" / f"{version}.json",
-                  run_dir.parent.parent / "datasets" / dataset / "versions" / f"{version}.json"]
+                  run_dir.parent.parent / "datasets" / Path(dataset).name / "versions" / f"{version}.json"]
     for path in candidates:
         try:
             data = read_json(path) if path.is_file() else None
         except OSError:
             data = None
-        if data and isinstance(data.get("count"), int):
-            return int(data["count"])
+        if data:
+            return data
     return None
 
 
-def gather(run_dir: Path, trigger_word: str | None = None) -> RunInfo:
-    """Collect a run's card inputs; absent pieces are None, never an error."""
+def _dataset_size(cfg: dict[str, Any], log: dict[str, Any], record: dict[str, Any] | None) -> int | None:
+    for source in (log, cfg):
+        for key in ("dataset_size", "num_images", "train_images"):
+            value = source.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    if record and isinstance(record.get("count"), int):
+        return int(record["count"])
+    return None
+
+
+def describe_source(record: dict[str, Any] | None) -> str:
+    """Where the images came from, as the data-set version records it.
+
+    ``animelora fetch`` records each query's Danbooru tags; ``animelora import`` records its
+    queries as ``local:<folder>`` (the folder path itself stays out of the card).
+    """
+    queries = record.get("queries") if record else None
+    if not isinstance(queries, dict) or not queries:
+        return UNKNOWN_SOURCE
+    tags = [str(v) for v in queries.values() if isinstance(v, str) and not v.startswith("local:")]
+    imported = any(isinstance(v, str) and v.startswith("local:") for v in queries.values())
+    danbooru = ("Danbooru posts selected by tag query (" + "; ".join(f"`{t}`" for t in sorted(tags))
+                + "), near-duplicates removed, captioned with kohya-style tags") if tags else ""
+    local = ("images imported from a local folder (their original source is not recorded by "
+             "animelora), near-duplicates removed, with kohya-style captions") if imported else ""
+    if danbooru and local:
+        return f"{danbooru}; and {local}"
+    return danbooru or local
+
+
+def kohya_trigger_phrase(lora_files: list[Path]) -> str | None:
+    """``modelspec.trigger_phrase`` from the run's kohya file header, if it has one."""
+    for path in lora_files:
+        if path.name == DIFFUSERS_WEIGHTS:
+            continue
+        try:
+            with open(path, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                if not 0 < size <= 100_000_000:
+                    continue
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError):
+            continue
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        phrase = meta.get("modelspec.trigger_phrase") if isinstance(meta, dict) else None
+        if isinstance(phrase, str) and phrase.strip():
+            return phrase.strip()
+    return None
+
+
+def gather(run_dir: Path, trigger_word: str | None = None, base_model: str | None = None) -> RunInfo:
+    """Collect a run's card inputs; absent pieces are None, never an error.
+
+    ``trigger_word`` defaults to the one the kohya file records; ``base_model`` to the model
+    the run was trained on.
+    """
     run_dir = Path(run_dir)
     cfg = _config(run_dir)
     log = read_json(run_dir / "training_log.json") or {}
     run_name = str(log.get("run_name") or cfg.get("run_name") or run_dir.name)
-    base_model = cfg.get("model") or cfg.get("base_model") or log.get("base_model")
+    trained_on = cfg.get("model") or cfg.get("base_model") or log.get("base_model")
+    trained_on = str(trained_on) if trained_on else None
     settings = {}
     for key in CARD_SETTINGS:
         value = cfg.get(key, log.get(key))  # the resolved config is the source of truth
@@ -112,20 +173,24 @@ def gather(run_dir: Path, trigger_word: str | None = None) -> RunInfo:
     dataset = cfg.get("dataset") if isinstance(cfg.get("dataset"), str) else None
     version = log.get("dataset_version") or cfg.get("dataset_version")
     version = str(version) if version else None
-    trigger = trigger_word or cfg.get("trigger_word") or log.get("trigger_word")
     lora_dir = run_dir / "lora"
     lora_files = sorted(p for p in lora_dir.glob("*.safetensors")
                         if p.is_file() and not p.is_symlink()) if lora_dir.is_dir() else []
+    trigger = (trigger_word or cfg.get("trigger_word") or log.get("trigger_word")
+               or kohya_trigger_phrase(lora_files))
+    record = _version_record(run_dir, dataset, version)
     return RunInfo(
         run_dir=run_dir,
         run_name=run_name,
-        base_model=str(base_model) if base_model else None,
+        base_model=base_model or trained_on,
         settings=settings,
         dataset=Path(dataset).name if dataset else None,
         dataset_version=version,
-        dataset_size=_dataset_size(run_dir, cfg, log, dataset, version),
+        dataset_size=_dataset_size(cfg, log, record),
         trigger_word=str(trigger) if trigger else None,
         metrics=read_json(run_dir / "report" / "metrics.json"),
         samples=read_json(run_dir / "samples" / "samples.json"),
         lora_files=lora_files,
+        trained_on=trained_on,
+        data_source=describe_source(record),
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lora.fsutil import make_temp_dir, swap_dir
 from lora.hub.card import DEFAULT_LICENSE, render_card
+from lora.hub.licenses import check_license
 from lora.hub.runinfo import gather, read_json
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,10 @@ SAMPLE_SUFFIXES = (".png",)
 
 class StageError(RuntimeError):
     """The run folder cannot be staged (one-line message)."""
+
+
+class StageArgumentError(StageError):
+    """An argument is wrong (license, repo id, a test-model run): fix the command, not the run."""
 
 
 @dataclass(frozen=True)
@@ -67,18 +72,28 @@ def stage_run(
     repo_id: str,
     trigger_word: str | None = None,
     license: str = DEFAULT_LICENSE,
+    base_model: str | None = None,
 ) -> Path:
-    """Build ``run_dir/hub/`` afresh from the allow-list and return its path."""
+    """Build ``run_dir/hub/`` afresh from the allow-list and return its path.
+
+    Checked before anything is written: the license is one of the Hub's identifiers and the
+    repo id looks like USER/NAME. A run of the tiny test model may be staged (to look at), and
+    its card says what it is; :func:`lora.hub.publish` refuses to upload it unless asked.
+    """
     run_dir = Path(run_dir)
+    try:
+        check_license(license)
+    except ValueError as exc:
+        raise StageArgumentError(str(exc)) from None
+    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise StageArgumentError(f"--repo-id must look like USER/NAME, got {repo_id!r}")
     if not run_dir.is_dir():
         raise StageError(f"{run_dir}: run folder not found")
-    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise StageError(f"repo_id must look like USER/NAME, got {repo_id!r}")
-    info = gather(run_dir, trigger_word)
+    info = gather(run_dir, trigger_word, base_model)
     if not info.lora_files:
         raise StageError(f"{run_dir / 'lora'}: no LoRA weights (*.safetensors) to publish")
     _ensure_report(run_dir)
-    info = gather(run_dir, trigger_word)
+    info = gather(run_dir, trigger_word, base_model)
 
     tmp = make_temp_dir(run_dir, ".hub.tmp-")
     try:

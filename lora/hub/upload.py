@@ -13,7 +13,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora.hub.stage import StagedFile, StageError, stage_run, staged_files
+from lora.hub.card import is_test_model
+from lora.hub.runinfo import gather
+from lora.hub.stage import StageArgumentError, StagedFile, StageError, stage_run, staged_files
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,10 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 
 class PublishError(RuntimeError):
     """Publishing failed; the message is one line and never holds the token."""
+
+
+class PublishArgumentError(PublishError):
+    """A wrong argument (license, repo id, test-model run, base model); nothing was staged."""
 
 
 @dataclass
@@ -42,6 +48,17 @@ class PublishResult:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    def to_dict(self) -> dict:
+        """What a script needs: where it went, whether it is public, and every file sent."""
+        return {
+            "repo_id": self.repo_id, "endpoint": self.endpoint, "private": self.private,
+            "visibility": "private" if self.private else "public", "dry_run": self.dry_run,
+            "url": self.url, "commit_url": self.commit_url, "staged_dir": str(self.staged_dir),
+            "commit_message": self.commit_message, "total_bytes": self.total_bytes,
+            "files": [{"path": f.path, "size": f.size} for f in self.files],
+            "notes": list(self.notes),
+        }
+
     def describe(self) -> str:
         """What was (or, on a dry run, would be) sent, for people."""
         head = ("dry run: nothing sent. Would create" if self.dry_run else "created")
@@ -51,6 +68,7 @@ class PublishResult:
                  f"{self.commit_message!r}:"]
         width = max((len(f.path) for f in self.files), default=0)
         lines += [f"  {f.path.ljust(width)}  {_size(f.size):>10}" for f in self.files]
+        lines += [f"note: {n}" for n in self.notes]
         if self.commit_url:
             lines.append(f"commit: {self.commit_url}")
         return "\n".join(lines)
@@ -176,17 +194,33 @@ def publish(
     dry_run: bool = False,
     trigger_word: str | None = None,
     license: str | None = None,
+    base_model: str | None = None,
+    allow_test_model: bool = False,
 ) -> PublishResult:
     """Stage ``run_dir/hub/`` and (unless ``dry_run``) upload it to ``repo_id``.
 
-    Raises :class:`PublishError` with one line for: no token, an invalid token (401), a repo
-    owned by someone else (403/409), an unreachable Hub, and any other Hub error.
+    ``private`` creates the repo as private; otherwise everything staged (LoRA files, card,
+    samples, metrics, loss plot) becomes public. ``base_model``: a Hub id, or the name of a
+    local checkpoint (named in the card's text only). Raises :class:`PublishArgumentError` for a
+    bad argument before anything is staged, and :class:`PublishError` with one line for: no
+    token, an invalid token (401), a repo owned by someone else (403/409), an unreachable Hub,
+    and any other Hub error.
     """
     run_dir = Path(run_dir)
     endpoint_url = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    if base_model is not None and not base_model.strip():
+        raise PublishArgumentError("--base-model must be a Hub id (owner/name) or a checkpoint name")
+    trained_on = gather(run_dir).trained_on if run_dir.is_dir() else None
+    if is_test_model(trained_on) and not (allow_test_model or dry_run):
+        raise PublishArgumentError(
+            f"{run_dir.name} was trained on the tiny random-weight test model (--model tiny), not "
+            "SD1.5, so its LoRA is of no use to anyone; pass --allow-test-model to upload it anyway")
     try:
         kwargs = {"license": license} if license else {}
-        hub_dir = stage_run(run_dir, repo_id=repo_id, trigger_word=trigger_word, **kwargs)
+        hub_dir = stage_run(run_dir, repo_id=repo_id, trigger_word=trigger_word,
+                            base_model=base_model, **kwargs)
+    except StageArgumentError as exc:
+        raise PublishArgumentError(str(exc)) from None
     except StageError as exc:
         raise PublishError(str(exc)) from None
     files = staged_files(hub_dir)
@@ -196,6 +230,8 @@ def publish(
         private=private, dry_run=dry_run,
         commit_message=f"Upload LoRA from run {run_name}",
     )
+    if is_test_model(trained_on) and not allow_test_model:
+        result.notes.append("trained on the tiny test model: a real upload needs --allow-test-model")
     if dry_run:
         log.info("dry run: staged %d files (%s) in %s; nothing sent", len(files),
                  _size(result.total_bytes), hub_dir)

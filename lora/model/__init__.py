@@ -32,6 +32,14 @@ __all__ = [
 ]
 
 from .export import DIFFUSERS_WEIGHT_NAME, export_diffusers, export_kohya, kohya_key  # noqa: E402
+from .metadata import (  # noqa: E402
+    DEFAULT_SAVE_DTYPE,
+    SAVE_DTYPES,
+    infer_trigger_word,
+    model_hashes,
+    save_torch_dtype,
+    training_metadata,
+)
 from .lora_layers import (  # noqa: E402
     DEFAULT_TARGET_MODULES,
     TEXT_ENCODER_TARGET_MODULES,
@@ -46,6 +54,12 @@ from .lora_layers import (  # noqa: E402
 )
 
 __all__ += [
+    "DEFAULT_SAVE_DTYPE",
+    "SAVE_DTYPES",
+    "infer_trigger_word",
+    "model_hashes",
+    "save_torch_dtype",
+    "training_metadata",
     "DIFFUSERS_WEIGHT_NAME",
     "export_diffusers",
     "export_kohya",

@@ -7,8 +7,10 @@
   ``lora_unet_<module path, dots as _>.lora_down.weight`` (= peft ``lora_A``),
   ``.lora_up.weight`` (= ``lora_B``) and a 0-d ``.alpha``; the delta is
   ``up @ down * alpha / rank``, which is peft's ``lora_alpha / r`` scale, so tensors carry over
-  unchanged. Text encoder modules use the ``lora_te_`` prefix. ``ss_*`` training metadata goes
-  into the safetensors header (all values strings, as the format requires).
+  unchanged. Text encoder modules use the ``lora_te_`` prefix. ``ss_*`` / ``modelspec.*``
+  metadata goes into the safetensors header (all values strings, as the format requires), with
+  the ``sshs_*`` / ``modelspec.hash_sha256`` hashes computed from the tensors as saved
+  (:mod:`lora.model.metadata`). Saved fp16 by default, the size LoRAs are shared at.
 
 Both are written to a temporary name in the destination folder and renamed into place.
 """
@@ -24,6 +26,7 @@ import torch
 from lora.fsutil import atomic_write, atomic_write_bytes, make_temp_dir
 
 from .lora_layers import lora_config_of
+from .metadata import model_hashes
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -107,13 +110,14 @@ def export_kohya(
     alpha: float,
     text_encoder: torch.nn.Module | None = None,
     metadata: Mapping[str, str] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float16,
 ) -> Path:
     """Write a kohya/AUTOMATIC1111/ComfyUI ``.safetensors`` LoRA with ``ss_*`` header metadata.
 
     ``rank``/``alpha`` must be those the adapter was attached with (checked against peft's
     config); ``metadata`` values must be strings (JSON-encode structured values such as
-    ``ss_tag_frequency``). fp32 by default: the files are small and lossless.
+    ``ss_tag_frequency``). fp16 by default (half of fp32's size, and what A1111/ComfyUI run
+    LoRAs in); pass ``torch.float32`` for a lossless file.
     """
     from safetensors.torch import save
 
@@ -146,6 +150,7 @@ def export_kohya(
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"kohya metadata {key!r}: keys and values must be strings (JSON-encode structures)")
         header[key] = value
+    header.update(model_hashes(tensors, header))
 
     # serialised here and written by us: safetensors' save_file creates its file private (0600)
     return atomic_write_bytes(out_path, save(tensors, metadata=header), fsync=False)

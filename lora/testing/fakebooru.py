@@ -3,7 +3,8 @@
 It serves `/posts.json` (tag search with metatags, offset pages with a page cap, `b<id>` /
 `a<id>` cursor pages, the 2-tag limit, Basic auth, a User-Agent check, a one-off 429 and 503)
 and `/data/<id>.<ext>` (generated image bytes). `generate_posts` builds deterministic
-fixtures including the traps from REFERENCE.md; each trap post carries `trap` so tests can
+fixtures including traps (deleted, banned, file-less, video and oversized posts, duplicates ...);
+each trap post carries `trap` so tests can
 assert what should happen to it.
 
 Run it by hand: `python -m lora.testing.fakebooru --port 8765 --posts 80 --seed 0`.

@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -74,58 +73,6 @@ class TrainResult:
 # model setup
 
 
-def _tag_frequency(plan: DataPlan) -> dict[str, dict[str, int]]:
-    counts: Counter[str] = Counter()
-    for item in plan.train_items:
-        counts.update(t.strip() for t in item.caption.split(",") if t.strip())
-    return {plan.dataset_dir.name: dict(sorted(counts.items()))}
-
-
-def _kohya_metadata(cfg: TrainConfig, plan: DataPlan, state: dict[str, Any], mp: str) -> dict[str, str]:
-    values: dict[str, Any] = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": cfg.lora_rank,
-        "ss_network_alpha": cfg.lora_alpha,
-        "ss_network_dropout": cfg.lora_dropout,
-        "ss_learning_rate": cfg.learning_rate,
-        "ss_unet_lr": cfg.learning_rate,
-        "ss_text_encoder_lr": (cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else 0,
-        "ss_network_train_unet_only": not cfg.train_text_encoder,
-        "ss_num_epochs": cfg.epochs,
-        "ss_epoch": state["epoch"] - (1 if state["step_in_epoch"] == 0 else 0),
-        "ss_num_train_images": len(plan.train_items),
-        "ss_num_validation_images": len(plan.val_items),
-        "ss_num_batches_per_epoch": plan.steps_per_epoch * cfg.gradient_accumulation,
-        "ss_batch_size_per_device": cfg.batch_size,
-        "ss_total_batch_size": cfg.batch_size * cfg.gradient_accumulation,
-        "ss_gradient_accumulation_steps": cfg.gradient_accumulation,
-        "ss_max_train_steps": plan.total_steps,
-        "ss_steps": state["global_step"],
-        "ss_lr_scheduler": cfg.lr_scheduler,
-        "ss_lr_warmup_steps": cfg.warmup_steps,
-        "ss_max_grad_norm": cfg.max_grad_norm or 0.0,
-        "ss_min_snr_gamma": cfg.min_snr_gamma or 0,
-        "ss_noise_offset": cfg.noise_offset,
-        "ss_mixed_precision": mp,
-        "ss_gradient_checkpointing": cfg.gradient_checkpointing or cfg.low_memory,
-        "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.optimizer == "adamw8bit" else "torch.optim.AdamW",
-        "ss_seed": cfg.seed,
-        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
-        "ss_enable_bucket": True,
-        "ss_flip_aug": cfg.flip,
-        "ss_shuffle_caption": cfg.caption_shuffle,
-        "ss_keep_tokens": cfg.keep_tokens,
-        "ss_tag_frequency": json.dumps(_tag_frequency(plan)),
-        "ss_dataset_version": plan.version,
-        "ss_sd_model_name": cfg.model,
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": False,
-        "ss_output_name": cfg.run_name,
-        "ss_training_comment": f"animelora preset {cfg.preset}, run {cfg.run_name}, "
-                               f"data set {plan.dataset_dir.name} {plan.version}",
-        "ss_training_finished_at": str(int(time.time())),
-    }
-    return {k: str(v) for k, v in values.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +213,7 @@ class _Trainer:
     def export(self, run: RunState) -> list[Path]:
         """Write both LoRA formats into ``run_dir/lora`` (temporary folder, then rename);
         the main process writes, the others wait for it."""
-        from lora.model import export_diffusers, export_kohya
+        from lora.model import export_diffusers, export_kohya, save_torch_dtype, training_metadata
 
         cfg = self.cfg
         if not self.is_main:
@@ -281,7 +228,8 @@ class _Trainer:
         export_diffusers(unet, tmp, text_encoder=te)
         kohya_name = f"{cfg.run_name}.safetensors"
         export_kohya(unet, tmp / kohya_name, rank=cfg.lora_rank, alpha=cfg.lora_alpha, text_encoder=te,
-                     metadata=_kohya_metadata(cfg, self.plan, run.to_checkpoint(), self.mp))
+                     metadata=training_metadata(cfg, self.plan, run.to_checkpoint(), self.mp),
+                     dtype=save_torch_dtype(cfg.save_dtype))
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)

@@ -11,6 +11,7 @@ they share (lora/analysis/paired.py) instead of by two means over different imag
 """
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager, nullcontext
 from typing import Callable, Sequence
 
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 from .noise import target_for
 from .seeds import generator
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -63,8 +66,12 @@ def validation_loss(
     finally:
         unet.train(was_training)
     means = (sums / len(latents)).tolist()
+    mean = float(sum(means) / len(means))
+    # the CLI's progress bar shows the last value from this record's ``validation_loss``
+    log.info("validation loss %.4f (%d images x %d timesteps)", mean, len(latents), len(timesteps),
+             extra={"validation_loss": mean})
     return {
-        "loss": float(sum(means) / len(means)),
+        "loss": mean,
         "per_timestep": {str(ts): float(m) for ts, m in zip(timesteps, means)},
         "timesteps": [int(ts) for ts in timesteps],
         "per_image": per_image,

@@ -81,3 +81,14 @@ def test_wrong_key_is_an_auth_error(booru_factory, workspace, monkeypatch, capsy
     rc = cli(_fetch_args(server, workspace, "--tags", "status:any"))
     err = capsys.readouterr().err
     assert rc == 2 and "401" in err and "wrong-key-123" not in err and err.count("\n") == 1
+
+
+def test_help_defaults_agree_with_the_pipeline():
+    """The CLI shows these defaults without importing the fetch pipeline; they must not drift."""
+    from lora.commands import data as data_cmd
+    from lora.data.collect import DEFAULT_BOORU_URL, DEFAULT_MAX_FILE_SIZE
+    from lora.data.images import DEFAULT_MAX_PIXELS
+
+    assert data_cmd._BOORU_URL_HELP == DEFAULT_BOORU_URL
+    assert data_cmd._MAX_PIXELS_HELP == DEFAULT_MAX_PIXELS
+    assert data_cmd._MAX_FILE_SIZE_HELP == DEFAULT_MAX_FILE_SIZE

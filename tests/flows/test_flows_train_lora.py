@@ -179,7 +179,7 @@ def test_publish_gate_both_ways(prefect_api, flow_params, workspace, monkeypatch
     _write_baseline(workspace, "much-worse", 1e6)
     _write_baseline(workspace, "much-better", 1e-9)
     with FakeHub() as hub:
-        common = flow_params(run_name="gated", publish=True,
+        common = flow_params(run_name="gated", publish=True, allow_test_model=True,
                              repo_id="me/gated-lora", hub_endpoint=hub.url)
         passed = train_lora(**common, compare_to="much-worse", return_state=True)
         assert passed.is_completed(), passed

@@ -136,8 +136,9 @@ def test_exports_load_back_through_diffusers(tiny_components, tmp_path: Path) ->
     lora_dir = tmp_path / "run" / "lora"
     diff_file = export_diffusers(c.unet, lora_dir, text_encoder=c.text_encoder)
     meta = {"ss_learning_rate": "0.0001", "ss_tag_frequency": json.dumps({"data": {"1girl": 3}})}
-    kohya_file = export_kohya(
-        c.unet, lora_dir / "run.safetensors", rank=RANK, alpha=ALPHA, text_encoder=c.text_encoder, metadata=meta
+    kohya_file = export_kohya(  # fp32 here so the comparison below can be exact (default: fp16)
+        c.unet, lora_dir / "run.safetensors", rank=RANK, alpha=ALPHA, text_encoder=c.text_encoder, metadata=meta,
+        dtype=torch.float32,
     )
     assert diff_file == lora_dir / "pytorch_lora_weights.safetensors"
     assert sorted(p.name for p in lora_dir.iterdir()) == ["pytorch_lora_weights.safetensors", "run.safetensors"]
@@ -188,11 +189,12 @@ def test_kohya_keys_alpha_and_metadata(tiny_components, tmp_path: Path) -> None:
     assert tensors[stem + ".alpha"].dim() == 0 and tensors[stem + ".alpha"].item() == ALPHA
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in tensors
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
-    # down/up carry peft's lora_A/lora_B unchanged
+    # down/up carry peft's lora_A/lora_B unchanged (in the file's fp16 by default)
     peft_a = dict(c.unet.named_parameters())[
         "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.default.weight"
     ]
-    assert torch.equal(tensors[stem + ".lora_down.weight"], peft_a.detach())
+    assert tensors[stem + ".lora_down.weight"].dtype == torch.float16
+    assert torch.equal(tensors[stem + ".lora_down.weight"], peft_a.detach().half())
     modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in modules)
     assert len(tensors) == 3 * len(modules)

@@ -109,7 +109,7 @@ def test_publish_sends_exactly_the_staged_files(run_copy, hf_env, monkeypatch, c
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     caplog.set_level(logging.DEBUG)
     with FakeHub(valid_tokens={TOKEN}) as hub:
-        result = publish(run_copy, REPO, endpoint=hub.url, private=True)
+        result = publish(run_copy, REPO, allow_test_model=True, endpoint=hub.url, private=True)
     staged = run_copy / "hub"
     expected = {f.path: (staged / f.path).read_bytes() for f in staged_files(staged)}
     assert hub.files[REPO] == expected
@@ -137,7 +137,7 @@ def test_publish_sends_exactly_the_staged_files(run_copy, hf_env, monkeypatch, c
 def test_bad_token_is_one_line_and_keeps_the_staged_folder(run_copy, hf_env, caplog):
     bad = "hf_this_token_is_not_valid_987654"
     with FakeHub(valid_tokens={TOKEN}) as hub, pytest.raises(PublishError) as info:
-        publish(run_copy, REPO, token=bad, endpoint=hub.url)
+        publish(run_copy, REPO, token=bad, allow_test_model=True, endpoint=hub.url)
     message = str(info.value)
     assert "\n" not in message and "401" in message and "token" in message
     assert bad not in message and bad not in caplog.text
@@ -149,7 +149,7 @@ def test_bad_token_is_one_line_and_keeps_the_staged_folder(run_copy, hf_env, cap
 def test_repo_owned_by_someone_else(run_copy, hf_env, status):
     with FakeHub(valid_tokens={TOKEN}, foreign_repos={"someone/taken"},
                  foreign_status=status) as hub, pytest.raises(PublishError) as info:
-        publish(run_copy, "someone/taken", token=TOKEN, endpoint=hub.url)
+        publish(run_copy, "someone/taken", token=TOKEN, allow_test_model=True, endpoint=hub.url)
     message = str(info.value)
     assert "\n" not in message and TOKEN not in message
     assert "owned by someone else" in message and "someone/taken" in message
@@ -159,7 +159,7 @@ def test_repo_owned_by_someone_else(run_copy, hf_env, status):
 
 def test_no_token(run_copy, hf_env):
     with pytest.raises(PublishError, match="no Hugging Face token: set HF_TOKEN") as info:
-        publish(run_copy, REPO, endpoint="http://127.0.0.1:9")
+        publish(run_copy, REPO, allow_test_model=True, endpoint="http://127.0.0.1:9")
     assert "\n" not in str(info.value)
     assert (run_copy / "hub" / "README.md").exists()
 
@@ -169,7 +169,7 @@ def test_unreachable_hub(run_copy, hf_env):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(PublishError, match="cannot reach the Hub") as info:
-        publish(run_copy, REPO, token=TOKEN, endpoint=f"http://127.0.0.1:{port}")
+        publish(run_copy, REPO, token=TOKEN, allow_test_model=True, endpoint=f"http://127.0.0.1:{port}")
     assert "\n" not in str(info.value) and TOKEN not in str(info.value)
     assert (run_copy / "hub" / "README.md").exists()
 
@@ -177,7 +177,7 @@ def test_unreachable_hub(run_copy, hf_env):
 def test_dry_run_sends_nothing(run_copy, hf_env, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with FakeHub(valid_tokens={TOKEN}) as hub:
-        result = publish(run_copy, REPO, endpoint=hub.url, dry_run=True)
+        result = publish(run_copy, REPO, allow_test_model=True, endpoint=hub.url, dry_run=True)
         assert result.dry_run and {f.path for f in result.files} == _expected_files(run_copy)
         assert main(["publish", "--run", str(run_copy), "--repo-id", REPO, "--dry-run",
                      "--endpoint", hub.url]) == 0
@@ -192,12 +192,12 @@ def test_cli_publish_and_cli_errors(run_copy, hf_env, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with FakeHub(valid_tokens={TOKEN}) as hub:
         assert main(["publish", "--run", str(run_copy), "--repo-id", REPO, "--private",
-                     "--endpoint", hub.url]) == 0
+                     "--allow-test-model", "--endpoint", hub.url]) == 0
         assert "published:" in capsys.readouterr().out
         assert "README.md" in hub.files[REPO]
         monkeypatch.setenv("HF_TOKEN", "hf_wrong_wrong_wrong")
         assert main(["publish", "--run", str(run_copy), "--repo-id", REPO,
-                     "--endpoint", hub.url]) == 1
+                     "--allow-test-model", "--endpoint", hub.url]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "401" in err[0]
     assert "hf_wrong_wrong_wrong" not in err[0]
@@ -207,7 +207,7 @@ def test_cli_publish_and_cli_errors(run_copy, hf_env, monkeypatch, capsys):
 
 def test_a_staged_file_holding_the_token_is_never_sent(run_copy, hf_env):
     with FakeHub(valid_tokens={TOKEN}) as hub, pytest.raises(PublishError) as info:
-        publish(run_copy, REPO, token=TOKEN, endpoint=hub.url, trigger_word=TOKEN)
+        publish(run_copy, REPO, token=TOKEN, allow_test_model=True, endpoint=hub.url, trigger_word=TOKEN)
     assert "refusing to upload" in str(info.value) and "README.md" in str(info.value)
     assert TOKEN not in str(info.value)
     assert hub.requests == []

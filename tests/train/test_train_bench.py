@@ -23,7 +23,7 @@ def _bench():
 
 
 def test_smoke_bench_prints_our_step_without_the_peer(tmp_path, capsys, monkeypatch):
-    """Where ../shared/bench is absent (a bare clone), our own step still benchmarks."""
+    """Without the peer's file (a bare clone), our own step still benchmarks."""
     monkeypatch.setenv("OUT", str(tmp_path))
     code = _bench().main(["--smoke", "--no-peer", "--steps", "1", "--warm", "0",
                           "--variants", "animelora_plain"])
@@ -37,7 +37,7 @@ def test_smoke_bench_prints_our_step_without_the_peer(tmp_path, capsys, monkeypa
 def test_smoke_bench_prints_both_steps(tmp_path, capsys, monkeypatch):
     bench = _bench()
     if bench.find_peer(None) is None:
-        pytest.skip("peer_baselines.py is not beside this checkout (shared/bench/)")
+        pytest.skip("no peer_baselines.py (set ANIMELORA_PEER_BASELINES)")
     monkeypatch.setenv("OUT", str(tmp_path))
     code = bench.main(["--smoke", "--steps", "1", "--warm", "0",
                        "--variants", "animelora_bf16_gc,diffusers_script_fp16"])

@@ -65,6 +65,9 @@ def test_tiny_run_writes_log_validation_and_both_lora_files(tmp_path, tiny_cfg):
     assert meta["ss_num_train_images"] == "11" and meta["ss_dataset_version"] == "v0001"
     assert json.loads(meta["ss_tag_frequency"])["demo"]["1girl"] == 11
     assert "phase2a" in meta["ss_training_comment"]
+    # shared as fp16 by default, with the keys SwarmUI/A1111 index by
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["sshs_model_hash"]
+    assert load_file(str(run / "lora" / "demo-run.safetensors"))[keys[0]].dtype == torch.float16
 
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["learning_rate"] == 5e-5 and config["dataset_version"] == "v0001"

@@ -1,0 +1,162 @@
+"""Training progress for people: a tqdm bar (or plain lines when stderr is not a terminal).
+
+Built on the loop's ``on_progress`` callback (one dict per optimizer step: step, total_steps,
+epoch, loss, lr, images_per_sec) plus the validation losses the trainer logs. Why not the
+loop's own ``eta_s``: it averages the last few steps only from the start of this process, so
+the first steps (model load, caches, compilation) make it jump; here the ETA comes from the
+rate over a moving window of recent steps, shown only once two steps have been seen.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections import deque
+from typing import Any, Callable, TextIO
+
+#: The logger the trainer reports validation losses on (``extra={"validation_loss": ...}``).
+VALIDATION_LOGGER = "lora.train.validation"
+
+
+def format_duration(seconds: float | None) -> str:
+    """``75`` -> ``1:15``, ``3725`` -> ``1:02:05``; ``?`` when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class _ValidationListener(logging.Handler):
+    def __init__(self, sink: Callable[[float], None]) -> None:
+        super().__init__(level=logging.INFO)
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        value = getattr(record, "validation_loss", None)
+        if isinstance(value, (int, float)):
+            self._sink(float(value))
+
+
+class TrainProgress:
+    """Call with each ``on_progress`` dict; ``close()`` at the end (also a context manager).
+
+    ``interactive`` (default: the stream is a terminal) draws a tqdm bar; otherwise one line
+    every ``line_every`` steps and at the last step, so logs stay readable.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, interactive: bool | None = None,
+                 window: int = 20, line_every: int = 10,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.interactive = bool(isatty and isatty()) if interactive is None else interactive
+        self.line_every = max(1, line_every)
+        self.clock = clock
+        self.times: deque[tuple[float, int]] = deque(maxlen=max(2, window))
+        self.last: dict[str, Any] = {}
+        self.validation: float | None = None
+        self.bar: Any = None
+        self._printed_validation: float | None = None
+        self._listener = _ValidationListener(self._on_validation)
+        logger = logging.getLogger(VALIDATION_LOGGER)
+        self._saved_level = logger.level
+        if not logger.isEnabledFor(logging.INFO):
+            logger.setLevel(logging.INFO)  # the records must exist for the bar to see them
+        logger.addHandler(self._listener)
+
+    # -- inputs ---------------------------------------------------------------------------
+    def _on_validation(self, value: float) -> None:
+        self.validation = value
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.postfix(), refresh=True)
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        step = int(info.get("step") or 0)
+        total = int(info.get("total_steps") or 0)
+        self.times.append((self.clock(), step))
+        self.last = info
+        if self.interactive:
+            self._draw(step, total)
+        elif step == total or step % self.line_every == 0 or step == 1:
+            self._print_line()
+
+    def _print_line(self) -> None:
+        print(self.line(), file=self.stream, flush=True)
+        self._printed_validation = self.validation
+
+    # -- derived values ---------------------------------------------------------------------
+    def steps_per_second(self) -> float | None:
+        """Rate over the moving window (None until two steps were seen)."""
+        if len(self.times) < 2:
+            return None
+        (t0, s0), (t1, s1) = self.times[0], self.times[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+    def eta_seconds(self) -> float | None:
+        rate = self.steps_per_second()
+        step = int(self.last.get("step") or 0)
+        total = int(self.last.get("total_steps") or 0)
+        if step >= total and total:
+            return 0.0
+        return (total - step) / rate if rate else None
+
+    def postfix(self) -> str:
+        info = self.last
+        parts = []
+        ips = info.get("images_per_sec")
+        parts.append(f"{ips:.1f} img/s" if isinstance(ips, (int, float)) else "- img/s")
+        loss = info.get("loss")
+        parts.append(f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "loss -")
+        parts.append(f"val {self.validation:.4f}" if self.validation is not None else "val -")
+        parts.append(f"eta {format_duration(self.eta_seconds())}")
+        return ", ".join(parts)
+
+    def line(self) -> str:
+        info = self.last
+        return (f"step {info.get('step')}/{info.get('total_steps')} epoch {info.get('epoch')} "
+                f"{self.postfix()}")
+
+    # -- drawing ------------------------------------------------------------------------------
+    def _draw(self, step: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=max(0, step - 1), unit="step", file=self.stream,
+                            dynamic_ncols=True, desc="training",
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                       "[{elapsed}{postfix}]")
+        if total and self.bar.total != total:
+            self.bar.total = total
+        self.bar.set_description_str(f"training (epoch {self.last.get('epoch')})", refresh=False)
+        self.bar.set_postfix_str(self.postfix(), refresh=False)
+        self.bar.update(max(0, step - self.bar.n))
+
+    def logging_above_bar(self):
+        """While training: log lines are printed above the bar instead of through it."""
+        if not self.interactive:
+            from contextlib import nullcontext
+
+            return nullcontext()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm()
+
+    def close(self) -> None:
+        logger = logging.getLogger(VALIDATION_LOGGER)
+        logger.removeHandler(self._listener)
+        logger.setLevel(self._saved_level)
+        if not self.interactive and self.last and self.validation != self._printed_validation:
+            self._print_line()  # the run's final validation comes after its last step
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.postfix(), refresh=True)
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "TrainProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

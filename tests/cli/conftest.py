@@ -1,0 +1,1 @@
+"""tests/cli: the command line as a user meets it (portability, flags, output); real subprocesses."""
