@@ -28,6 +28,7 @@ from lora.data.refresh import (
 from lora.data.state import load_state
 from lora.data.summary import RefreshSummary
 from tasks.artifacts import ProgressReporter, artifact_key
+from tasks.library_logs import forward_library_logs
 from tasks.data import (
     ShardProgress,
     collect_posts,
@@ -83,6 +84,7 @@ def dataset_refresh(
     Prefect Secret holding ``login:api_key``; otherwise DANBOORU_LOGIN/DANBOORU_API_KEY are
     used when set. Returns the summary (kept, duplicates, rejected by reason, version, total).
     """
+    forward_library_logs()
     logger = get_run_logger()
     specs = make_query_specs(tags, queries)
     resolve_credentials(credentials_block)  # fail early on a malformed block; value not kept
