@@ -70,6 +70,17 @@ def test_full_phase2a_dag(prefect_api, flow_params, workspace):
                 "samples-grid-full", "model-card-full", "publish-full"):
         assert key in keys, (key, keys)
     assert any(k.startswith("lora-") for k in keys)
+    # what a person opens from the UI: images drawn in place, paths as text, no file:// links
+    by_key = {a.key: a for a in _artifacts(run.id)}
+    assert all("file://" not in str(a.data) for a in by_key.values())
+    grid = by_key["samples-grid-full"]
+    assert grid.type == "markdown" and "](data:image/png;base64," in grid.data
+    assert str(Path(result["samples_grid"]).resolve()) in grid.data
+    report = by_key["training-report-full"].data
+    assert "](loss_curve.png)" not in report and "![loss curve](data:image/png;base64," in report
+    files = by_key["lora-files-full"]
+    assert files.type == "table" and str((run_dir / "lora" / "full.safetensors").resolve()) in str(files.data)
+    assert by_key["model-card-full"].type == "markdown"
 
 
 def test_segment_failure_is_retried_and_resumes(prefect_api, flow_params, workspace, monkeypatch):
