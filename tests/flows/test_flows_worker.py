@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+from prefect.workers.process import ProcessWorker
 
 from lora.testing.datasets import write_synthetic_dataset
 from lora.testing.prefect_server import PrefectServer
@@ -73,17 +74,16 @@ def test_worker_runs_two_trainings_one_segment_at_a_time(tmp_path):
     ws = tmp_path / "ws"
     write_synthetic_dataset(ws / "datasets" / "demo", 12, [(96, 96), (128, 80), (80, 128)])
 
-    with PrefectServer(services=False) as server:
+    with PrefectServer(services=False) as server, \
+            httpx.Client(base_url=server.api_url, timeout=30) as api:
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PREFECT_", "ANIMELORA_GPU_", "ANIMELORA_TIMEZONE"))}
+               if not k.startswith(("PREFECT_", "ANIMELORA_GPU_", "ANIMELORA_TIMEZONE",
+                                    "ANIMELORA_FAULT_", "ANIMELORA_FAKE_OOM"))}
         env.update(server.env())
         env.update(PYTHONPATH=str(REPO_ROOT), ANIMELORA_HOME=str(REPO_ROOT),
                    PREFECT_WORKER_QUERY_SECONDS="1", OMP_NUM_THREADS="1")
-        api = httpx.Client(base_url=server.api_url, timeout=30)
 
         # what `prefect work-pool create gpu-pool --type process` sends, without its CLI start-up
-        from prefect.workers.process import ProcessWorker
-
         template = ProcessWorker.get_default_base_job_template()
         created = api.post("/work_pools/", json={"name": "gpu-pool", "type": "process",
                                                  "base_job_template": template})
