@@ -154,9 +154,9 @@ def test_killed_run_continues_without_repeating_segments(prefect_api, flow_param
 
 
 def _free_orphaned_gpu_slot() -> None:
-    """The killed run may have held the `gpu` slot (when `animelora serve` made that limit on
-    this shared server). A real server's lease repossessor frees it once the 300 s lease runs
-    out; the test server runs no services, so do what the repossessor would."""
+    """The killed run held a slot of the `gpu` limit (every segment makes sure the limit exists
+    and acquires it strictly). A real server's lease repossessor frees it once the 300 s lease
+    runs out; the test server runs no services, so do what the repossessor would."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
     from prefect.exceptions import ObjectNotFound
 
