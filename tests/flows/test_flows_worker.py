@@ -94,33 +94,43 @@ def test_worker_runs_two_trainings_one_segment_at_a_time(tmp_path):
         limit = api.get("/v2/concurrency_limits/gpu")
         assert limit.status_code == 200 and limit.json()["limit"] == 1, limit.text
 
+        worker_log_file = open(tmp_path / "worker.log", "wb")
         worker = subprocess.Popen(
             [str(BIN / "prefect"), "worker", "start", "--pool", "gpu-pool", "--name", "test-worker"],
-            env=env, cwd=tmp_path, stdout=open(tmp_path / "worker.log", "wb"),
-            stderr=subprocess.STDOUT, start_new_session=True,
+            env=env, cwd=tmp_path, stdout=worker_log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
+            # both at once, as the UI's "Run" button (or `prefect deployment run`) would
+            deployment = api.get("/deployments/name/train-lora/phase2a").json()
             run_ids = []
             for name in ("first", "second"):
-                out = _prefect(
-                    ["deployment", "run", "train-lora/phase2a", "-p", f"workspace={ws}",
-                     "-p", "dataset=demo", "-p", "target_size=12", "-p", "model=tiny",
-                     "-p", "max_steps=2", "-p", "sample=false", "-p", f"run_name={name}"],
-                    env,
-                )
-                run_ids.append(re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1))
+                params = {"workspace": str(ws), "dataset": "demo", "target_size": 12,
+                          "model": "tiny", "max_steps": 2, "sample": False, "run_name": name}
+                created = api.post(f"/deployments/{deployment['id']}/create_flow_run",
+                                   json={"parameters": params})
+                assert created.status_code == 201, created.text
+                run_ids.append(created.json()["id"])
             states = _wait_final(api, run_ids, timeout=420)
+            # A run is Completed a moment before its process has sent its last log lines;
+            # stopping the worker now would end that process (same process group) first.
+            deadline = time.monotonic() + 60
+            while True:
+                logs = {rid: _logs(api, rid) for rid in run_ids}
+                intervals = sorted(i for rid in run_ids for i in _slot_intervals(logs[rid]))
+                if len(intervals) >= 2 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
             try:
                 worker.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
+            worker_log_file.close()
         worker_log = (tmp_path / "worker.log").read_text(errors="replace")[-4000:]
         assert set(states.values()) == {"COMPLETED"}, f"{states}\n{worker_log}"
 
-        logs = {rid: _logs(api, rid) for rid in run_ids}
-        intervals = sorted(i for rid in run_ids for i in _slot_intervals(logs[rid]))
         assert len(intervals) == 2, [l["message"] for rid in run_ids for l in logs[rid]]
         (a_start, a_end), (b_start, b_end) = intervals
         assert a_end <= b_start, f"two trainings held the GPU at once: {intervals}"
