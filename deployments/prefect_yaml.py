@@ -3,7 +3,7 @@
 The deployments are declared once (deployments/train_lora.py, deployments/dataset_refresh.py,
 deployments/common.py); `animelora serve` runs those declarations directly and the worker way
 (`prefect deploy --all` + `prefect worker start`) reads prefect.yaml, which this module writes
-from the same objects, so the two cannot drift apart (tests/flows/test_flows_prefect_yaml.py
+from the same objects, so the two cannot drift apart (tests/flows/test_flows_deployments.py
 fails when the committed file is stale).
 
     python -m deployments.prefect_yaml --write   # regenerate prefect.yaml after a change
