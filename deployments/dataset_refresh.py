@@ -1,4 +1,5 @@
-"""`dataset-refresh/nightly`: refresh the default data set every night at 03:00.
+"""`dataset-refresh/nightly`: refresh the default data set every night at 03:00 (UTC unless
+``ANIMELORA_TIMEZONE`` names another zone where the deployment is declared).
 
 The nightly run only asks Danbooru for posts newer than each query's cursor (plus older ones up
 to the per-run limit), so it is cheap when nothing new was uploaded. Override the parameters in
@@ -7,7 +8,9 @@ the UI or with `prefect deployment run dataset-refresh/nightly -p tags=... -p da
 from __future__ import annotations
 
 from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron
 
+from deployments.common import schedule_timezone
 from flows.dataset_refresh import dataset_refresh
 
 NIGHTLY_CRON = "0 3 * * *"
@@ -26,7 +29,7 @@ NIGHTLY_PARAMETERS: dict = {
 def nightly_deployment() -> RunnerDeployment:
     return dataset_refresh.to_deployment(
         name="nightly",
-        cron=NIGHTLY_CRON,
+        schedules=[Cron(NIGHTLY_CRON, timezone=schedule_timezone())],
         parameters=dict(NIGHTLY_PARAMETERS),
         tags=["animelora", "data"],
         description="Nightly incremental refresh: new posts since each query's cursor, "

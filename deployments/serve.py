@@ -2,8 +2,9 @@
 
 `animelora serve` (or `python -m deployments.serve`) registers `train-lora/<preset>` and
 `dataset-refresh/nightly` with the Prefect API in PREFECT_API_URL and runs their flow runs
-until stopped. It also makes sure the global concurrency limit `gpu` exists, so two trainings
-never share one GPU.
+until stopped. It also makes sure the global concurrency limit `gpu` exists (tasks/gpu.py:
+``ANIMELORA_GPU_SLOTS`` sets its size, ``ANIMELORA_GPU_LIMIT`` its name), so two trainings
+never share one GPU, and schedules the nightly refresh in ``ANIMELORA_TIMEZONE`` (UTC).
 """
 from __future__ import annotations
 
@@ -11,29 +12,17 @@ import os
 import sys
 
 from prefect import serve
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
+from deployments.common import FLOW_RUN_ENV
 from deployments.dataset_refresh import nightly_deployment
 from deployments.train_lora import train_lora_deployments
-from tasks.train import GPU_LIMIT
+from tasks.gpu import ensure_gpu_limit, gpu_slots_setting
 
 
 def all_deployments() -> list:
+    """Every deployment of the project, as declared in Python (prefect.yaml is made from these)."""
     return [*train_lora_deployments(), nightly_deployment()]
-
-
-def ensure_gpu_limit(slots: int = 1) -> None:
-    """Create the `gpu` global concurrency limit if it is missing (an existing one is kept)."""
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots)
-            )
 
 
 def main(limit: int | None = None) -> int:
@@ -44,9 +33,17 @@ def main(limit: int | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lora")
-    ensure_gpu_limit(int(os.environ.get("ANIMELORA_GPU_SLOTS", "1")))
-    serve(*all_deployments(), limit=limit)
+    try:
+        deployments = all_deployments()
+        gpu_slots_setting()
+    except ValueError as exc:  # ANIMELORA_TIMEZONE / ANIMELORA_GPU_SLOTS
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # served flow runs are child processes of this one: they inherit these
+    for key, value in FLOW_RUN_ENV.items():
+        os.environ.setdefault(key, value)
+    ensure_gpu_limit()
+    serve(*deployments, limit=limit)
     return 0
 
 

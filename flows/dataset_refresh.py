@@ -28,6 +28,7 @@ from lora.data.queries import make_query_specs
 from lora.data.refresh import Refresh, RefreshPlan
 from lora.data.state import QueryCursor
 from tasks.artifacts import ProgressReporter, artifact_key
+from tasks.library_logs import forward_library_logs
 from tasks.data import (
     ShardProgress,
     collect_posts,
@@ -154,6 +155,7 @@ def dataset_refresh(
     decompression-bomb limit. Returns the summary (kept, duplicates, rejected by reason,
     version, total).
     """
+    forward_library_logs()
     logger = get_run_logger()
     specs = make_query_specs(tags, queries)
     resolve_credentials(credentials_block)  # fail early on a malformed block; value not kept

@@ -24,6 +24,7 @@ from lora.data.manifest import DatasetPaths
 from lora.data.versions import latest_version, read_version
 from lora.train import plan_total_steps
 from tasks.artifacts import ProgressReporter, artifact_key
+from tasks.library_logs import forward_library_logs
 from tasks.results import analyze_run, link_lora_files, publish_run, sample_run
 from tasks.train import train_segment
 
@@ -125,6 +126,7 @@ def train_lora(
     ``gpus`` > 1 trains each segment data-parallel on that many of the worker's GPUs
     (docs/gpu.md).
     """
+    forward_library_logs()
     logger = get_run_logger()
     if gpus < 1:
         raise ValueError(f"gpus: expected 1 or more, got {gpus}")

@@ -1,8 +1,12 @@
-"""Small helpers for Prefect artifacts: keys must be lowercase letters, digits and dashes."""
+"""Small helpers for Prefect artifacts: valid keys (lowercase letters, digits and dashes),
+progress reporting, and images and paths a person can see from the UI."""
 from __future__ import annotations
 
+import base64
+import io
 import re
 import time
+from pathlib import Path
 from typing import Any, Callable
 from uuid import UUID
 
@@ -69,3 +73,66 @@ class ProgressReporter:
             )
 
         return on_progress
+
+
+#: Images up to this size are embedded as they are; bigger ones (a samples grid of 512 px
+#: tiles is easily 10+ MB) are scaled down first, so the artifact stays quick to open.
+INLINE_MAX_BYTES = 1_500_000
+#: Longest side of a scaled-down inline image, in pixels.
+INLINE_MAX_SIDE = 1600
+
+
+def inline_image(path: Path, alt: str) -> str:
+    """Markdown for ``path`` embedded as a data URI, which the Prefect UI draws in place.
+
+    The UI is a web page on the API server's address: it cannot open ``file://`` links nor
+    fetch the worker's files, so an image must travel inside the artifact itself.
+    """
+    path = Path(path)
+    data, mime = path.read_bytes(), "image/png"
+    if len(data) > INLINE_MAX_BYTES:
+        data, mime = _scaled_jpeg(path)
+    encoded = base64.b64encode(data).decode("ascii")
+    return f"![{alt}](data:{mime};base64,{encoded})"
+
+
+def _scaled_jpeg(path: Path) -> tuple[bytes, str]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((INLINE_MAX_SIDE, INLINE_MAX_SIDE))
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=85, optimize=True)
+    return out.getvalue(), "image/jpeg"
+
+
+_RELATIVE_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s:]+\.(?:png|jpe?g))\)")
+
+
+def inline_relative_images(markdown: str, base_dir: Path) -> str:
+    """Replace ``![alt](name.png)`` references to files next to the markdown with data URIs.
+
+    A report written for the run folder (report.md beside loss_curve.png) shows broken images
+    in the UI otherwise; references to files that do not exist are left as they are.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        target = Path(base_dir) / match.group(2)
+        return inline_image(target, match.group(1)) if target.is_file() else match.group(0)
+
+    return _RELATIVE_IMAGE.sub(replace, markdown)
+
+
+def path_text(path: Path | str) -> str:
+    """A file path as markdown code (copyable text): a ``file://`` link opens nothing from the UI."""
+    return f"`{Path(path).resolve()}`"
+
+
+def human_size(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"

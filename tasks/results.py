@@ -1,12 +1,15 @@
 """Prefect tasks for the results half of the DAG: analysis, samples, publishing.
 
-Each task calls the Prefect-free library and turns its output into UI artifacts: a markdown
-report (metrics, verdict, comparison, the loss plot inline), a table of per-epoch losses and
-links to the files a user wants to open.
+Each task calls the Prefect-free library and turns its output into UI artifacts a person can
+open from the UI: a markdown report (metrics, verdict, comparison, its plots drawn in place),
+a table of per-epoch losses, the samples grid as an image, the LoRA files and the model card
+with their paths as text. The UI is a web page on the API server's address, so it cannot open
+``file://`` links to the worker's disk: images travel inside the artifact, paths are shown to
+be copied. A published repository gets a real link.
 """
 from __future__ import annotations
 
-import base64
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +23,13 @@ from prefect.cache_policies import NO_CACHE
 
 from lora.analysis import analyze_log, compare_runs, write_report
 from lora.gate import gate_comparison, publish_gate
-from tasks.artifacts import artifact_key
-
-
-def _inline_png(path: Path) -> str:
-    """Embed a PNG as a data URI so the report shows the plot in the Prefect UI."""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"![loss curve](data:image/png;base64,{data})"
+from tasks.artifacts import (
+    artifact_key,
+    human_size,
+    inline_image,
+    inline_relative_images,
+    path_text,
+)
 
 
 def _fmt(value: Any) -> str:
@@ -69,10 +72,12 @@ def analyze_run(run_dir: str, run_name: str, compare_dir: str | None = None,
         table=[{k: _fmt(v) for k, v in row.items()} for row in losses],
         description=f"Per-epoch training loss of run {run_name}",
     )
-    markdown = Path(report_md).read_text()
-    plot = Path(run_dir) / "report" / "loss_curve.png"
-    if plot.exists() and "data:image/png" not in markdown:
-        markdown += "\n\n" + _inline_png(plot) + "\n"
+    report_dir = Path(report_md).parent
+    markdown = inline_relative_images(Path(report_md).read_text(), report_dir)
+    plot = report_dir / "loss_curve.png"
+    if plot.exists() and "data:image/" not in markdown:
+        markdown += "\n\n" + inline_image(plot, "loss curve") + "\n"
+    markdown += f"\n\nReport folder: {path_text(report_dir)}\n"
     create_markdown_artifact(
         key=artifact_key("training-report", run_name),
         markdown=markdown,
@@ -91,25 +96,42 @@ def sample_run(
     run_dirs = [Path(run_dir)] + ([Path(compare_dir)] if compare_dir else [])
     result = generate_samples(model, run_dirs, Path(run_dir) / "samples")
     grid = Path(getattr(result, "grid_path", Path(run_dir) / "samples" / "grid.png"))
-    create_link_artifact(
+    columns = list(getattr(result, "columns", []) or [])
+    create_markdown_artifact(
         key=artifact_key("samples-grid", run_name),
-        link=grid.resolve().as_uri(),
-        link_text=f"samples grid ({grid.name})",
+        markdown=_samples_markdown(run_name, grid, columns),
         description="Base model vs LoRA at fixed prompts and seeds",
     )
     return {"grid": str(grid)}
 
 
-@task(name="link-lora-files", cache_policy=NO_CACHE)
+def _samples_markdown(run_name: str, grid: Path, columns: list[str]) -> str:
+    parts = [f"## Samples: {run_name}", ""]
+    if columns:
+        parts += ["Columns, left to right: " + ", ".join(f"**{c}**" for c in columns)
+                  + "; one row per prompt and seed (the same starting noise in every column).", ""]
+    parts += [inline_image(grid, f"samples grid of {run_name}"), "",
+              f"Full-size grid: {path_text(grid)}; single images and their settings "
+              f"(samples.json) in {path_text(grid.parent)}", ""]
+    return "\n".join(parts)
+
+
+def _lora_format(path: Path) -> str:
+    if path.name == "pytorch_lora_weights.safetensors":
+        return "diffusers (load_lora_weights)"
+    return "kohya (A1111, ComfyUI)"
+
+
+@task(name="list-lora-files", cache_policy=NO_CACHE)
 def link_lora_files(run_dir: str, run_name: str) -> list[str]:
+    """A table of the run's LoRA files: name, format, size and the full path to copy."""
     files = sorted((Path(run_dir) / "lora").glob("*.safetensors"))
-    for path in files:
-        kind = "diffusers" if path.name == "pytorch_lora_weights.safetensors" else "kohya-a1111"
-        create_link_artifact(
-            key=artifact_key("lora", kind, run_name),
-            link=path.resolve().as_uri(),
-            link_text=path.name,
-            description=f"LoRA weights ({kind} format)",
+    if files:
+        create_table_artifact(
+            key=artifact_key("lora-files", run_name),
+            table=[{"file": p.name, "format": _lora_format(p), "size": human_size(p.stat().st_size),
+                    "path": str(p.resolve())} for p in files],
+            description=f"LoRA weights of run {run_name} (paths on the machine that trained it)",
         )
     return [str(p) for p in files]
 
@@ -158,11 +180,17 @@ def publish_run(
         stage_run(Path(run_dir), repo_id=repo_id)
     card = Path(run_dir) / "hub" / "README.md"
     if card.exists():
-        create_link_artifact(
+        create_markdown_artifact(
             key=artifact_key("model-card", run_name),
-            link=card.resolve().as_uri(),
-            link_text="model card (README.md)",
+            markdown=_card_markdown(card),
             description="The staged Hub model card",
+        )
+    if outcome.get("published") and str(outcome.get("url") or "").startswith(("http://", "https://")):
+        create_link_artifact(
+            key=artifact_key("hub-repo", run_name),
+            link=str(outcome["url"]),
+            link_text=repo_id or str(outcome["url"]),
+            description="The published model repository",
         )
     logger.info("publish: %s", outcome["reason"])
     create_markdown_artifact(
@@ -171,3 +199,18 @@ def publish_run(
         description="Publish decision",
     )
     return outcome
+
+
+def _card_markdown(card: Path) -> str:
+    """The staged card as text (what the Hub will show), with where the staged folder is.
+
+    Shown in a fence rather than rendered: its images point into the staged folder, which the
+    UI cannot reach, and the YAML header is part of what gets uploaded.
+    """
+    text = card.read_text(encoding="utf-8")
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return (
+        f"## Model card (staged)\n\nStaged folder: {path_text(card.parent)}\n\n"
+        f"{fence}markdown\n{text.rstrip()}\n{fence}\n"
+    )

@@ -20,29 +20,56 @@ from lora.config import TrainConfig
 from lora.train import train
 from lora.train.launch import SegmentOutcome, run_segment_processes
 from tasks.artifacts import ProgressReporter
-from tasks.retry import retry_unless
+from tasks.gpu import GPU_LIMIT, ensure_gpu_limit
+from tasks.retry import is_out_of_memory, retry_unless
 
-#: Name of the global concurrency limit that keeps two trainings off one GPU.
-GPU_LIMIT = "gpu"
+__all__ = ["GPU_LIMIT", "FAULT_ONCE_ENV", "InjectedFault", "SegmentOutOfMemory", "train_segment"]
 
 #: Test and chaos hook: when this env var names a file that does not exist yet, the next
 #: segment creates it and fails once, as a transient fault would (I/O error, lost device).
 FAULT_ONCE_ENV = "ANIMELORA_FAULT_ONCE"
+#: With FAULT_ONCE_ENV: ``oom`` makes that one failure a CUDA out-of-memory error instead.
+FAULT_KIND_ENV = "ANIMELORA_FAULT_KIND"
 
 
 class InjectedFault(RuntimeError):
     """A deliberate one-off failure (see FAULT_ONCE_ENV)."""
 
 
-#: Retry failures that a resume can fix; a bad config fails the same way every time.
-_is_transient = retry_unless(pydantic.ValidationError, ValueError, FileNotFoundError, TypeError)
+class SegmentOutOfMemory(RuntimeError):
+    """The GPU ran out of memory and the trainer's own fallback could not avoid it."""
+
+
+#: Retry failures that a resume can fix; a bad config or a too-big batch fails the same way
+#: every time, so a retry only delays the error (and occupies the GPU slot).
+_is_transient = retry_unless(
+    pydantic.ValidationError, ValueError, FileNotFoundError, TypeError, SegmentOutOfMemory,
+    when=is_out_of_memory,
+)
 
 
 def _maybe_inject_fault() -> None:
     marker = os.environ.get(FAULT_ONCE_ENV)
     if marker and not Path(marker).exists():
         Path(marker).write_text("fault injected\n")
+        if os.environ.get(FAULT_KIND_ENV, "").lower() == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate 2.00 GiB (injected: {FAULT_ONCE_ENV}={marker})"
+            )
         raise InjectedFault(f"injected one-off failure ({FAULT_ONCE_ENV}={marker})")
+
+
+def _out_of_memory_message(segment: int, cfg: TrainConfig, exc: BaseException) -> str:
+    detail = " ".join(str(exc).split())[:300]
+    return (
+        f"segment {segment}: out of GPU memory, not retried (a retry fails the same way): "
+        f"{detail}. Lower batch_size (now {cfg.batch_size}) or resolution (now "
+        f"{cfg.resolution}), or pass overrides={{\"low_memory\": true}} or "
+        f"{{\"mixed_precision\": \"bf16\"}}, then run the deployment again with the same "
+        "run_name: it resumes from its last checkpoint."
+    )
 
 
 @task(
@@ -67,28 +94,58 @@ def train_segment(
     ``gpus`` > 1 trains the segment data-parallel in that many processes, one per visible GPU
     (lora/train/launch.py); the run holds one slot of the ``gpu`` limit either way, since the
     limit counts trainings on this worker's GPUs. Those segments report progress when they end.
+
+    The slot is acquired strictly (tasks/gpu.py makes sure the limit exists first): without
+    the limit Prefect would only warn and let two trainings share the GPU. A lost lease
+    renewal (API briefly unreachable) is logged, not fatal: killing an hour of training over
+    a network blip costs more than the rare overlap it could prevent.
+
+    Out of GPU memory: the trainer already retries a step with half the micro-batch; what
+    still fails raises :class:`SegmentOutOfMemory` at once, which is never retried.
     """
     logger = get_run_logger()
     cfg = TrainConfig(**config)
-    with concurrency(GPU_LIMIT, occupy=1):
-        _maybe_inject_fault()
-        if gpus > 1:
-            logger.info("segment %d: training in %d processes (torchrun)", segment, gpus)
-            # a ConfigError (a ValueError) is not retried; SegmentLaunchError is, resuming from the checkpoint
-            outcome = run_segment_processes(cfg, Path(run_dir), gpus, stop_at_step=stop_at_step,
-                                            time_budget_s=time_budget_s)
-        else:
-            outcome = SegmentOutcome.from_result(train(
-                cfg,
-                Path(run_dir),
-                stop_at_step=stop_at_step,
-                time_budget_s=time_budget_s,
-                on_progress=ProgressReporter(progress_artifact_id).training_callback(cfg.run_name or "train")
-                if progress_artifact_id
-                else None,
-            ))
-    logger.info(
-        "segment %d stopped at step %d/%d (%s)",
-        segment, outcome.global_step, outcome.total_steps, outcome.stopped_reason,
-    )
+    limit, slots = ensure_gpu_limit()
+    logger.info("segment %d: waiting for a slot of the %r limit (%d slot(s))", segment, limit, slots)
+    with concurrency(limit, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+        logger.info("segment %d: holding a %r slot; training", segment, limit)
+        try:
+            outcome = _train(cfg, run_dir, segment, stop_at_step, time_budget_s,
+                             progress_artifact_id, gpus)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise SegmentOutOfMemory(_out_of_memory_message(segment, cfg, exc)) from None
+            raise
+        logger.info(
+            "segment %d stopped at step %d/%d (%s); releasing the %r slot",
+            segment, outcome.global_step, outcome.total_steps, outcome.stopped_reason, limit,
+        )
     return asdict(outcome)
+
+
+def _train(
+    cfg: TrainConfig,
+    run_dir: str,
+    segment: int,
+    stop_at_step: int,
+    time_budget_s: float | None,
+    progress_artifact_id: str | None,
+    gpus: int,
+) -> SegmentOutcome:
+    """One segment in this process, or in ``gpus`` processes (torchrun)."""
+    logger = get_run_logger()
+    _maybe_inject_fault()
+    if gpus > 1:
+        logger.info("segment %d: training in %d processes (torchrun)", segment, gpus)
+        # a ConfigError (a ValueError) is not retried; SegmentLaunchError is, resuming from the checkpoint
+        return run_segment_processes(cfg, Path(run_dir), gpus, stop_at_step=stop_at_step,
+                                     time_budget_s=time_budget_s)
+    on_progress = (
+        ProgressReporter(progress_artifact_id).training_callback(cfg.run_name or "train")
+        if progress_artifact_id
+        else None
+    )
+    return SegmentOutcome.from_result(train(
+        cfg, Path(run_dir), stop_at_step=stop_at_step, time_budget_s=time_budget_s,
+        on_progress=on_progress,
+    ))

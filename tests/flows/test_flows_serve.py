@@ -55,6 +55,7 @@ def test_serve_lists_deployments_and_runs_phase2a(served, booru, tmp_path):
 
     nightly = _prefect(["deployment", "inspect", "dataset-refresh/nightly"], env).stdout
     assert "0 3 * * *" in nightly, nightly
+    assert "'timezone': 'UTC'" in nightly, nightly  # a setting (ANIMELORA_TIMEZONE), UTC by default
 
     ws = tmp_path / "ws"
     run = _prefect(

@@ -70,6 +70,17 @@ def test_full_phase2a_dag(prefect_api, flow_params, workspace):
                 "samples-grid-full", "model-card-full", "publish-full"):
         assert key in keys, (key, keys)
     assert any(k.startswith("lora-") for k in keys)
+    # what a person opens from the UI: images drawn in place, paths as text, no file:// links
+    by_key = {a.key: a for a in _artifacts(run.id)}
+    assert all("file://" not in str(a.data) for a in by_key.values())
+    grid = by_key["samples-grid-full"]
+    assert grid.type == "markdown" and "](data:image/png;base64," in grid.data
+    assert str(Path(result["samples_grid"]).resolve()) in grid.data
+    report = by_key["training-report-full"].data
+    assert "](loss_curve.png)" not in report and "![loss curve](data:image/png;base64," in report
+    files = by_key["lora-files-full"]
+    assert files.type == "table" and str((run_dir / "lora" / "full.safetensors").resolve()) in str(files.data)
+    assert by_key["model-card-full"].type == "markdown"
 
 
 def test_segment_failure_is_retried_and_resumes(prefect_api, flow_params, workspace, monkeypatch):
@@ -143,9 +154,9 @@ def test_killed_run_continues_without_repeating_segments(prefect_api, flow_param
 
 
 def _free_orphaned_gpu_slot() -> None:
-    """The killed run may have held the `gpu` slot (when `animelora serve` made that limit on
-    this shared server). A real server's lease repossessor frees it once the 300 s lease runs
-    out; the test server runs no services, so do what the repossessor would."""
+    """The killed run held a slot of the `gpu` limit (every segment makes sure the limit exists
+    and acquires it strictly). A real server's lease repossessor frees it once the 300 s lease
+    runs out; the test server runs no services, so do what the repossessor would."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
     from prefect.exceptions import ObjectNotFound
 

@@ -105,3 +105,32 @@ def test_ui_table_artifact_shows_per_epoch_losses(page: Page, ui_server, complet
     for header in ("epoch", "loss"):
         expect(table.locator("th").filter(has_text=re.compile(rf"^\s*{header}\s*$"))).to_have_count(1)
     expect(table.locator("tbody tr")).not_to_have_count(0)
+
+
+def test_ui_samples_grid_artifact_draws_the_grid(page: Page, ui_server, completed_run) -> None:
+    key = _key_with_prefix(completed_run.artifact_keys, "samples-grid-")
+    page.goto(f"{ui_server.ui_url}/v2/runs/flow-run/{completed_run.flow_run_id}?tab=Artifacts")
+    _artifact_card(page, key).click(timeout=UI_TIMEOUT_MS)
+
+    expect(page).to_have_url(re.compile(r"/v2/artifacts/artifact/[0-9a-f-]{36}"), timeout=UI_TIMEOUT_MS)
+    # The grid travels inside the artifact (the UI cannot open the worker's files) and is drawn.
+    expect(page.locator("img[src^='data:image/']").first).to_be_visible(timeout=UI_TIMEOUT_MS)
+    page.wait_for_function(
+        """() => [...document.querySelectorAll("img[src^='data:image/']")]
+                 .some(img => img.complete && img.naturalWidth > 0)""",
+        timeout=UI_TIMEOUT_MS,
+    )
+    # Where the full-size file is, as text to copy, not a file:// link that opens nothing.
+    expect(page.get_by_text(re.compile(r"/samples/grid\.png")).first).to_be_visible(timeout=UI_TIMEOUT_MS)
+    expect(page.locator("a[href^='file:']")).to_have_count(0)
+
+
+def test_ui_lora_files_artifact_shows_paths(page: Page, ui_server, completed_run) -> None:
+    key = _key_with_prefix(completed_run.artifact_keys, "lora-files-")
+    page.goto(f"{ui_server.ui_url}/v2/runs/flow-run/{completed_run.flow_run_id}?tab=Artifacts")
+    _artifact_card(page, key).click(timeout=UI_TIMEOUT_MS)
+
+    table = page.locator("table").first
+    expect(table).to_be_visible(timeout=UI_TIMEOUT_MS)
+    expect(table.locator("th").filter(has_text=re.compile(r"^\s*path\s*$"))).to_have_count(1)
+    expect(table.locator("tbody tr").filter(has_text=re.compile(r"/lora/.*\.safetensors"))).not_to_have_count(0)
