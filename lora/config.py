@@ -47,7 +47,7 @@ _TINY_RESOLUTION_FALLBACK = 64
 RESUME_TOLERANT_FIELDS = frozenset({
     "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
     "cache_dir", "compile", "cuda_graphs", "channels_last", "attention", "cudnn_benchmark",
-    "fused_qkv", "overlap_steps", "compiled_channels_last", "low_memory",
+    "fused_qkv", "overlap_steps", "compiled_channels_last", "low_memory", "compile_scope",
 })
 
 
@@ -114,6 +114,11 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     # CUDA fast path (lora/train/fastpath.py); "auto" = on for a CUDA device, off on CPU.
     # None of these changes what is trained, so a run may switch them between segments.
     compile: Literal["auto", "on", "off"] = "auto"
+    # what compile compiles: "blocks" = each of the UNet's repeated blocks (resnet and
+    # transformer blocks) once, for every bucket shape (dynamic height/width), "unet" = the
+    # whole UNet once per bucket shape (slightly faster steps, a warm-up per shape); "auto" =
+    # blocks (bench/README.md, "many buckets")
+    compile_scope: Literal["auto", "unet", "blocks"] = "auto"
     cuda_graphs: Literal["auto", "on", "off"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     # scaled-dot-product attention kernel: "auto" = the fast path's measured choice on CUDA
