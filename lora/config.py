@@ -114,10 +114,10 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     # CUDA fast path (lora/train/fastpath.py); "auto" = on for a CUDA device, off on CPU.
     # None of these changes what is trained, so a run may switch them between segments.
     compile: Literal["auto", "on", "off"] = "auto"
-    # what compile compiles: "blocks" = each of the UNet's repeated blocks (resnet and
-    # transformer blocks) once, for every bucket shape (dynamic height/width), "unet" = the
-    # whole UNet once per bucket shape (slightly faster steps, a warm-up per shape); "auto" =
-    # blocks (bench/README.md, "many buckets")
+    # what compile compiles: "unet" (and "auto") = the whole UNet, once per bucket shape;
+    # "blocks" = each repeated resnet/transformer block with dynamic height/width, one compile
+    # for every shape: experimental, PyTorch 2.11's inductor fails on it and the trainer then
+    # continues without compile (bench/README.md, "many buckets")
     compile_scope: Literal["auto", "unet", "blocks"] = "auto"
     cuda_graphs: Literal["auto", "on", "off"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"

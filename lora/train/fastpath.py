@@ -95,27 +95,32 @@ def _switch(value: str, name: str, default: bool) -> bool:
     raise ConfigError(f"invalid training config: {name}: expected auto, on or off, got {value!r}")
 
 
-#: ``compile=auto`` compiles only a run of at least this many optimizer steps: below it the
-#: compile's warm-up costs more than its faster steps save (bench/README.md, "many buckets").
-COMPILE_MIN_STEPS = 300
+#: ``compile=auto`` compiles the UNet only for a run of at least this many optimizer steps per
+#: bucket shape. Measured on an H200 at phase2a (bench/README.md, "many buckets"): a compile
+#: costs 125-150 s per shape and saves ~18 ms a step (132 against 83 images/s), so it pays for
+#: itself after ~8,000 steps of each shape; the guide's 20-epoch run has 3,000 in all.
+COMPILE_MIN_STEPS_PER_SHAPE = 8000
 
 
 def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_processes: int = 1,
-                         mixed_precision: str = "bf16", total_steps: int | None = None) -> FastOptions:
+                         mixed_precision: str = "bf16", total_steps: int | None = None,
+                         shapes: int = 1) -> FastOptions:
     """``auto`` means on for a CUDA device, off elsewhere (CPU keeps the bit-exact plain path).
 
-    ``compile=auto`` also stays off for a run too short to pay its warm-up back
-    (``total_steps`` under :data:`COMPILE_MIN_STEPS`).
+    ``compile=auto`` is decided by the run: on only when its steps per bucket shape
+    (``total_steps / shapes``) reach :data:`COMPILE_MIN_STEPS_PER_SHAPE`, where the compile's
+    warm-up pays for itself (unknown ``total_steps``: on, as before).
 
     CUDA graphs are off (``auto``) or refused (``on``) where they would change what is trained
     or cannot be captured: no CUDA device, LoRA dropout (its random mask) and a trained text
-    encoder (its backward runs outside the UNet). fp16 keeps them: its loss scale lives on the
-    device, inside the optimizer graph. Several processes keep them: the gradient all-reduce
-    runs between the graphs (lora/train/distributed.py).
+    encoder (its backward runs outside the UNet). With fp16 they are on only when asked for
+    (``cuda_graphs=on``): the loss scale then lives on the device, inside the optimizer graph.
+    Several processes keep them: the gradient all-reduce runs between the graphs
+    (lora/train/distributed.py).
     """
     cuda = torch.device(device).type == "cuda"
     # low_memory: the compiled kernels' and graphs' pools cost ~0.5-1 GiB more than they save
-    long_enough = total_steps is None or total_steps >= COMPILE_MIN_STEPS
+    long_enough = total_steps is None or total_steps >= COMPILE_MIN_STEPS_PER_SHAPE * max(1, shapes)
     compile_on = _switch(cfg.compile, "compile", cuda and not cfg.low_memory and long_enough)
     channels_last = _switch(cfg.channels_last, "channels_last", cuda)
     cudnn_benchmark = _switch(cfg.cudnn_benchmark, "cudnn_benchmark", cuda)
@@ -130,8 +135,7 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
         raise ConfigError("invalid training config: compiled_channels_last: on needs compile (it is a "
                           "layout choice of the compiled UNet); compile is off here")
     attention = cfg.attention if cfg.attention != "auto" else (AUTO_CUDA_ATTENTION if cuda else "default")
-    scope = getattr(cfg, "compile_scope", "auto")
-    compile_blocks = compile_on and scope in ("auto", "blocks")
+    compile_blocks = compile_on and cfg.compile_scope == "blocks"
     blockers = []
     if not cuda:
         blockers.append("needs a CUDA device")
@@ -139,7 +143,10 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
         blockers.append("lora_dropout > 0 draws a random mask each step")
     if cfg.train_text_encoder:
         blockers.append("train_text_encoder runs the text encoder's backward outside the graph")
-    graphs = _switch(cfg.cuda_graphs, "cuda_graphs", not blockers and not cfg.low_memory)
+    # fp16 (the loss scale inside the optimizer graph) is implemented but not yet measured on a
+    # card: on request only
+    graphs = _switch(cfg.cuda_graphs, "cuda_graphs",
+                     not blockers and not cfg.low_memory and mixed_precision != "fp16")
     if graphs and blockers:
         raise ConfigError(f"invalid training config: cuda_graphs: on is not possible here: {'; '.join(blockers)}")
     return FastOptions(compile=compile_on, cuda_graphs=graphs, channels_last=channels_last,
@@ -153,11 +160,12 @@ def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, t
     """One line: what the fast path does in this run, and why where ``auto`` chose."""
     parts = []
     if opts.compile:
-        parts.append("compile=blocks (one compile for all bucket shapes)" if opts.compile_blocks
+        parts.append("compile=blocks (experimental: one compile for all bucket shapes)" if opts.compile_blocks
                      else f"compile=unet (one compile per bucket shape: {shapes})")
     elif cfg.compile == "auto":
-        why = ("low_memory" if cfg.low_memory else "no CUDA device" if not opts.cuda_graphs and not opts.channels_last
-               else f"{total_steps} steps are too few to pay back a compile (< {COMPILE_MIN_STEPS})")
+        why = ("low_memory" if cfg.low_memory else "no CUDA device" if not opts.channels_last
+               else f"{total_steps} steps over {shapes} bucket shape(s) are too few to pay back a compile "
+                    f"per shape (< {COMPILE_MIN_STEPS_PER_SHAPE} steps a shape)")
         parts.append(f"compile off ({why})")
     else:
         parts.append("compile off")
@@ -272,50 +280,12 @@ def compile_blocks(unet: torch.nn.Module, options: dict | None = None) -> int:
     serves every bucket; the glue between blocks (time embedding, up/down sampling, skip
     concatenations) stays eager and is captured in the step's CUDA graph with the rest.
     """
-    if COMPILE_BACKEND == "inductor":
-        _symbolic_stride_order_fix()
     count = 0
     for module in unet.modules():
         if type(module).__name__ in REPEATED_BLOCKS:
             module.compile(dynamic=True, backend=COMPILE_BACKEND, options=options)
             count += 1
     return count
-
-
-def _symbolic_stride_order_fix() -> bool:
-    """Let inductor order symbolic strides with the graph's shape environment.
-
-    Why: with dynamic height/width, inductor's channels-last handling of convolution outputs
-    sorts strides such as ``32*s1*s2`` without the shape environment it needs to compare
-    them, and the compile fails ("cannot determine truth value of Relational"; PyTorch issue
-    185510, fixed upstream the same way in pull request 185871). Fills in the graph's
-    environment where the caller passed none; does nothing on a PyTorch without that helper.
-    True if installed."""
-    try:
-        import inspect
-
-        import sympy
-        from torch._inductor import ir
-        from torch._inductor.virtualized import V
-    except ImportError:
-        return False
-    original = getattr(ir, "get_fill_order", None)
-    if original is None or getattr(original, "_animelora_fix", False):
-        return original is not None
-    if "shape_env" not in inspect.signature(original).parameters:
-        return False
-
-    def get_fill_order(seq, shape_env=None):
-        if shape_env is None and not all(isinstance(s, (int, sympy.Integer)) for s in seq):
-            try:
-                shape_env = V.graph.sizevars.shape_env
-            except (AttributeError, AssertionError):  # no graph being lowered
-                shape_env = None
-        return original(seq, shape_env)
-
-    get_fill_order._animelora_fix = True  # type: ignore[attr-defined]
-    ir.get_fill_order = get_fill_order
-    return True
 
 
 def uncompile_blocks(unet: torch.nn.Module) -> None:

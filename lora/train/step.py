@@ -180,11 +180,11 @@ class StepRunner:
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.sync = GradientSync(params, self.device) if self.world > 1 else None
         if fast is None:
+            shapes = len({tuple(x.shape) for x in cache.latents})
             fast = resolve_fast_options(cfg, self.device, accelerator.num_processes,
-                                        str(accelerator.mixed_precision), total_steps=total_steps)
+                                        str(accelerator.mixed_precision), total_steps=total_steps, shapes=shapes)
             if self.device.type == "cuda":
-                log.info(describe_fast_options(fast, cfg, shapes=len({tuple(x.shape) for x in cache.latents}),
-                                               total_steps=total_steps,
+                log.info(describe_fast_options(fast, cfg, shapes=shapes, total_steps=total_steps,
                                                mixed_precision=str(accelerator.mixed_precision)))
         self.fast: FastOptions = fast
         #: the UNet forward a step calls: the module itself, or compiled / channels-last (fastpath.py)

@@ -46,10 +46,10 @@ def test_defaults_keep_the_plain_path_on_cpu():
     assert resolve_fast_options(cfg, "cpu") == FastOptions(False, False, False, "default", False)
     assert resolve_fast_options(cfg, "cuda") == FastOptions(True, True, True, fastpath.AUTO_CUDA_ATTENTION, True,
                                                             fused_qkv=True, overlap_steps=True,
-                                                            compiled_channels_last=True, compile_blocks=True)
-    # the whole UNet instead of its blocks, on request
-    whole = resolve_config("phase2a", {"model": "tiny", "compile_scope": "unet"})
-    assert not resolve_fast_options(whole, "cuda").compile_blocks
+                                                            compiled_channels_last=True)
+    # the repeated blocks instead of the whole UNet, on request (experimental)
+    blocks = resolve_config("phase2a", {"model": "tiny", "compile_scope": "blocks"})
+    assert resolve_fast_options(blocks, "cuda").compile_blocks
     # the compiled layout needs a compiled UNet
     no_compile = resolve_config("phase2a", {"model": "tiny", "compile": "off"})
     assert not resolve_fast_options(no_compile, "cuda").compiled_channels_last
@@ -69,9 +69,28 @@ def test_graphs_refused_where_they_would_change_training():
     with pytest.raises(ConfigError, match="compiled_channels_last: on needs compile"):
         resolve_fast_options(resolve_config("phase2a", {"model": "tiny", "compile": "off",
                                                         "compiled_channels_last": "on"}), "cuda")
-    # fp16 keeps the graphs: its loss scale lives on the device, inside the optimizer graph
-    assert resolve_fast_options(resolve_config("phase2a", {"model": "tiny"}), "cuda",
+    # fp16: graphs (the loss scale inside the optimizer graph) on request only
+    assert not resolve_fast_options(resolve_config("phase2a", {"model": "tiny"}), "cuda",
+                                    mixed_precision="fp16").cuda_graphs
+    assert resolve_fast_options(resolve_config("phase2a", {"model": "tiny", "cuda_graphs": "on"}), "cuda",
                                 mixed_precision="fp16").cuda_graphs
+
+
+def test_auto_compiles_only_where_the_warm_up_pays_back():
+    """compile=auto decides from the run: a compile per bucket shape is worth it only for
+    runs with many steps per shape (bench/README.md); the reason is said in one line."""
+    cfg = resolve_config("phase2a", {"model": "tiny"})
+    per_shape = fastpath.COMPILE_MIN_STEPS_PER_SHAPE
+    # the guide's 20-epoch run: 3,040 steps over 5 buckets
+    short = resolve_fast_options(cfg, "cuda", total_steps=3040, shapes=5)
+    assert not short.compile and short.cuda_graphs and not short.compiled_channels_last
+    line = fastpath.describe_fast_options(short, cfg, shapes=5, total_steps=3040, mixed_precision="bf16")
+    assert "compile off" in line and "3040 steps over 5 bucket shape(s)" in line
+    assert "CUDA graphs for 5 bucket shape(s), partial batches padded" in line
+    assert resolve_fast_options(cfg, "cuda", total_steps=per_shape * 2, shapes=2).compile
+    assert not resolve_fast_options(cfg, "cuda", total_steps=per_shape * 2, shapes=3).compile
+    forced = resolve_config("phase2a", {"model": "tiny", "compile": "on"})
+    assert resolve_fast_options(forced, "cuda", total_steps=10, shapes=7).compile  # "on" still wins
 
 
 def test_switches_may_change_between_segments():
