@@ -47,7 +47,7 @@ _TINY_RESOLUTION_FALLBACK = 64
 RESUME_TOLERANT_FIELDS = frozenset({
     "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
     "cache_dir", "compile", "cuda_graphs", "channels_last", "attention", "cudnn_benchmark",
-    "fused_qkv", "overlap_steps", "compiled_channels_last", "low_memory", "save_dtype",
+    "fused_qkv", "overlap_steps", "compiled_channels_last", "low_memory", "save_dtype", "compile_scope",
 })
 
 
@@ -114,6 +114,11 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     # CUDA fast path (lora/train/fastpath.py); "auto" = on for a CUDA device, off on CPU.
     # None of these changes what is trained, so a run may switch them between segments.
     compile: Literal["auto", "on", "off"] = "auto"
+    # what compile compiles: "unet" (and "auto") = the whole UNet, once per bucket shape;
+    # "blocks" = each repeated resnet/transformer block with dynamic height/width, one compile
+    # for every shape: experimental, PyTorch 2.11's inductor fails on it and the trainer then
+    # continues without compile (bench/README.md, "many buckets")
+    compile_scope: Literal["auto", "unet", "blocks"] = "auto"
     cuda_graphs: Literal["auto", "on", "off"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     # scaled-dot-product attention kernel: "auto" = the fast path's measured choice on CUDA

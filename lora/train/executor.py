@@ -26,9 +26,10 @@ if TYPE_CHECKING:  # pragma: no cover
 #: one micro-batch on the device: (latents, noise, timesteps, encoder hidden states)
 MicroInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
-#: ``loss_fn(latents, noise, timesteps, text, n_total)``: a micro-batch's share of the step's
-#: mean loss (summed over its images, divided by ``n_total``, the step's image count)
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+#: ``loss_fn(latents, noise, timesteps, text, n_total[, sample_weight])``: a micro-batch's share
+#: of the step's mean loss (summed over its images, divided by ``n_total``, the step's image
+#: count; ``sample_weight`` 1 per image and 0 per padding row where a batch is padded)
+LossFn = Callable[..., torch.Tensor]
 
 
 class PendingStep:
@@ -80,11 +81,12 @@ class StepExecutor:
     #: what was prepared per input shape so far (the benchmark reports it)
     warmups: list[WarmupRecord]
 
-    def queue(self, micro_inputs: list[MicroInputs], n_total: int) -> PendingStep:
+    def queue(self, micro_inputs: list[MicroInputs], n_total: int, rows: int | None = None) -> PendingStep:
         """Queue forward + backward of every micro-batch, the gradient sum over processes,
         clipping and the optimizer update; the gradients are zero again afterwards. Returns
         without waiting for the GPU. ``micro_inputs`` may be empty (a process without an
-        image in this step still takes part in the all-reduce)."""
+        image in this step still takes part in the all-reduce). ``rows``: the images of a full
+        micro-batch on this process (an implementation may pad smaller ones to it)."""
         raise NotImplementedError
 
     def forward_changed(self) -> None:
@@ -111,7 +113,7 @@ class PlainExecutor(StepExecutor):
         self.device = accelerator.device
         self.warmups = []
 
-    def queue(self, micro_inputs: list[MicroInputs], n_total: int) -> PendingStep:
+    def queue(self, micro_inputs: list[MicroInputs], n_total: int, rows: int | None = None) -> PendingStep:
         self.zero_grads()
         losses = []
         for lat, noise, t, ehs in micro_inputs:

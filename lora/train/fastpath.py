@@ -20,7 +20,7 @@ Every part is a switch in :class:`~lora.config.TrainConfig` (``compile``, ``cuda
 ``channels_last``, ``cudnn_benchmark``, ``fused_qkv``, ``overlap_steps``,
 ``compiled_channels_last``: ``auto`` = on for CUDA only; ``attention`` picks the
 SDPA kernel; ``low_memory`` turns compile and graphs off by default). Where graphs cannot be
-used (LoRA dropout, a trained text encoder, fp16) the step falls back to the plain path,
+used (LoRA dropout, a trained text encoder) the step falls back to the plain path,
 compiled when ``compile`` is on. Several processes keep the graphs: the gradient all-reduce
 runs between the micro-batch graphs and the optimizer graph (lora/train/distributed.py).
 """
@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -72,6 +75,12 @@ class FastOptions:
     overlap_steps: bool = False
     #: inductor keeps the compiled UNet's activations channels-last (its layout optimisation)
     compiled_channels_last: bool = False
+    #: compile the UNet's repeated blocks one by one with dynamic height/width (one compile for
+    #: every bucket shape) instead of the whole UNet once per shape
+    compile_blocks: bool = False
+    #: CUDA graphs: a partial batch (the end of a bucket) runs in its bucket's full-batch graph
+    #: with the missing images weighted 0, so it adds no graph (and no warm-up, no memory)
+    pad_batches: bool = True
 
     def without(self, **changes: bool) -> "FastOptions":
         """A copy with some switches changed (the step's fall-back turns parts off)."""
@@ -86,18 +95,33 @@ def _switch(value: str, name: str, default: bool) -> bool:
     raise ConfigError(f"invalid training config: {name}: expected auto, on or off, got {value!r}")
 
 
+#: ``compile=auto`` compiles the UNet only for a run of at least this many optimizer steps per
+#: bucket shape. Measured on an H200 at phase2a (bench/README.md, "many buckets"): a compile
+#: costs 125-150 s per shape and saves ~18 ms a step (132 against 83 images/s), so it pays for
+#: itself after ~8,000 steps of each shape; the guide's 20-epoch run has 3,000 in all.
+COMPILE_MIN_STEPS_PER_SHAPE = 8000
+
+
 def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_processes: int = 1,
-                         mixed_precision: str = "bf16") -> FastOptions:
+                         mixed_precision: str = "bf16", total_steps: int | None = None,
+                         shapes: int = 1) -> FastOptions:
     """``auto`` means on for a CUDA device, off elsewhere (CPU keeps the bit-exact plain path).
 
+    ``compile=auto`` is decided by the run: on only when its steps per bucket shape
+    (``total_steps / shapes``) reach :data:`COMPILE_MIN_STEPS_PER_SHAPE`, where the compile's
+    warm-up pays for itself (unknown ``total_steps``: on, as before).
+
     CUDA graphs are off (``auto``) or refused (``on``) where they would change what is trained
-    or cannot be captured: no CUDA device, LoRA dropout (its random mask), a trained text
-    encoder (its backward runs outside the UNet) and fp16's loss scaler. Several processes keep
-    them: the gradient all-reduce runs between the graphs (lora/train/distributed.py).
+    or cannot be captured: no CUDA device, LoRA dropout (its random mask) and a trained text
+    encoder (its backward runs outside the UNet). With fp16 they are on only when asked for
+    (``cuda_graphs=on``): the loss scale then lives on the device, inside the optimizer graph.
+    Several processes keep them: the gradient all-reduce runs between the graphs
+    (lora/train/distributed.py).
     """
     cuda = torch.device(device).type == "cuda"
     # low_memory: the compiled kernels' and graphs' pools cost ~0.5-1 GiB more than they save
-    compile_on = _switch(cfg.compile, "compile", cuda and not cfg.low_memory)
+    long_enough = total_steps is None or total_steps >= COMPILE_MIN_STEPS_PER_SHAPE * max(1, shapes)
+    compile_on = _switch(cfg.compile, "compile", cuda and not cfg.low_memory and long_enough)
     channels_last = _switch(cfg.channels_last, "channels_last", cuda)
     cudnn_benchmark = _switch(cfg.cudnn_benchmark, "cudnn_benchmark", cuda)
     # LoRA dropout draws a mask per projection: the fused product cannot share one input
@@ -111,6 +135,7 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
         raise ConfigError("invalid training config: compiled_channels_last: on needs compile (it is a "
                           "layout choice of the compiled UNet); compile is off here")
     attention = cfg.attention if cfg.attention != "auto" else (AUTO_CUDA_ATTENTION if cuda else "default")
+    compile_blocks = compile_on and cfg.compile_scope == "blocks"
     blockers = []
     if not cuda:
         blockers.append("needs a CUDA device")
@@ -118,14 +143,43 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
         blockers.append("lora_dropout > 0 draws a random mask each step")
     if cfg.train_text_encoder:
         blockers.append("train_text_encoder runs the text encoder's backward outside the graph")
-    if mixed_precision == "fp16":
-        blockers.append("fp16 uses a dynamic loss scaler that skips steps")
-    graphs = _switch(cfg.cuda_graphs, "cuda_graphs", not blockers and not cfg.low_memory)
+    # fp16 (the loss scale inside the optimizer graph) is implemented but not yet measured on a
+    # card: on request only
+    graphs = _switch(cfg.cuda_graphs, "cuda_graphs",
+                     not blockers and not cfg.low_memory and mixed_precision != "fp16")
     if graphs and blockers:
         raise ConfigError(f"invalid training config: cuda_graphs: on is not possible here: {'; '.join(blockers)}")
     return FastOptions(compile=compile_on, cuda_graphs=graphs, channels_last=channels_last,
                        attention=attention, cudnn_benchmark=cudnn_benchmark, fused_qkv=fused_qkv,
-                       overlap_steps=overlap_steps, compiled_channels_last=compiled_cl)
+                       overlap_steps=overlap_steps, compiled_channels_last=compiled_cl,
+                       compile_blocks=compile_blocks)
+
+
+def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, total_steps: int | None,
+                          mixed_precision: str) -> str:
+    """One line: what the fast path does in this run, and why where ``auto`` chose."""
+    parts = []
+    if opts.compile:
+        parts.append("compile=blocks (experimental: one compile for all bucket shapes)" if opts.compile_blocks
+                     else f"compile=unet (one compile per bucket shape: {shapes})")
+    elif cfg.compile == "auto":
+        why = ("low_memory" if cfg.low_memory else "no CUDA device" if not opts.channels_last
+               else f"{total_steps} steps over {shapes} bucket shape(s) are too few to pay back a compile "
+                    f"per shape (< {COMPILE_MIN_STEPS_PER_SHAPE} steps a shape)")
+        parts.append(f"compile off ({why})")
+    else:
+        parts.append("compile off")
+    if opts.cuda_graphs:
+        parts.append(f"CUDA graphs for {shapes} bucket shape(s)"
+                     + (", partial batches padded into them" if opts.pad_batches else ""))
+        if mixed_precision == "fp16":
+            parts.append("fp16 loss scale on the device")
+    else:
+        parts.append("no CUDA graphs")
+    for name in ("channels_last", "fused_qkv", "overlap_steps"):
+        if getattr(opts, name):
+            parts.append(name.replace("_", "-"))
+    return "fast path: " + ", ".join(parts)
 
 
 _BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -159,6 +213,24 @@ def use_expandable_segments() -> bool:
     return True
 
 
+def use_compile_cache(folder: Path) -> bool:
+    """Keep torch.compile's on-disk caches (compiled kernels, traced graphs) in ``folder``.
+
+    Why: by default they go to a temporary folder that a new Colab/Kaggle session or container
+    does not have, so every session compiles again. Kept beside the latent cache, a resumed
+    segment or a second run on the same bucket shapes starts warm. A folder the user chose
+    (``TORCHINDUCTOR_CACHE_DIR``) wins. True if set here."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only place: compile still works, only cold
+        log.info("compile cache not kept (%s); torch.compile uses its default folder", exc)
+        return False
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return True
+
+
 def _raise_recompile_limit(limit: int = 64) -> None:
     """One compiled graph per bucket shape: lift dynamo's default of 8 recompiles."""
     cfg = torch._dynamo.config
@@ -187,11 +259,51 @@ def prepare_forward(unet: torch.nn.Module, opts: FastOptions) -> Callable[..., A
         # at most half the input channels (the UNet's skip concatenations); without it each
         # convolution and its backward copies activations between layouts (bench/README.md).
         options = dict(COMPILED_CHANNELS_LAST_OPTIONS)
+    if opts.compile_blocks:
+        count = compile_blocks(unet, options)
+        log.info("compiling %d UNet blocks (dynamic height/width: one compile for every bucket shape)", count)
+        return unet
     return torch.compile(unet, dynamic=False, backend=COMPILE_BACKEND, options=options)
+
+
+#: Module classes that ``compile_blocks`` compiles one by one: the blocks a UNet repeats, which
+#: hold nearly all of its kernels (norms, activations, convolutions, attention, LoRA).
+REPEATED_BLOCKS = ("ResnetBlock2D", "Transformer2DModel")
+
+
+def compile_blocks(unet: torch.nn.Module, options: dict | None = None) -> int:
+    """Compile each repeated block in place (``nn.Module.compile``; names and state dicts stay).
+
+    Why blocks and not the whole UNet: a whole-UNet compile specialises on the latent shape, so
+    every aspect bucket pays its own 1-2 minute compile and keeps its own kernels. Blocks of the
+    same class and width share one compiled graph, and with dynamic height/width one compile
+    serves every bucket; the glue between blocks (time embedding, up/down sampling, skip
+    concatenations) stays eager and is captured in the step's CUDA graph with the rest.
+    """
+    count = 0
+    for module in unet.modules():
+        if type(module).__name__ in REPEATED_BLOCKS:
+            module.compile(dynamic=True, backend=COMPILE_BACKEND, options=options)
+            count += 1
+    return count
+
+
+def uncompile_blocks(unet: torch.nn.Module) -> None:
+    """Undo :func:`compile_blocks` (the fall-back after a failed compile)."""
+    for module in unet.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
 
 
 # --------------------------------------------------------------------------------------------
 # CUDA graphs
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with its first row repeated up to ``rows`` rows (finite values for weight-0 slots)."""
+    if x.shape[0] >= rows:
+        return x
+    return torch.cat([x, x[:1].expand(rows - x.shape[0], *x.shape[1:])])
 
 
 @dataclass
@@ -201,7 +313,29 @@ class _MicroGraph:
     noise: torch.Tensor
     t: torch.Tensor
     ehs: torch.Tensor
+    weight: torch.Tensor  # 1 for each image of the micro-batch, 0 for the padding after them
     loss: torch.Tensor   # static output, read right after each replay
+
+
+class _LossScale:
+    """fp16's dynamic loss scale as device tensors, so scaling, the overflow check, the skipped
+    update and the scale's growth/back-off all run inside the CUDA graphs (no host sync).
+
+    The same rule as ``torch.amp.GradScaler`` (start 2**16, x2 after 2000 good steps, x0.5 on
+    an overflow, whose update is skipped): fused AdamW takes ``found_inf`` and leaves the
+    weights, moments and step count alone when it is set."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.scale = torch.full((), 2.0 ** 16, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+
+    def unscale(self, grads: list[torch.Tensor]) -> None:
+        self.found_inf.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self.scale.reciprocal())
+
+    def update(self) -> None:
+        torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
 
 
 class GraphedExecutor(StepExecutor):
@@ -218,9 +352,20 @@ class GraphedExecutor(StepExecutor):
     """
 
     def __init__(self, loss_fn: LossFn, optimizer, params: list[torch.nn.Parameter], device: torch.device,
-                 max_grad_norm: float | None, sync: "GradientSync | None" = None) -> None:
+                 max_grad_norm: float | None, sync: "GradientSync | None" = None, *,
+                 latent_shapes: Sequence[tuple[int, ...]] = (), num_train_timesteps: int = 1000,
+                 fp16: bool = False, pad_batches: bool = True) -> None:
         self.loss_fn, self.optimizer, self.params = loss_fn, optimizer, params
         self.device, self.max_grad_norm, self.sync = device, max_grad_norm, sync
+        #: every latent shape the run trains on (its buckets): all captured before the first step
+        self.latent_shapes = sorted(set(map(tuple, latent_shapes)), key=lambda shape: (-math.prod(shape), shape))
+        self.num_train_timesteps, self.pad_batches = num_train_timesteps, pad_batches
+        #: fp16 only: the loss scale kept on the device
+        self.loss_scale = _LossScale(device) if fp16 else None
+        #: the step's image count (the loss divisor), a device input of every micro-batch graph
+        self.n_total: torch.Tensor | None = None
+        #: device 0/1 weight vectors by (rows, images), copied into a graph's weight input
+        self._weights: dict[tuple[int, int], torch.Tensor] = {}
         self.pool: Any = None
         self.micro: dict[tuple, _MicroGraph] = {}
         self.opt_graph: torch.cuda.CUDAGraph | None = None
@@ -273,11 +418,21 @@ class GraphedExecutor(StepExecutor):
 
     def _optimizer_tail(self) -> torch.Tensor:
         """Gradient norm, clipping, AdamW and zeroed gradients: what the optimizer graph runs."""
+        optimizer = self.optimizer
+        if self.loss_scale is not None:
+            self.loss_scale.unscale(self.grads)
+            # accelerate's wrapper would step its own (host-synchronising) scaler: go around it;
+            # fused AdamW skips the whole update where found_inf is set
+            optimizer = self._base_optimizer
+            optimizer.found_inf = self.loss_scale.found_inf
+            optimizer.grad_scale = None
         if self.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm(self.grads, foreach=True)
-        self.optimizer.step()
+        optimizer.step()
+        if self.loss_scale is not None:
+            self.loss_scale.update()
         torch._foreach_zero_(self.grads)
         return norm
 
@@ -288,12 +443,18 @@ class GraphedExecutor(StepExecutor):
         params = [p.detach().clone() for p in self.params]
         states = {id(p): {k: v.clone() for k, v in base.state[p].items() if torch.is_tensor(v)}
                   for p in self.params if p in base.state}
-        return params, states
+        scale = None
+        if self.loss_scale is not None:
+            scale = (self.loss_scale.scale.clone(), self.loss_scale.growth_tracker.clone())
+        return params, states, scale
 
     def _restore(self, snap) -> None:
         """Undo the warm-up's optimizer step in place (the graph keeps these very tensors)."""
-        params, states = snap
+        params, states, scale = snap
         base = self._base_optimizer
+        if scale is not None and self.loss_scale is not None:
+            self.loss_scale.scale.copy_(scale[0])
+            self.loss_scale.growth_tracker.copy_(scale[1])
         with torch.no_grad():
             for p, saved in zip(self.params, params):
                 p.copy_(saved)
@@ -324,75 +485,138 @@ class GraphedExecutor(StepExecutor):
                 p.grad.zero_()
         self.grads = [p.grad for p in self.params]
 
-    def _capture(self, key: tuple, lat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                 ehs: torch.Tensor, n_total: int) -> _MicroGraph:
-        t0 = time.perf_counter()
+    def _static(self, lat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor) -> _MicroGraph:
+        """The fixed input/output buffers a micro-batch graph reads and writes."""
+        if self.n_total is None:
+            self.n_total = torch.full((), float(lat.shape[0]), device=self.device)
+        return _MicroGraph(torch.cuda.CUDAGraph(), lat.clone(), noise.clone(), t.clone(), ehs.clone(),
+                           torch.ones(lat.shape[0], device=self.device), torch.zeros((), device=self.device))
+
+    def _micro(self, static: _MicroGraph) -> torch.Tensor:
+        """One micro-batch's forward and backward on ``static``'s buffers (what a graph records)."""
+        loss = self.loss_fn(static.lat, static.noise, static.t, static.ehs, self.n_total, static.weight)
+        scale = self.loss_scale
+        (loss * scale.scale if scale is not None else loss).backward()
+        return loss.detach()
+
+    def _capture_shapes(self, shapes: list[tuple[tuple, MicroInputs]]) -> None:
+        """Warm up, then capture, a graph for each ``(key, example inputs)``, in that order.
+
+        Every shape is warmed up (compile, cuBLAS/cuDNN handles and algorithm choice) before
+        any is captured, and the warm-up's cached blocks go back to the card in between: the
+        eager warm-up and the graph pool never hold memory at the same time."""
+        started = time.perf_counter()
         if self.opt_graph is None and not self.lr_tensors:
             self._tensor_lrs()
         self._ensure_grads()
         # the scheduler's state is untouched: only params, grads and optimizer state can change
         snap = self._snapshot()
-        static = _MicroGraph(torch.cuda.CUDAGraph(), lat.clone(), noise.clone(), t.clone(), ehs.clone(),
-                             torch.zeros((), device=self.device))
-
-        def micro() -> torch.Tensor:
-            loss = self.loss_fn(static.lat, static.noise, static.t, static.ehs, n_total)
-            loss.backward()
-            return loss.detach()
-
+        statics = [(key, self._static(*inputs)) for key, inputs in shapes]
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(3):  # compile (first call), cuBLAS/cuDNN handles, autotune caches
-                    micro()
+                for _key, static in statics:
+                    for _ in range(2):  # compile (first call), handles, cuDNN's algorithm choice
+                        self._micro(static)
                 self._optimizer_tail()  # creates the optimizer state outside the graph pool
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             self._restore(snap)
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the warm-up's blocks; the graphs take theirs from the pool
+            warmed = time.perf_counter()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(static.graph, pool=self.pool):
-                out = micro()
-            static.loss = out
-            if self.opt_graph is None:
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self.pool):
-                    self.grad_norm = self._optimizer_tail()
-                self.opt_graph = g
+            for key, static in statics:
+                t0 = time.perf_counter()
+                with torch.cuda.graph(static.graph, pool=self.pool):
+                    static.loss = self._micro(static)
+                if self.opt_graph is None:
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self.pool):
+                        self.grad_norm = self._optimizer_tail()
+                    self.opt_graph = g
+                self.micro[key] = static
+                share = (warmed - started) / len(statics)  # the warm-up, split evenly
+                self.warmups.append(WarmupRecord(tuple(key[0]), share + time.perf_counter() - t0))
             torch.cuda.synchronize()
         except BaseException:
             torch.cuda.synchronize()
+            for key, _static in statics:
+                self.micro.pop(key, None)
             self._restore(snap)  # a failed warm-up or capture must not leave a half step behind
             raise
         # capturing ran nothing, but be exact: grads zero, params and state as they were
         self._restore(snap)
         torch.cuda.synchronize()
-        self.micro[key] = static
-        torch.cuda.empty_cache()  # hand back the warm-up's cached blocks; the graph pool stays
-        self.warmups.append(WarmupRecord(tuple(key[0]), time.perf_counter() - t0))
-        log.info("captured CUDA graphs for micro-batch shape %s in %.1f s", tuple(key[0]), time.perf_counter() - t0)
-        return static
+        log.info("CUDA graphs for micro-batch shape(s) %s ready in %.1f s (warm-up %.1f s)",
+                 ", ".join(str(tuple(key[0])) for key, _ in statics), time.perf_counter() - started,
+                 warmed - started)
+
+    def _capture_all(self, rows: int, example: MicroInputs) -> None:
+        """Capture every bucket's graph before the first step, the largest shape first.
+
+        Why up front and in that order: all graphs share one memory pool, and the pool reuses
+        a free block only for a request that fits in it. Captured largest first, each later
+        (smaller) graph mostly fits in the blocks the ones before it freed, instead of the pool
+        growing with every larger shape that the data happens to bring later."""
+        lat0, _noise0, t0, ehs0 = example
+        g = torch.Generator(device=lat0.device).manual_seed(0)  # leaves the training RNGs alone
+        shapes = []
+        for shape in self.latent_shapes:
+            key = ((rows, *shape), (rows, *ehs0.shape[1:]))
+            if key in self.micro:
+                continue
+            lat = torch.randn((rows, *shape), generator=g, device=lat0.device, dtype=lat0.dtype)
+            noise = torch.randn((rows, *shape), generator=g, device=lat0.device, dtype=lat0.dtype)
+            t = torch.randint(0, self.num_train_timesteps, (rows,), generator=g, device=t0.device, dtype=t0.dtype)
+            ehs = torch.randn((rows, *ehs0.shape[1:]), generator=g, device=ehs0.device, dtype=ehs0.dtype)
+            shapes.append((key, (lat, noise, t, ehs)))
+        if shapes:
+            self._capture_shapes(shapes)
+
+    def _weight(self, rows: int, images: int) -> torch.Tensor:
+        w = self._weights.get((rows, images))
+        if w is None:
+            w = torch.zeros(rows, device=self.device)
+            w[:images] = 1.0
+            self._weights[(rows, images)] = w
+        return w
 
     # -- one step --------------------------------------------------------------------------
 
-    def queue(self, micro_inputs: list[MicroInputs], n_total: int) -> PendingStep:
+    def queue(self, micro_inputs: list[MicroInputs], n_total: int, rows: int | None = None) -> PendingStep:
         """Replays the graphs for a step's micro-batches (capturing a new shape first).
+
+        ``rows``: the images of a full micro-batch on this process. A smaller (partial)
+        micro-batch runs in its bucket's full graph with the missing rows weighted 0: the same
+        images and the same loss (the sum over the step's images over ``n_total``), and no
+        graph, warm-up or memory per partial size.
 
         With several processes, gradients and loss are summed between the micro-batch graphs
         and the optimizer graph, so the optimizer graph sees the whole step's gradients."""
         total = None
         self._ensure_grads()
+        pad = rows if (rows and self.pad_batches) else None
+        if pad and not self.micro and micro_inputs:
+            self._capture_all(pad, micro_inputs[0])
+        if self.n_total is not None:
+            self.n_total.fill_(float(n_total))
         for lat, noise, t, ehs in micro_inputs:
-            key = (tuple(lat.shape), tuple(ehs.shape), n_total)
+            n = lat.shape[0]
+            size = pad if pad and n <= pad else n
+            key = ((size, *lat.shape[1:]), (size, *ehs.shape[1:]))
             g = self.micro.get(key)
-            if g is None:
-                g = self._capture(key, lat, noise, t, ehs, n_total)
-            g.lat.copy_(lat, non_blocking=True)
-            g.noise.copy_(noise, non_blocking=True)
-            g.t.copy_(t, non_blocking=True)
-            g.ehs.copy_(ehs, non_blocking=True)
+            if g is None:  # a shape not seen before (a smaller micro-batch after out of memory)
+                self._capture_shapes([(key, tuple(_pad_rows(x, size) for x in (lat, noise, t, ehs)))])
+                g = self.micro[key]
+                self.n_total.fill_(float(n_total))
+            g.lat[:n].copy_(lat, non_blocking=True)
+            g.noise[:n].copy_(noise, non_blocking=True)
+            g.t[:n].copy_(t, non_blocking=True)
+            g.ehs[:n].copy_(ehs, non_blocking=True)
+            g.weight.copy_(self._weight(size, n))
             g.graph.replay()
             total = g.loss.clone() if total is None else total + g.loss
         if total is None:  # this process had no image in this step (fewer images than processes)

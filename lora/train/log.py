@@ -126,6 +126,15 @@ class TrainingLog:
     def close_epoch(self, epoch: int, time_seconds: float, partial: bool = False) -> None:
         close_epoch(self.data, epoch, time_seconds, partial=partial)
 
+    def set_segment(self, entry: dict[str, Any]) -> None:
+        """This segment's entry in ``segments`` (lora/train/segment_stats.py): appended once,
+        then replaced as the segment goes on."""
+        segments = self.data.setdefault("segments", [])
+        if segments and segments[-1].get("started_at") == entry["started_at"]:
+            segments[-1] = entry
+        else:
+            segments.append(entry)
+
     def mark_complete(self, step: int) -> None:
         self.data["complete"] = True
         self.data["global_step"] = step

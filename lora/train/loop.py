@@ -49,6 +49,7 @@ from .runfolder import write_config as _write_config
 from .runstate import RunState
 from .schedule import Boundary, Checkpoint, Interrupted, Progress, Schedule, StepTarget, TimeBudget, Validation
 from .seeds import derive_seed
+from .segment_stats import SegmentStats
 from .step import (StepRunner, make_accelerator, make_optimizer, make_scheduler, mixed_precision,
                    setup_lora_unet, stack_to_device, weight_dtype)
 from .validation import has_base_record, validation_loss
@@ -107,6 +108,10 @@ class _Trainer:
         self.live_text = cfg.caption_shuffle or cfg.train_text_encoder
 
         cache_root = train_cache_root(plan.dataset_dir, cfg.cache_dir)
+        if torch.cuda.is_available():
+            from .fastpath import use_compile_cache
+
+            use_compile_cache(cache_root.parent / "compile")
         common = dict(root=cache_root, model_id=comps.model_id, vae=comps.vae,
                       text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                       resolution=cfg.resolution, device=self.device)
@@ -156,7 +161,7 @@ class _Trainer:
         self.lr_scheduler = make_scheduler(cfg, self.optimizer, plan.total_steps)
         self.runner = StepRunner(cfg, self.accelerator, self.unet, self.optimizer, self.lr_scheduler,
                                  self.noise_scheduler, list(self.trainable.values()), self.train_cache,
-                                 self._text_for)
+                                 self._text_for, total_steps=plan.total_steps)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -311,7 +316,9 @@ def _train_segment(
     if stop_at_step is not None and done_step >= stop_at_step and done_step < total:
         return TrainResult(done_step, total, False, "step-target", run_dir, [])
 
+    stats = SegmentStats()
     trainer = _Trainer(cfg, run_dir, plan, on_progress if main else None)
+    stats.setup_done()
     if latest is not None:
         data = ckpt.load_checkpoint(latest)
         trainer.restore(data)
@@ -326,7 +333,8 @@ def _train_segment(
         log.info("starting run %s: %d steps (%d per epoch), %d training and %d validation images",
                  run_name, total, plan.steps_per_epoch, len(plan.train_items), len(plan.val_items))
     segment = _Segment(trainer, run, training_log, saved_step=run.global_step if latest is not None else -1,
-                       stop_at_step=stop_at_step, deadline=deadline, signals=signals or StopSignals())
+                       stop_at_step=stop_at_step, deadline=deadline, signals=signals or StopSignals(),
+                       stats=stats)
     return segment.train()
 
 
@@ -341,8 +349,10 @@ class _Segment:
     """
 
     def __init__(self, trainer: _Trainer, run: RunState, training_log: TrainingLog, *, saved_step: int,
-                 stop_at_step: int | None, deadline: float | None, signals: StopSignals) -> None:
+                 stop_at_step: int | None, deadline: float | None, signals: StopSignals,
+                 stats: SegmentStats | None = None) -> None:
         self.trainer, self.run, self.training_log = trainer, run, training_log
+        self.stats = stats or SegmentStats()
         self.cfg, self.plan, self.total = trainer.cfg, trainer.plan, trainer.plan.total_steps
         self.saved_step = saved_step
         #: measured on the main process; the time budget keeps room for one of each
@@ -411,6 +421,7 @@ class _Segment:
         """A step's loss was read: count its time and log it."""
         self.run.train_time_s += done.seconds
         self.training_log.add_step(done.log_record(self.cfg))
+        self.stats.step_read(done.step)
 
     # -- what the schedule runs --------------------------------------------------------------
 
@@ -430,6 +441,7 @@ class _Segment:
 
     def _checkpoint(self) -> None:
         self.training_log.set_global_step(self.run.global_step)
+        self.training_log.set_segment(self.stats.record(self.trainer.runner))
         t = time.monotonic()
         if self.trainer.save(self.run, self.training_log) is not None:
             self.checkpoint_s = time.monotonic() - t
@@ -448,6 +460,7 @@ class _Segment:
         if self.saved_step != run.global_step:
             self._checkpoint()
         files = trainer.export(run)
+        self.training_log.set_segment(self.stats.record(trainer.runner))
         self.training_log.mark_complete(run.global_step)
         if trainer.is_main:
             self.training_log.write(run_dir)
@@ -461,6 +474,7 @@ class _Segment:
             self._checkpoint()
         elif trainer.is_main:
             self.training_log.set_global_step(run.global_step)
+            self.training_log.set_segment(self.stats.record(trainer.runner))
             self.training_log.write(trainer.run_dir)
         trainer.accelerator.wait_for_everyone()  # the checkpoint is on disk before any process returns
         log.info("stopped at step %d/%d (%s)", run.global_step, self.total, reason)

@@ -53,7 +53,8 @@ class FinishedStep:
     epoch: int
     lr: float
     loss: float
-    grad_norm: float
+    #: None: an fp16 step whose gradients overflowed, so the optimizer skipped it
+    grad_norm: float | None
     #: time since the step before was read (with overlapped steps, its share of the GPU time)
     seconds: float
     images: int
@@ -71,6 +72,8 @@ class FinishedStep:
             record["gradient_accumulation"] = cfg.gradient_accumulation * self.divisor
         if self.oom_retry:
             record["oom_retry"] = True
+        if self.grad_norm is None:
+            record["skipped"] = "fp16 overflow"
         return record
 
 
@@ -83,6 +86,7 @@ class StepPipeline:
         self.runner, self.cfg = runner, cfg
         self.on_finished, self.on_oom_retry = on_finished, on_oom_retry
         self.in_flight: InFlightStep | None = None
+        self.fp16 = str(runner.accelerator.mixed_precision) == "fp16"
         self._last_read = time.monotonic()
         self._recent_s: deque[float] = deque(maxlen=8)
 
@@ -120,7 +124,10 @@ class StepPipeline:
 
     def _read(self, q: InFlightStep) -> FinishedStep:
         loss, grad_norm = q.result.values()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        # fp16: an overflowing gradient is the loss scaler's business (the update was skipped
+        # and the scale halved), not a divergence; only a non-finite loss is
+        skipped = self.fp16 and math.isfinite(loss) and not math.isfinite(grad_norm)
+        if not (math.isfinite(loss) and (math.isfinite(grad_norm) or skipped)):
             # The optimizer has already applied this step in memory (and with overlapped steps
             # the next one too), so stop before anything is saved: a retry resumes from the last
             # good checkpoint on disk, and a run that diverges the same way every time fails
@@ -134,7 +141,8 @@ class StepPipeline:
         seconds = now - max(q.queued_at, self._last_read)  # overlapped: the time since the step before was read
         self._last_read = now
         self._recent_s.append(seconds)
-        return FinishedStep(q.step, q.epoch, q.lr, loss, grad_norm, seconds, q.images, q.divisor, q.oom_retry)
+        return FinishedStep(q.step, q.epoch, q.lr, loss, None if skipped else grad_norm, seconds, q.images,
+                            q.divisor, q.oom_retry)
 
     def _queue_with_oom_retry(self, step: int, epoch: int, lr: float, batches: list[list[int]], divisor: int,
                               upcoming: tuple[int, list[list[int]]] | None) -> InFlightStep:

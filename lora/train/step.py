@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 from typing import Callable
 
@@ -22,7 +23,8 @@ from .batching import split_micro_batches
 from .cache import CachedItems
 from .distributed import GradientSync, rank_share
 from .executor import MicroInputs, PendingStep, PlainExecutor, StepExecutor
-from .fastpath import FastOptions, GraphedExecutor, attention_context, prepare_forward, resolve_fast_options
+from .fastpath import (FastOptions, GraphedExecutor, attention_context, describe_fast_options, prepare_forward,
+                       resolve_fast_options, uncompile_blocks)
 from .noise import draw_step, loss_weights, target_for
 from .seeds import derive_seed
 
@@ -167,7 +169,7 @@ class StepRunner:
     def __init__(self, cfg: TrainConfig, accelerator, unet, optimizer, lr_scheduler, noise_scheduler,
                  params: list[torch.nn.Parameter], cache: CachedItems,
                  text_for: Callable[[list[int], object], torch.Tensor],
-                 fast: FastOptions | None = None) -> None:
+                 fast: FastOptions | None = None, total_steps: int | None = None) -> None:
         self.cfg, self.accelerator, self.unet = cfg, accelerator, unet
         self.optimizer, self.lr_scheduler, self.noise_scheduler = optimizer, lr_scheduler, noise_scheduler
         self.params, self.cache, self.text_for = params, cache, text_for
@@ -178,8 +180,12 @@ class StepRunner:
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.sync = GradientSync(params, self.device) if self.world > 1 else None
         if fast is None:
+            shapes = len({tuple(x.shape) for x in cache.latents})
             fast = resolve_fast_options(cfg, self.device, accelerator.num_processes,
-                                        str(accelerator.mixed_precision))
+                                        str(accelerator.mixed_precision), total_steps=total_steps, shapes=shapes)
+            if self.device.type == "cuda":
+                log.info(describe_fast_options(fast, cfg, shapes=shapes, total_steps=total_steps,
+                                               mixed_precision=str(accelerator.mixed_precision)))
         self.fast: FastOptions = fast
         #: the UNet forward a step calls: the module itself, or compiled / channels-last (fastpath.py)
         self.forward = prepare_forward(unet, fast)
@@ -194,7 +200,11 @@ class StepRunner:
 
     def _graphed_executor(self) -> StepExecutor:
         return GraphedExecutor(self.micro_loss, self.optimizer, self.params, self.device,
-                               self.cfg.max_grad_norm, self.sync)
+                               self.cfg.max_grad_norm, self.sync,
+                               latent_shapes=[tuple(x.shape) for x in self.cache.latents],
+                               num_train_timesteps=int(self.noise_scheduler.config.num_train_timesteps),
+                               fp16=str(self.accelerator.mixed_precision) == "fp16",
+                               pad_batches=self.fast.pad_batches)
 
     def _fall_back(self, exc: Exception) -> bool:
         """A compile or capture failure (not out-of-memory, not a test hook): turn off the failing
@@ -204,7 +214,9 @@ class StepRunner:
         if self.fast.compile:
             log.warning("torch.compile failed (%s: %s); continuing without compile",
                         type(exc).__name__, " ".join(str(exc).split())[:300])
-            self.fast = self.fast.without(compile=False)
+            if self.fast.compile_blocks:
+                uncompile_blocks(self.unet)
+            self.fast = self.fast.without(compile=False, compile_blocks=False)
             self.forward = self.unet
             self.executor.forward_changed()
             return True
@@ -215,6 +227,11 @@ class StepRunner:
             self.executor = self._plain_executor()
             return True
         return False
+
+    def micro_capacity(self, divisor: int = 1) -> int:
+        """Images of a full micro-batch on this process (a bucket's full batch, split for the
+        out-of-memory fall-back and shared between processes)."""
+        return math.ceil(math.ceil(self.cfg.batch_size / divisor) / self.world)
 
     @property
     def overlaps_steps(self) -> bool:
@@ -229,8 +246,11 @@ class StepRunner:
             torch.cuda.empty_cache()
 
     def micro_loss(self, lat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor,
-                   n_total: int) -> torch.Tensor:
-        """A micro-batch's share of the step's mean loss; the one loss both paths train on."""
+                   n_total: "int | torch.Tensor", sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """A micro-batch's share of the step's mean loss; the one loss both paths train on.
+
+        ``sample_weight`` (CUDA graphs' padded micro-batches): 1 per image, 0 per padding row, so
+        padding adds exactly nothing to the loss or the gradients."""
         noisy = self.noise_scheduler.add_noise(lat, noise, t)
         with self.accelerator.autocast(), attention_context(self.fast.attention):
             pred = self.forward(noisy, t, ehs, return_dict=False)[0]
@@ -240,6 +260,8 @@ class StepRunner:
                                self.noise_scheduler.config.prediction_type)
         if weights is not None:
             per = per * weights
+        if sample_weight is not None:
+            per = per * sample_weight
         return per.sum() / n_total  # the step's mean, however it is split
 
     def _inputs(self, step_number: int, batches: list[list[int]], divisor: int) -> list[MicroInputs]:
@@ -314,7 +336,7 @@ class StepRunner:
             raise torch.OutOfMemoryError(f"fake out of memory at step {step_number} ({FAKE_OOM_ENV})")
 
         try:
-            pending = self.executor.queue(inputs, n_total)
+            pending = self.executor.queue(inputs, n_total, self.micro_capacity(divisor))
         except Exception as exc:  # noqa: BLE001 - fall back to a slower path, never stop training
             if not self._fall_back(exc):
                 raise

@@ -47,6 +47,9 @@ def test_defaults_keep_the_plain_path_on_cpu():
     assert resolve_fast_options(cfg, "cuda") == FastOptions(True, True, True, fastpath.AUTO_CUDA_ATTENTION, True,
                                                             fused_qkv=True, overlap_steps=True,
                                                             compiled_channels_last=True)
+    # the repeated blocks instead of the whole UNet, on request (experimental)
+    blocks = resolve_config("phase2a", {"model": "tiny", "compile_scope": "blocks"})
+    assert resolve_fast_options(blocks, "cuda").compile_blocks
     # the compiled layout needs a compiled UNet
     no_compile = resolve_config("phase2a", {"model": "tiny", "compile": "off"})
     assert not resolve_fast_options(no_compile, "cuda").compiled_channels_last
@@ -66,8 +69,28 @@ def test_graphs_refused_where_they_would_change_training():
     with pytest.raises(ConfigError, match="compiled_channels_last: on needs compile"):
         resolve_fast_options(resolve_config("phase2a", {"model": "tiny", "compile": "off",
                                                         "compiled_channels_last": "on"}), "cuda")
+    # fp16: graphs (the loss scale inside the optimizer graph) on request only
     assert not resolve_fast_options(resolve_config("phase2a", {"model": "tiny"}), "cuda",
                                     mixed_precision="fp16").cuda_graphs
+    assert resolve_fast_options(resolve_config("phase2a", {"model": "tiny", "cuda_graphs": "on"}), "cuda",
+                                mixed_precision="fp16").cuda_graphs
+
+
+def test_auto_compiles_only_where_the_warm_up_pays_back():
+    """compile=auto decides from the run: a compile per bucket shape is worth it only for
+    runs with many steps per shape (bench/README.md); the reason is said in one line."""
+    cfg = resolve_config("phase2a", {"model": "tiny"})
+    per_shape = fastpath.COMPILE_MIN_STEPS_PER_SHAPE
+    # the guide's 20-epoch run: 3,040 steps over 5 buckets
+    short = resolve_fast_options(cfg, "cuda", total_steps=3040, shapes=5)
+    assert not short.compile and short.cuda_graphs and not short.compiled_channels_last
+    line = fastpath.describe_fast_options(short, cfg, shapes=5, total_steps=3040, mixed_precision="bf16")
+    assert "compile off" in line and "3040 steps over 5 bucket shape(s)" in line
+    assert "CUDA graphs for 5 bucket shape(s), partial batches padded" in line
+    assert resolve_fast_options(cfg, "cuda", total_steps=per_shape * 2, shapes=2).compile
+    assert not resolve_fast_options(cfg, "cuda", total_steps=per_shape * 2, shapes=3).compile
+    forced = resolve_config("phase2a", {"model": "tiny", "compile": "on"})
+    assert resolve_fast_options(forced, "cuda", total_steps=10, shapes=7).compile  # "on" still wins
 
 
 def test_switches_may_change_between_segments():
@@ -119,6 +142,61 @@ def test_compiled_channels_last_fused_step_matches_plain_loss_and_gradients(monk
     assert moved > 5e-5
     for k in plain_params:
         torch.testing.assert_close(fast_params[k].detach(), plain_params[k].detach(), rtol=1e-4, atol=2e-5)
+
+
+def test_compiled_blocks_match_the_plain_loss_and_gradients(monkeypatch, tiny_model):
+    """compile_scope=blocks compiles each resnet/transformer block in place (state dict names
+    unchanged) and trains exactly what the plain UNet trains, on two bucket shapes."""
+    monkeypatch.setattr(fastpath, "COMPILE_BACKEND", "aot_eager")  # no C++ build on CI
+    plain, plain_params = _runner(FastOptions())
+    blocks, block_params = _runner(FastOptions(compile=True, compile_blocks=True))
+    assert blocks.forward is blocks.unet  # the module itself: its blocks are compiled in place
+    compiled = [m for m in blocks.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled and {type(m).__name__ for m in compiled} <= set(fastpath.REPEATED_BLOCKS)
+    assert plain_params.keys() == block_params.keys()
+    g = torch.Generator().manual_seed(5)
+    for h, w in ((8, 8), (8, 12)):  # two aspect buckets through the same compiled blocks
+        lat = torch.randn(2, 4, h, w, generator=g)
+        noise = torch.randn(2, 4, h, w, generator=g)
+        t = torch.tensor([20, 800])
+        ehs = torch.randn(2, 77, plain.cache.text[0].shape[-1], generator=g)
+        results = []
+        for runner, params in ((plain, plain_params), (blocks, block_params)):
+            runner.optimizer.zero_grad(set_to_none=True)
+            loss = runner.micro_loss(lat, noise, t, ehs, 2)
+            loss.backward()
+            results.append((float(loss.detach()), {k: p.grad.clone() for k, p in params.items()}))
+        (l0, g0), (l1, g1) = results
+        assert l1 == pytest.approx(l0, rel=1e-5)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+    fastpath.uncompile_blocks(blocks.unet)
+    assert not [m for m in blocks.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
+def test_padding_rows_with_weight_zero_changes_neither_loss_nor_gradients(tiny_model):
+    """What the CUDA graphs do with a partial batch (the end of a bucket): run it at the full
+    batch size with the missing images weighted 0. Same loss, same gradients as the 3 images."""
+    runner, params = _runner(FastOptions())
+    g = torch.Generator().manual_seed(9)
+    lat = torch.randn(3, 4, 8, 8, generator=g)
+    noise = torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([5, 400, 990])
+    ehs = torch.randn(3, 77, runner.cache.text[0].shape[-1], generator=g)
+    results = []
+    for padded in (False, True):
+        runner.optimizer.zero_grad(set_to_none=True)
+        if padded:
+            args = [fastpath._pad_rows(x, 4) for x in (lat, noise, t, ehs)]
+            loss = runner.micro_loss(*args, torch.tensor(3.0), sample_weight=torch.tensor([1.0, 1.0, 1.0, 0.0]))
+        else:
+            loss = runner.micro_loss(lat, noise, t, ehs, 3)
+        loss.backward()
+        results.append((float(loss.detach()), {k: p.grad.clone() for k, p in params.items()}))
+    (l0, g0), (l1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-6)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_low_memory_turns_on_checkpointing_and_off_the_graph_pools(tiny_model):

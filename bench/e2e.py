@@ -1,0 +1,337 @@
+"""Benchmark: time to a trained LoRA on Danbooru-shaped data, against the diffusers script.
+
+What a user feels is the wall time from `animelora train` to the LoRA file, on their data:
+images in many aspect ratios (so many bucket shapes and partial batches), a model load, a
+latent cache, compile and CUDA-graph warm-up, then the steps. This script builds such a data
+set (random pixels, Danbooru-like sizes) and a random-weight SD1.5 model folder, runs the whole
+`animelora train` command end to end for each variant, and runs diffusers' own example script
+`examples/text_to_image/train_text_to_image_lora.py` (``--peer-script``; not part of this
+repository: bench/README.md says how to get it) on the same images and model folder, on the
+same GPU, in the same call, one after the other. It prints one table:
+
+    wall s        the command's whole run (process start to exit)
+    1st step s    process start to the first optimizer step read back
+    warm-up s     compile + CUDA-graph capture (first step minus set-up)
+    images/s      steady rate (steps after the warm-up)
+    reserved GiB  torch's peak reserved memory (graph pools included)
+    smi GiB       the card's peak used memory seen by nvidia-smi (all the process holds)
+    x script      the script's (projected) wall time over this row's
+
+The script is run for ``--peer-steps`` steps (at least 600 for a projection); its time for the
+run's full step count is projected as start-up + steps / steady rate (said in the table).
+
+    python bench/e2e.py --peer-script PATH [--shapes danbooru|many] [--epochs 20]
+                        [--variants default,default_warm,fp16,lowmem]
+    python bench/e2e.py --smoke    # CPU: tiny model, 2 epochs, no script (a test)
+
+Variants: ``default`` (the trainer's defaults), ``<name>_warm`` (a second run on the same data
+set: latent and compile caches warm), ``fp16`` (mixed_precision=fp16, what a T4/V100/20xx card
+gets), ``lowmem`` (--low-memory), ``unet`` (compile_scope=unet: the whole UNet per shape),
+``nocompile``, ``nographs``; parts join with ``+`` for overrides of several switches
+(``nocompile+fp16``). Writes ``$OUT/bench_e2e.json`` when ``OUT`` is set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+#: Danbooru-like sizes (width, height), mostly portrait, repeated in these proportions.
+DANBOORU_SIZES = [(512, 768)] * 4 + [(576, 704)] * 2 + [(448, 768)] * 2 + [
+    (768, 512), (704, 576), (512, 512), (640, 640)]
+#: A wider spread: panoramas, tall strips and squares give 10+ bucket shapes.
+MANY_SIZES = DANBOORU_SIZES + [(384, 896), (896, 384), (832, 448), (448, 832), (960, 320), (320, 960),
+                               (640, 512), (512, 640)]
+SHAPES = {"danbooru": DANBOORU_SIZES, "many": MANY_SIZES}
+
+#: variant part -> `animelora train` arguments
+PARTS: dict[str, list[str]] = {
+    "default": [],
+    "fp16": ["--set", "mixed_precision=fp16"],
+    "lowmem": ["--low-memory"],
+    "unet": ["--set", "compile_scope=unet"],
+    "nocompile": ["--set", "compile=off"],
+    "nographs": ["--set", "cuda_graphs=off"],
+    "graphs": ["--set", "cuda_graphs=on"],
+}
+
+_TQDM_STEPS = re.compile(r"(\d+)/(\d+) \[")
+
+
+def variant_args(name: str) -> list[str]:
+    args: list[str] = []
+    for part in name.removesuffix("_warm").split("+"):
+        if part not in PARTS:
+            raise SystemExit(f"unknown variant part {part!r} in {name!r} (known: {', '.join(PARTS)})")
+        args += PARTS[part]
+    return args
+
+
+class GpuMemoryWatch:
+    """Peak used memory of the card (nvidia-smi, every 0.5 s) while a command runs."""
+
+    def __init__(self) -> None:
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.available = shutil.which("nvidia-smi") is not None
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                self.peak_mib = max([self.peak_mib] + [float(x) for x in out.split() if x.strip()])
+            except (OSError, ValueError, subprocess.SubprocessError):
+                pass
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> "GpuMemoryWatch":
+        if self.available:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def peak_gib(self) -> float | None:
+        return round(self.peak_mib / 1024, 2) if self.available else None
+
+
+def keep_output(name: str, text: str, lines: int = 80) -> None:
+    """The last lines a command printed, into ``$OUT/bench_e2e_output.log`` (why a row failed)."""
+    if not os.environ.get("OUT"):
+        return
+    with open(Path(os.environ["OUT"]) / "bench_e2e_output.log", "a", encoding="utf-8") as f:
+        f.write(f"===== {name}\n" + "\n".join(text.splitlines()[-lines:]) + "\n")
+
+
+def build_data(work: Path, shapes: str, n: int) -> Path:
+    from lora.testing.datasets import write_synthetic_dataset
+
+    data = work / f"data-{shapes}"
+    if (data / "versions").is_dir():
+        return data
+    shutil.rmtree(data, ignore_errors=True)
+    return write_synthetic_dataset(data, n, SHAPES[shapes], first_id=1000, compress_level=0,
+                                   caption=lambda i: f"1girl, solo, tag{i % 7}, color{i % 5}")
+
+
+def peer_folder(data: Path, work: Path) -> Path:
+    """The same images as an `imagefolder` data set (hard links + metadata.jsonl) for the script."""
+    folder = work / f"peer-{data.name}"
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for img in sorted((data / "images").glob("*.png")):
+        target = folder / img.name
+        if not target.exists():
+            try:
+                os.link(img, target)
+            except OSError:
+                shutil.copy2(img, target)
+        rows.append(json.dumps({"file_name": img.name, "text": img.with_suffix(".txt").read_text()}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def run_peer(script: Path, model: Path, data: Path, work: Path, steps: int, full_steps: int) -> dict[str, Any]:
+    """The diffusers script for ``steps`` steps; its time for ``full_steps`` projected."""
+    out_dir = work / "peer-out"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "fp16", "--dynamo_backend", "no", str(script.resolve()),
+           "--pretrained_model_name_or_path", str(model.resolve()), "--train_data_dir", str(peer_folder(data, work).resolve()),
+           "--caption_column", "text", "--resolution", "512", "--center_crop", "--random_flip",
+           "--train_batch_size", "4", "--max_train_steps", str(steps), "--learning_rate", "5e-5",
+           "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--rank", "16", "--mixed_precision", "fp16",
+           "--dataloader_num_workers", "8", "--output_dir", str(out_dir), "--seed", "0",
+           "--checkpointing_steps", "1000000", "--report_to", "tensorboard"]
+    marks: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+    tail: list[str] = []
+    with GpuMemoryWatch() as watch:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=work,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        assert proc.stdout is not None
+        buf = b""
+        while True:
+            chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+            if not chunk:
+                break
+            buf += chunk
+            *pieces, buf = re.split(rb"[\r\n]", buf)
+            now = time.monotonic() - t0
+            for piece in pieces:
+                text = piece.decode("utf-8", "replace")
+                if "Steps:" in text:
+                    m = _TQDM_STEPS.search(text)
+                    if m and (not marks or int(m.group(1)) > marks[-1][1]):
+                        marks.append((now, int(m.group(1))))
+                elif text.strip():
+                    tail = (tail + [text])[-15:]
+        rc = proc.wait()
+    wall = time.monotonic() - t0
+    keep_output("diffusers script", "\n".join(tail))
+    row: dict[str, Any] = {"variant": "diffusers script (fp16)", "rc": rc, "steps_run": marks[-1][1] if marks else 0,
+                           "wall_run_s": round(wall, 1), "smi_gib": watch.peak_gib}
+    if rc != 0 or len(marks) < 3:
+        row["error"] = " | ".join(tail)[-1500:]
+        return row
+    first_t = next(t for t, n in marks if n >= 1)
+    # steady rate: from 10% of the steps to the last step seen
+    start_t, start_n = next((t, n) for t, n in marks if n >= max(2, steps // 10))
+    end_t, end_n = marks[-1]
+    rate = (end_n - start_n) / (end_t - start_t) if end_t > start_t else float("nan")
+    startup = first_t
+    row.update(first_step_s=round(first_t, 1), img_per_s=round(rate * 4, 2),
+               projected_wall_s=round(startup + full_steps / rate + (wall - end_t), 1),
+               note=f"projected: start-up {startup:.0f} s + {full_steps} steps at {rate:.2f} steps/s "
+                    f"(measured over {end_n - start_n} steps of a {steps}-step run)")
+    return row
+
+
+def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra: list[str]) -> dict[str, Any]:
+    if "@" in name:  # "<variant>@<epochs>": a shorter run of one variant
+        name, _, count = name.partition("@")
+        epochs = int(count)
+    run_dir = work / f"run-{name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "lora.cli", "train", "--dataset", str(data), "--run-dir", str(run_dir),
+           "--preset", "phase2a", "--model", str(model), "--epochs", str(epochs), "-q",
+           "--set", "validation_count=50", "--set", "checkpoint_every_minutes=10", *variant_args(name), *extra]
+    t0 = time.monotonic()
+    with GpuMemoryWatch() as watch:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.monotonic() - t0
+    keep_output(name, proc.stdout + proc.stderr)
+    row: dict[str, Any] = {"variant": name, "epochs": epochs, "rc": proc.returncode, "wall_s": round(wall, 1),
+                           "smi_gib": watch.peak_gib}
+    try:
+        log = json.loads((run_dir / "training_log.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        row["error"] = (proc.stderr or proc.stdout)[-1500:]
+        return row
+    if proc.returncode != 0:
+        row["error"] = (proc.stderr or proc.stdout)[-1500:]
+    steps = log.get("steps", [])
+    seg = (log.get("segments") or [{}])[-1]
+    # the segment's clock starts inside the process: add the imports before it
+    before = max(0.0, wall - seg.get("wall_s", wall)) if seg.get("wall_s") else 0.0
+    first = seg.get("first_step_s")
+    rates = [s["images_per_sec"] for s in steps[len(steps) // 10:] if s.get("images_per_sec")]
+    steady_images = sum(s.get("images", 0) for s in steps[len(steps) // 10:])
+    steady_time = sum(s.get("images", 0) / s["images_per_sec"] for s in steps[len(steps) // 10:]
+                      if s.get("images_per_sec"))
+    row.update(steps=len(steps), image_steps=sum(s.get("images", 0) for s in steps),
+               first_step_s=round(before + first, 1) if first is not None else None,
+               setup_s=round(before + seg["setup_s"], 1) if seg.get("setup_s") is not None else None,
+               warmup_s=round(first - seg["setup_s"], 1) if first is not None and seg.get("setup_s") else None,
+               img_per_s=round(steady_images / steady_time, 2) if steady_time else None,
+               median_img_per_s=sorted(rates)[len(rates) // 2] if rates else None,
+               reserved_gib=seg.get("gpu_max_reserved_gib"), graph_shapes=seg.get("graph_shapes"),
+               graph_warmup_s=seg.get("graph_warmup_s"), fast_path=seg.get("fast_path"),
+               final_val=(log.get("validation") or [{}])[-1].get("loss"))
+    return row
+
+
+def table(rows: list[dict[str, Any]], peer: dict[str, Any] | None, full_steps: int) -> str:
+    ref = peer.get("projected_wall_s") if peer else None
+    lines = ["| variant | epochs | wall s | 1st step s | warm-up s | images/s | reserved GiB | smi GiB | x script |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if peer:
+        lines.append(f"| {peer['variant']} | - | {peer.get('projected_wall_s', '-')} (projected; ran "
+                     f"{peer.get('steps_run')} steps in {peer.get('wall_run_s')}) | {peer.get('first_step_s', '-')} | - | "
+                     f"{peer.get('img_per_s', '-')} | - | {peer.get('smi_gib', '-')} | 1.00 |")
+    for r in rows:
+        # the script's projection is for the full run: compare runs of that length only
+        x = (f"{ref / r['wall_s']:.2f}" if ref and r.get("wall_s") and not r.get("error")
+             and r.get("steps") == full_steps else "-")
+        lines.append(f"| {r['variant']} | {r.get('epochs')} | {r.get('wall_s')} | {r.get('first_step_s')} | {r.get('warmup_s')} | "
+                     f"{r.get('img_per_s')} | {r.get('reserved_gib')} | {r.get('smi_gib')} | {x} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--peer-script", default=None, help="path to diffusers' train_text_to_image_lora.py")
+    ap.add_argument("--peer-first", action="store_true", help="run the script before our variants")
+    ap.add_argument("--peer-steps", type=int, default=600, help="steps the script runs (projection base)")
+    ap.add_argument("--shapes", default="danbooru", choices=sorted(SHAPES))
+    ap.add_argument("--images", type=int, default=650, help="training + validation images")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--variants", default="default,default_warm,fp16,lowmem")
+    ap.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--smoke", action="store_true", help="CPU: tiny model, 24 images, 2 epochs, no script")
+    a = ap.parse_args(argv)
+
+    from bench.train import build_random_sd15
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        t = time.monotonic()
+        model = work / "model"
+        if not (model / "unet").is_dir():
+            build_random_sd15(model, a.smoke)
+        images = 24 if a.smoke else a.images
+        data = build_data(work, a.shapes, images)
+        extra = ["--resolution", "64", "--set", "validation_count=4"] if a.smoke else []
+        epochs = 2 if a.smoke else a.epochs
+        print(f"set-up (model, {images} images, {a.shapes} sizes): {time.monotonic() - t:.1f} s", flush=True)
+        from lora.config import resolve_config
+        from lora.train.plan import make_plan
+
+        plan = make_plan(resolve_config("phase2a", {"model": str(model), "dataset": str(data), "epochs": epochs,
+                                                    "validation_count": 4 if a.smoke else 50,
+                                                    **({"resolution": 64} if a.smoke else {})}))
+        buckets = sorted({tuple(b) for b in plan.train_buckets})
+        print(f"{len(plan.train_items)} training images in {len(buckets)} buckets {buckets}; "
+              f"{plan.total_steps} steps", flush=True)
+        peer = None
+        if a.peer_script and not a.smoke and a.peer_first:
+            peer = run_peer(Path(a.peer_script), model, data, work, a.peer_steps, plan.total_steps)
+            print(json.dumps(peer), flush=True)
+        rows = []
+        for name in [v for v in a.variants.split(",") if v]:
+            base = name.partition("@")[0]
+            if base.endswith("_warm") and not (work / f"run-{base.removesuffix('_warm')}").is_dir():
+                print(f"{name}: runs after {name.removesuffix('_warm')} (its caches), skipped", flush=True)
+                continue
+            row = run_ours(name, model, data, work, epochs, extra)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        # by default after ours: a run cut short by a time limit loses the script's row first
+        if a.peer_script and not a.smoke and not a.peer_first:
+            peer = run_peer(Path(a.peer_script), model, data, work, a.peer_steps, plan.total_steps)
+            print(json.dumps(peer), flush=True)
+        result = {"shapes": a.shapes, "buckets": [list(b) for b in buckets], "total_steps": plan.total_steps,
+                  "train_images": len(plan.train_items), "peer": peer, "rows": rows}
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], f"bench_e2e_{a.shapes}.json").write_text(json.dumps(result, indent=1))
+        print(f"\n{a.shapes}: {len(plan.train_items)} training images, {len(buckets)} buckets, "
+              f"{plan.total_steps} steps ({epochs} epochs)")
+        print(table(rows, peer, plan.total_steps))
+        return 1 if any(r.get("error") for r in rows) or (peer and peer.get("error")) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

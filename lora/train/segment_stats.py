@@ -1,0 +1,61 @@
+"""What one training segment cost before and while it trained, for ``training_log.json``.
+
+Why: the number a user feels is the time to a trained LoRA, and most of what separates it
+from steps × step time happens before the first step (model load, latent cache, compile and
+CUDA-graph capture per bucket shape) or is held on the card (memory). Each segment appends
+one record, so a benchmark or a user can see where a run's wall time and memory went.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+
+class SegmentStats:
+    """Wall-clock marks of one segment, relative to its start; :meth:`record` makes the entry."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.started_at = time.time()
+        self.setup_done_s: float | None = None
+        self.first_step_s: float | None = None
+        self.first_step = 0
+        self.last_step = 0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def setup_done(self) -> None:
+        """Models loaded, latents cached, LoRA attached: what follows is warm-up and steps."""
+        self.setup_done_s = time.monotonic() - self.started
+
+    def step_read(self, step: int) -> None:
+        if self.first_step_s is None:
+            self.first_step_s = time.monotonic() - self.started
+            self.first_step = step
+        self.last_step = step
+
+    def record(self, runner: Any = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "started_at": round(self.started_at, 3),
+            "wall_s": round(time.monotonic() - self.started, 3),
+            "setup_s": _round(self.setup_done_s),
+            "first_step_s": _round(self.first_step_s),
+            "first_step": self.first_step, "last_step": self.last_step,
+        }
+        warmups = getattr(getattr(runner, "executor", None), "warmups", None)
+        if warmups:
+            out["graph_shapes"] = [list(w.shape) for w in warmups]
+            out["graph_warmup_s"] = round(sum(w.seconds for w in warmups), 3)
+        fast = getattr(runner, "fast", None)
+        if fast is not None:
+            out["fast_path"] = {k: v for k, v in vars(fast).items()}
+        if torch.cuda.is_available():
+            out["gpu_max_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+            out["gpu_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        return out
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
