@@ -340,6 +340,12 @@ class StepRunner:
         except Exception as exc:  # noqa: BLE001 - fall back to a slower path, never stop training
             if not self._fall_back(exc):
                 raise
+            pending = None
+        if pending is None:
+            # retried outside the except block: the failed attempt's traceback holds its loss and
+            # with it an autograd graph whose gradient accumulators would outlive the attempt
+            # (and could be recorded into the next capture on another stream)
+            del inputs
             return self.queue(step_number, batches, divisor, upcoming)
         self.lr_scheduler.step()
         if upcoming is not None:
