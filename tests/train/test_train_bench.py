@@ -103,3 +103,21 @@ def test_profile_summary_groups_kernels_by_category():
     assert list(cats) == ["attention", "convolution", "matmul", "triton (fused)"]  # largest first
     assert top == [("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 5.0),
                    ("sm90_xmma_dgrad_implicit_gemm_bf16", 3.0)]
+
+
+def test_e2e_smoke_runs_the_whole_command_and_reads_its_segment_record(tmp_path, capsys, monkeypatch):
+    """bench/e2e.py --smoke: a Danbooru-shaped data set (several aspect buckets), the whole
+    `animelora train` command, and a row built from the run's own `segments` record."""
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    code = _load("e2e").main(["--smoke", "--variants", "default", "--work", str(tmp_path / "w")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    result = json.loads((tmp_path / "out" / "bench_e2e_danbooru.json").read_text())
+    assert len(result["buckets"]) >= 3  # portrait, landscape and square images: several buckets
+    (row,) = result["rows"]
+    assert row["rc"] == 0 and row["steps"] == result["total_steps"]
+    # the training log's segment record: set-up, then the first step, then the steady rate
+    assert 0 < row["setup_s"] <= row["first_step_s"] <= row["wall_s"]
+    assert row["img_per_s"] > 0
+    assert "| default | 2 |" in out  # the table
