@@ -214,7 +214,7 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
         epochs = int(count)
     run_dir = work / f"run-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "lora.cli", "train", "--dataset", str(data), "--run-dir", str(run_dir),
+    cmd = [sys.executable, "-m", "animelora", "train", "--dataset", str(data), "--run-dir", str(run_dir),
            "--preset", "phase2a", "--model", str(model), "--epochs", str(epochs), "-q",
            "--set", "validation_count=50", "--set", "checkpoint_every_minutes=10", *variant_args(name), *extra]
     t0 = time.monotonic()

@@ -1,6 +1,6 @@
 """The training engine: data plan, caches, seeded loop, checkpoints, validation and logs.
 
-Public API (used by ``lora.commands.train`` and the Prefect tasks, one call per segment)::
+Public API (used by ``animelora.commands.train`` and the Prefect tasks, one call per segment)::
 
     train(cfg, run_dir, *, stop_at_step=None, time_budget_s=None, on_progress=None, extend=False) -> TrainResult
     plan_total_steps(cfg, dataset_dir=None) -> int

@@ -135,16 +135,18 @@ class _Trainer:
             raise ConfigError(f"invalid training config: {exc}") from None
         groups = [{"params": list(self.trainable.values()), "lr": cfg.learning_rate}]
         if cfg.train_text_encoder:
+            from diffusers.training_utils import cast_training_params
+
             from lora.model import attach_text_encoder_lora
 
             self.text_encoder.to(self.device, dtype=dtype)
             attach_text_encoder_lora(self.text_encoder, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                                      dropout=cfg.lora_dropout,
                                      init_seed=derive_seed(cfg.seed, "te-lora-init"))
+            cast_training_params(self.text_encoder, dtype=torch.float32)
             te_params = []
             for name, p in self.text_encoder.named_parameters():
                 if p.requires_grad:
-                    p.data = p.data.float()
                     self.trainable[f"text_encoder.{name}"] = p
                     te_params.append(p)
             groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})

@@ -55,6 +55,13 @@ def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
 
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ/(1-ᾱ) of each timestep.
+
+    The same quantity as ``diffusers.training_utils.compute_snr``, which is not used here
+    because it computes it as (√ᾱ/√(1-ᾱ))²: two square roots and a square round differently,
+    so about two thirds of the timesteps would get a weight a few 1e-7 apart, and min-SNR runs
+    would no longer give the bits that runs made before gave (tests/train/test_train_diffusers_helpers.py).
+    """
     a = alphas_cumprod.to(timesteps.device)[timesteps].float()
     return a / (1.0 - a)
 

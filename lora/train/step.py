@@ -68,6 +68,8 @@ def weight_dtype(mp: str) -> torch.dtype:
 
 def setup_lora_unet(cfg: TrainConfig, unet, device, dtype: torch.dtype) -> dict[str, torch.nn.Parameter]:
     """Cast the frozen UNet, attach LoRA (seeded), keep LoRA in fp32; returns trainable params."""
+    from diffusers.training_utils import cast_training_params
+
     from lora.model import attach_lora
 
     if dtype != torch.float32:
@@ -78,11 +80,8 @@ def setup_lora_unet(cfg: TrainConfig, unet, device, dtype: torch.dtype) -> dict[
                 dropout=cfg.lora_dropout, init_seed=derive_seed(cfg.seed, "lora-init"))
     if dtype != torch.float32:
         keep_activation_dtype(unet)
-    trainable: dict[str, torch.nn.Parameter] = {}
-    for name, p in unet.named_parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-            trainable[f"unet.{name}"] = p
+    cast_training_params(unet, dtype=torch.float32)  # only the trainable (LoRA) weights
+    trainable = {f"unet.{name}": p for name, p in unet.named_parameters() if p.requires_grad}
     if cfg.gradient_checkpointing or cfg.low_memory:
         unet.enable_gradient_checkpointing()
     unet.train()

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from lora.cli import build_parser, main, package_version
-from lora.commands.progress import TrainProgress, format_duration
-from lora.commands.train import describe_schedule
+from animelora.cli import build_parser, main, package_version
+from animelora.commands.progress import TrainProgress, format_duration
+from animelora.commands.train import describe_schedule
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def test_every_flag_of_every_command_has_help():
 
 
 def test_fetch_help_default_url_is_the_real_default():
-    from lora.commands.data import _BOORU_URL_HELP
+    from animelora.commands.data import _BOORU_URL_HELP
     from lora.data.refresh import DEFAULT_BOORU_URL
 
     assert _BOORU_URL_HELP == DEFAULT_BOORU_URL
@@ -117,7 +117,7 @@ def small_dataset(tmp_path_factory) -> Path:
 def _train(tmp_path: Path, dataset: Path, before: list[str], after: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("ANIMELORA_FAKE_OOM_AT_STEP", None)
-    return subprocess.run([sys.executable, "-m", "lora.cli", *before, "train", "--dataset",
+    return subprocess.run([sys.executable, "-m", "animelora", *before, "train", "--dataset",
                            str(dataset), "--run-dir", str(tmp_path / "run"), "--model", "tiny",
                            "--max-steps", "2", *after],
                           env=env, capture_output=True, text=True, timeout=600)

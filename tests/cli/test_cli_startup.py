@@ -17,7 +17,7 @@ HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "prefect", 
 
 
 def test_building_the_cli_imports_nothing_heavy():
-    code = ("import sys; from lora.cli import build_parser; build_parser(); "
+    code = ("import sys; from animelora.cli import build_parser; build_parser(); "
             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT_PACKAGES = ("lora", "flows", "tasks", "deployments")
+PROJECT_PACKAGES = ("animelora", "lora", "flows", "tasks", "deployments")
 POSIX_ONLY = {"fcntl", "pwd", "grp", "termios", "tty", "pty", "resource", "posix", "syslog", "crypt"}
 
 BLOCKER = textwrap.dedent(f"""
@@ -75,7 +75,7 @@ def test_every_command_imports_and_help_works_without_fcntl(tmp_path):
     """Import each command module and the modules their handlers use, then run --help of each."""
     script = textwrap.dedent("""
         import importlib, sys
-        from lora.cli import COMMAND_MODULES, main
+        from animelora.cli import COMMAND_MODULES, main
         for name in COMMAND_MODULES + ("lora.data.manifest", "lora.data.refresh",
                                        "lora.data.importer", "lora.hub", "lora.analysis"):
             importlib.import_module(name)
@@ -95,7 +95,7 @@ def test_every_command_imports_and_help_works_without_fcntl(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "locked" in result.stdout and result.stdout.rstrip().endswith("ok")
 
-    cli = subprocess.run([sys.executable, "-m", "lora.cli", "--help"], env=_env(tmp_path),
+    cli = subprocess.run([sys.executable, "-m", "animelora", "--help"], env=_env(tmp_path),
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr[-3000:]
     assert "fetch" in cli.stdout and "train" in cli.stdout

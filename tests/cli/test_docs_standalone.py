@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PLACES = ["README.md", "docs", "lora", "flows", "tasks", "deployments", "bench"]
+PLACES = ["README.md", "docs", "animelora", "lora", "flows", "tasks", "deployments", "bench"]
 OUTSIDE = re.compile(r"\.\./shared|/work/shared|DESIGN\.md|REFERENCE\.md")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora.cli import main as cli
+from animelora.cli import main as cli
 from lora.data.manifest import DatasetPaths, load_manifest
 from lora.testing.fakebooru import generate_posts
 
@@ -85,7 +85,7 @@ def test_wrong_key_is_an_auth_error(booru_factory, workspace, monkeypatch, capsy
 
 def test_help_defaults_agree_with_the_pipeline():
     """The CLI shows these defaults without importing the fetch pipeline; they must not drift."""
-    from lora.commands import data as data_cmd
+    from animelora.commands import data as data_cmd
     from lora.data.collect import DEFAULT_BOORU_URL, DEFAULT_MAX_FILE_SIZE
     from lora.data.images import DEFAULT_MAX_PIXELS
 

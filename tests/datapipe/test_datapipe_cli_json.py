@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lora.cli import main as cli
+from animelora.cli import main as cli
 from lora.testing.fakebooru import generate_posts
 
 

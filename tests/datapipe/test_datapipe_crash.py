@@ -90,7 +90,7 @@ def test_crash_between_manifest_and_version_is_repaired(booru_factory, fetch, wo
 def test_killed_cli_fetch_then_rerun_is_consistent(booru_factory, workspace, tmp_path):
     """SIGKILL a real `animelora fetch` process mid-download, then run it again."""
     server = booru_factory(generate_posts(30, seed=9, traps=False))
-    cmd = [sys.executable, "-m", "lora.cli", "fetch", "--booru-url", server.url, "--tags", "status:any",
+    cmd = [sys.executable, "-m", "animelora", "fetch", "--booru-url", server.url, "--tags", "status:any",
            "--limit", "30", "--workspace", str(workspace), "--dataset", "k", "--ratings", "g,s,q,e",
            "--requests-per-second", "10"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DANBOORU_")}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lora.cli import main as cli
+from animelora.cli import main as cli
 from lora.data.importer import import_folder
 from lora.data.manifest import DatasetPaths, load_manifest
 from lora.data.versions import list_versions, read_version

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora.cli import main as cli
+from animelora.cli import main as cli
 from lora.data.importer import FolderImportError, import_folder
 from lora.data.manifest import DatasetPaths, load_manifest
 from lora.data.refresh import recover

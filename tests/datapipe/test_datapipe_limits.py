@@ -3,7 +3,7 @@ malformed posts. Each such post is recorded once with its reason, the rest of th
 on, and a later run does not fetch it again."""
 from __future__ import annotations
 
-from lora.cli import main as cli
+from animelora.cli import main as cli
 from lora.data.manifest import DatasetPaths, load_manifest
 from lora.testing.fakebooru import generate_posts
 

@@ -11,7 +11,7 @@ import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-from lora.cli import main
+from animelora.cli import main
 from lora.hub import PublishArgumentError, publish, stage_run
 from lora.testing.fakehub import FakeHub
 

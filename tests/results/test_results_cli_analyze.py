@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora.cli import main
+from animelora.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED = {"initial_loss", "min_loss", "min_epoch", "final_loss", "improvement_pct", "spikes",
@@ -76,7 +76,7 @@ def test_usage_errors_exit_2(guide_log, capsys):
 
 
 def test_module_entry_point(guide_log):
-    proc = subprocess.run([sys.executable, "-m", "lora.cli", "analyze", str(guide_log), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "animelora", "analyze", str(guide_log), "--json"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)[0]["min_epoch"] == 3

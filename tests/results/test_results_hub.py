@@ -10,7 +10,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from lora.cli import main
+from animelora.cli import main
 from lora.hub import PublishError, publish, stage_run, staged_files
 from lora.testing.fakehub import FakeHub
 

@@ -14,7 +14,7 @@ import pytest
 
 from lora.analysis import analyze_log, compare_runs
 from lora.analysis.paired import Scores, paired_compare
-from lora.cli import main
+from animelora.cli import main
 
 SEEDS = (1, 2)
 

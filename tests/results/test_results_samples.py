@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora.cli import main
+from animelora.cli import main
 from lora.sample import SampleError, generate_samples
 
 

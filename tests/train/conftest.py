@@ -65,7 +65,7 @@ def tiny_cfg(dataset):
 
 @pytest.fixture()
 def cli_env() -> dict[str, str]:
-    """Environment for `python -m lora.cli` subprocesses (same threads as every other run)."""
+    """Environment for `python -m animelora` subprocesses (same threads as every other run)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = str(THREADS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora.cli import main
+from animelora.cli import main
 from lora.train.cache import train_cache_root
 
 from lora.testing.datasets import write_synthetic_dataset

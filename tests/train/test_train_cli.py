@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from lora.cli import main
+from animelora.cli import main
 
 
 def _base(dataset, run_dir, *extra):

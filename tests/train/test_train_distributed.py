@@ -1,6 +1,6 @@
 """Several processes (torchrun, as `accelerate launch` starts them) train what one process trains.
 
-Real `python -m lora.cli train` processes in a gloo process group on CPU: each process takes
+Real `python -m animelora train` processes in a gloo process group on CPU: each process takes
 its share of every micro-batch, gradients and loss are summed between processes, only the
 main process writes. The result must match a one-process run of the same config, a segmented
 two-process run must resume from its checkpoint, and that checkpoint must resume in one process.
@@ -41,7 +41,7 @@ def _free_port() -> int:
 def _train(dataset: Path, run_dir: Path, env: dict, processes: int, stop_at: int | None = None) -> None:
     # batch 3 over two processes splits 2 + 1; accumulation 2; the buckets' short last batches
     # leave one process without images in some micro-batches; flip is drawn per step
-    args = ["-m", "lora.cli", "train", "--dataset", str(dataset), "--run-dir", str(run_dir),
+    args = ["-m", "animelora", "train", "--dataset", str(dataset), "--run-dir", str(run_dir),
             "--model", "tiny", "--max-steps", str(STEPS), "--batch-size", "3", "--lr", "1e-3",
             "--checkpoint-every-steps", "2", "-q", "--set", "gradient_accumulation=2", "--set", "flip=true"]
     if stop_at is not None:

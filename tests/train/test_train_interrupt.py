@@ -2,7 +2,7 @@
 written, the process exits 3 within seconds, and re-running the command ends bit-identical to
 an uninterrupted run (CPU). A second signal exits at once (130 / 143).
 
-The interrupted run is a real `python -m lora.cli train` process that gets a real signal.
+The interrupted run is a real `python -m animelora train` process that gets a real signal.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def _cmd(dataset: Path, run_dir: Path) -> list[str]:
     # seeded augmentations and a warm-up, so a resume that restored anything wrongly would show;
     # step checkpoints every 2 steps only to know from outside that training is under way
-    return [PYTHON, "-m", "lora.cli", "train", "--dataset", str(dataset), "--run-dir", str(run_dir),
+    return [PYTHON, "-m", "animelora", "train", "--dataset", str(dataset), "--run-dir", str(run_dir),
             "--preset", "phase2b", "--model", "tiny", "--max-steps", str(STEPS), "--batch-size", "2",
             "--checkpoint-every-steps", "2", "--lr", "1e-3", "-q",
             "--set", "warmup_steps=3", "--set", "flip=true", "--set", "caption_shuffle=true",
@@ -53,7 +53,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, dataset) -> Path:
     """The same command line, run once without interruption (in this process, same threads)."""
-    from lora.cli import main
+    from animelora.cli import main
 
     run_dir = tmp_path_factory.mktemp("interrupt-reference") / "reference"
     assert main(_cmd(dataset, run_dir)[3:]) == 0

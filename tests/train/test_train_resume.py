@@ -1,6 +1,6 @@
 """Exact resume: a run killed with SIGKILL at arbitrary points and re-run ends bit-identical.
 
-The interrupted run is a real `python -m lora.cli train` process, killed and started again;
+The interrupted run is a real `python -m animelora train` process, killed and started again;
 the reference is the same command line run once, uninterrupted, with the same thread count.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def _cmd(dataset: Path, run_dir: Path) -> list[str]:
     # flip + caption shuffle + noise offset + min-SNR + cosine warm-up + accumulation:
     # every seeded part of a step is exercised.
-    return [PYTHON, "-m", "lora.cli", "train", "--dataset", str(dataset), "--run-dir", str(run_dir),
+    return [PYTHON, "-m", "animelora", "train", "--dataset", str(dataset), "--run-dir", str(run_dir),
             "--preset", "phase2b", "--model", "tiny", "--max-steps", str(STEPS), "--batch-size", "2",
             "--checkpoint-every-steps", "2", "--lr", "1e-3", "-q",
             "--set", "warmup_steps=3", "--set", "flip=true", "--set", "caption_shuffle=true",
@@ -61,7 +61,7 @@ def _kill_after_checkpoint(cmd, env, run_dir: Path, beyond: int, delay: float) -
 
 def test_sigkill_and_rerun_give_bit_identical_lora(tmp_path, dataset, cli_env):
     ref_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    from lora.cli import main
+    from animelora.cli import main
 
     # the reference runs in this process (same thread count as the subprocesses)
     assert main(_cmd(dataset, ref_dir)[3:]) == 0

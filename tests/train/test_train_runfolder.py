@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from lora.cli import main
+from animelora.cli import main
 
 
 def _base(dataset, run_dir, *extra, steps: int = 4):

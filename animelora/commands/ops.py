@@ -1,12 +1,12 @@
 """`animelora serve`: run the project's Prefect deployments.
 
-The orchestration layer lives outside `lora/` (which stays Prefect-free), so it is imported
-only when the command runs.
+The command line sits above the orchestration layer, so it imports `deployments` directly;
+it does so only when the command runs, because that pulls in Prefect, which every other
+command (and every ``--help``) should not pay for.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 
@@ -14,7 +14,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         print(f"error: --limit must be >= 1, got {args.limit}", file=sys.stderr)
         return 2
-    serve = importlib.import_module("deployments.serve")
+    from deployments import serve
+
     return serve.main(limit=args.limit)
 
 

@@ -1,7 +1,8 @@
 """`animelora` command line: one sub-command per pipeline step.
 
-Each area of the library registers its own sub-commands (``lora/commands/*.py``), so the
-CLI grows with the library without one module that knows everything.
+Each area registers its own sub-commands (``animelora/commands/*.py``), so the CLI grows with
+the library without one module that knows everything. The handlers import the library (and,
+for ``serve``, the orchestration layer) only when they run, so ``--help`` stays fast.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from typing import Sequence
 # Modules that expose ``register(subparsers)``; a module that is missing is skipped so a
 # partial install still gives a working CLI.
 COMMAND_MODULES = (
-    "lora.commands.data",
-    "lora.commands.train",
-    "lora.commands.results",
-    "lora.commands.ops",
+    "animelora.commands.data",
+    "animelora.commands.train",
+    "animelora.commands.results",
+    "animelora.commands.ops",
 )
 
 
