@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lora.fsutil import make_temp_dir, swap_dir
-from lora.runpaths import DIFFUSERS_WEIGHTS, SAMPLES_GRID, SAMPLES_JSON, RunPaths
+from lora.runpaths import DIFFUSERS_WEIGHTS, SAMPLES_DIR, SAMPLES_GRID, SAMPLES_JSON, RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +194,12 @@ def check_out_dir(out_dir: Path | str, run_dirs: Sequence[Path] = ()) -> Path:
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
         raise SampleUsageError(f"output folder {out} is the current folder or holds it; name a new "
-                               f"sub-folder such as {out / 'samples'}")
+                               f"sub-folder such as {out / SAMPLES_DIR}")
     for run in run_dirs:
         run = Path(run).expanduser().resolve()
         if out == run or out in run.parents:
             raise SampleUsageError(f"output folder {out} is (or holds) the run folder {run}; name a new "
-                                   f"sub-folder such as {run / 'samples'}")
+                                   f"sub-folder such as {RunPaths(run).samples}")
     if out.is_dir() and any(out.iterdir()):
         allowed = _own_listing(out)
         if allowed is None:

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lora.analysis import analyze_log, compare_runs, write_report
 from lora.gate import gate_comparison, publish_gate
-from lora.runpaths import DIFFUSERS_WEIGHTS, RunPaths
+from lora.runpaths import DIFFUSERS_WEIGHTS, SAMPLES_JSON, RunPaths
 from tasks.artifacts import (
     artifact_key,
     human_size,
@@ -114,7 +114,7 @@ def _samples_markdown(run_name: str, grid: Path, columns: list[str]) -> str:
                   + "; one row per prompt and seed (the same starting noise in every column).", ""]
     parts += [inline_image(grid, f"samples grid of {run_name}"), "",
               f"Full-size grid: {path_text(grid)}; single images and their settings "
-              f"(samples.json) in {path_text(grid.parent)}", ""]
+              f"({SAMPLES_JSON}) in {path_text(grid.parent)}", ""]
     return "\n".join(parts)
 
 
