@@ -1,7 +1,7 @@
 """The `train-lora` flow: one DAG from a Danbooru query to a published LoRA.
 
 grow the data set (`grow-dataset`, refreshing with `dataset-refresh` while below target) →
-train in resumable segments (`train-segments`, one `train-segment` task each) → analyze →
+train in resumable segments (`train-in-segments`, one `train-segment` task each) → analyze →
 samples → publish when asked and the gate passes.
 
 Everything a killed run needs to continue lives on disk (data-set versions, checkpoints), so
@@ -112,7 +112,7 @@ def grow_dataset(
     return version, size
 
 
-@task(name="train-segments", cache_policy=NO_CACHE)
+@task(name="train-in-segments", cache_policy=NO_CACHE)
 def train_segments(
     config: dict[str, Any],
     run_dir: str,
