@@ -21,6 +21,7 @@ from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
+from lora.runpaths import RUNS_DIR, RunPaths
 from lora.testing.prefect_server import PrefectServer
 
 
@@ -138,15 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["-p", f"{key}={value}"]
         rc = subprocess.call(cmd, env=env)
 
-        run_dir = workspace / "runs" / run_name
+        run = RunPaths(workspace / RUNS_DIR / run_name)
         print(f"\n[demo] finished in {time.monotonic() - started:.0f}s with exit code {rc}")
-        print(f"  LoRA files : {run_dir / 'lora'}")
-        print(f"  samples    : {run_dir / 'samples'}")
-        print(f"  report     : {run_dir / 'report' / 'report.md'}")
-        print(f"  hub staging: {run_dir / 'hub'}")
+        print(f"  LoRA files : {run.lora}")
+        print(f"  samples    : {run.samples}")
+        print(f"  report     : {run.report_md}")
+        print(f"  hub staging: {run.hub}")
         print(f"  data set   : {workspace / 'datasets' / 'demo'}")
         print(f"  Prefect UI : {server.ui_url}" + ("" if args.keep_servers else " (stopped; use --keep-servers)"))
-        if rc == 0 and not any((run_dir / "lora").glob("*.safetensors")):
+        if rc == 0 and not run.lora_files():
             print("[demo] the run reported success but wrote no LoRA file", file=sys.stderr)
             rc = 1
         return rc

@@ -1,27 +1,30 @@
 """The `train-lora` flow: one DAG from a Danbooru query to a published LoRA.
 
-ensure the data set (grow it with `dataset-refresh` when below target) → pin its version →
-train in resumable segments → analyze → samples → publish when asked and the gate passes.
+grow the data set (`grow-dataset`, refreshing with `dataset-refresh` while below target) →
+train in resumable segments (`train-in-segments`, one `train-segment` task each) → analyze →
+samples → publish when asked and the gate passes.
 
 Everything a killed run needs to continue lives on disk (data-set versions, checkpoints), so
 running the deployment again with the same ``run_name`` (or `prefect flow-run retry`) picks
-up where it stopped and never repeats a finished segment.
+up where it stopped and never repeats a finished segment. What the run folder says about the
+run (its step, whether it is complete) is read through :class:`lora.runpaths.RunPaths`.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.dataset_refresh import dataset_refresh
 from lora.analysis.ladder import resolve_compare
-from lora.config import resolve_config
+from lora.config import TrainConfig, resolve_config
 from lora.data.manifest import DatasetPaths
 from lora.data.versions import latest_version, read_version
+from lora.runpaths import RunPaths
 from lora.train import plan_total_steps
 from tasks.artifacts import ProgressReporter, artifact_key
 from tasks.library_logs import forward_library_logs
@@ -60,16 +63,107 @@ def dataset_status(workspace: Path, dataset: str) -> tuple[str | None, int]:
 
 
 def training_progress(run_dir: Path) -> tuple[int, bool]:
-    """Steps already done and whether the run is complete, from its training log."""
-    log = run_dir / "training_log.json"
-    if not log.exists():
-        return 0, False
-    try:
-        data = json.loads(log.read_text())
-    except (OSError, json.JSONDecodeError):
-        return 0, False
-    done = bool(data.get("complete")) and any((run_dir / "lora").glob("*.safetensors"))
-    return int(data.get("global_step", 0)), done
+    """Steps already done and whether the run is complete (its log says so and its LoRA files exist)."""
+    run = RunPaths(run_dir)
+    return run.global_step(), run.is_complete()
+
+
+@flow(name="grow-dataset", flow_run_name="grow-dataset-{dataset}")
+def grow_dataset(
+    workspace: str,
+    dataset: str,
+    target_size: int,
+    tags: str,
+    booru_url: str,
+    ratings: str,
+    min_side: int,
+    trigger_word: str | None,
+    credentials_block: str | None,
+    requests_per_second: float,
+) -> tuple[str, int]:
+    """Refresh the data set until it holds ``target_size`` images; return the version to train on.
+
+    At most :data:`MAX_REFRESH_ROUNDS` refreshes, and none after one that added nothing (the
+    query has run dry): a data set below target trains on what there is, with a warning. An
+    empty data set is an error naming the query.
+    """
+    logger = get_run_logger()
+    ws = Path(workspace)
+    version, size = dataset_status(ws, dataset)
+    rounds = 0
+    while size < target_size and rounds < MAX_REFRESH_ROUNDS:
+        rounds += 1
+        logger.info("data set %s holds %d images, target %d: refreshing", dataset, size, target_size)
+        dataset_refresh(
+            workspace=str(ws), dataset=dataset, tags=tags, target_size=target_size, limit=None,
+            ratings=ratings, min_side=min_side, trigger_word=trigger_word, booru_url=booru_url,
+            requests_per_second=requests_per_second,
+            credentials_block=credentials_block,
+        )
+        previous = size
+        version, size = dataset_status(ws, dataset)
+        if size <= previous:
+            break
+    if size == 0 or version is None:
+        raise RuntimeError(f"data set {dataset!r} has no images; check tags {tags!r} and booru_url")
+    if size < target_size:
+        logger.warning("data set %s has %d of %d images; training on what there is", dataset, size, target_size)
+    logger.info("training on data set %s version %s (%d images)", dataset, version, size)
+    return version, size
+
+
+@task(name="train-in-segments", cache_policy=NO_CACHE)
+def train_segments(
+    config: dict[str, Any],
+    run_dir: str,
+    total: int,
+    segment_steps: int | None,
+    segment_minutes: float,
+    gpus: int,
+) -> int:
+    """Train the run to ``total`` steps, one ``train-segment`` task per segment; return the step reached.
+
+    Each segment resumes from the latest checkpoint on disk, so a run that is already
+    complete trains nothing and a killed run continues with the segment it was in. Stops
+    (raises) when a segment was interrupted (the worker is stopping) or two segments in a
+    row made no progress.
+    """
+    logger = get_run_logger()
+    cfg = TrainConfig(**config)
+    run_name = cfg.run_name or Path(run_dir).name
+    step, complete = training_progress(Path(run_dir))
+    per_segment = segment_steps or total
+    if complete:
+        logger.info("run %s is already complete at step %d: no training segment to repeat", run_name, step)
+        return step
+    progress = ProgressReporter.create(
+        artifact_key("training-progress", run_name), f"{run_name}: starting at step {step}/{total}"
+    )
+    stalled = 0
+    while not complete:
+        segment = step // per_segment + 1
+        result = train_segment(
+            config, run_dir, segment,
+            stop_at_step=min(total, (segment) * per_segment),
+            time_budget_s=segment_minutes * 60 if segment_minutes else None,
+            progress_artifact_id=str(progress.artifact_id) if progress.artifact_id else None,
+            gpus=gpus,
+        )
+        complete = bool(result["complete"])
+        if result["stopped_reason"] == "interrupted":  # SIGINT/SIGTERM: the worker is stopping
+            raise TrainingInterrupted(
+                f"training of {run_name} was interrupted at step {result['global_step']}/{total} "
+                "(checkpoint saved); run the flow again to continue"
+            )
+        stalled = 0 if result["global_step"] > step else stalled + 1
+        if stalled >= 2:
+            raise RuntimeError(
+                f"training made no progress in two segments at step {step}; "
+                "raise segment_minutes or check the run's log"
+            )
+        step = result["global_step"]
+    progress.update(100.0, f"{run_name}: complete at step {step}/{total}", force=True)
+    return step
 
 
 def _secret(block_name: str | None, env_names: tuple[str, ...]) -> str | None:
@@ -82,6 +176,20 @@ def _secret(block_name: str | None, env_names: tuple[str, ...]) -> str | None:
         if os.environ.get(name):
             return os.environ[name]
     return None
+
+
+def _run_config(preset: str, model: str, run_name: str, dataset_dir: Path, version: str,
+                max_steps: int | None, epochs: int | None, overrides: dict[str, Any] | None) -> TrainConfig:
+    """The run's config: the preset, the flow's overrides, and the run's name, data set and version."""
+    run_overrides: dict[str, Any] = dict(overrides or {})
+    run_overrides.update(
+        model=model, run_name=run_name, dataset=str(dataset_dir), dataset_version=version
+    )
+    if max_steps is not None:
+        run_overrides["max_steps"] = max_steps
+    if epochs is not None:
+        run_overrides["epochs"] = epochs
+    return resolve_config(preset, run_overrides, None)
 
 
 @flow(name="train-lora", flow_run_name=_flow_run_name, log_prints=True)
@@ -133,75 +241,23 @@ def train_lora(
     ws = Path(workspace).expanduser().resolve()
     dataset_dir = ws / "datasets" / dataset
     run_name = run_name or default_run_name(preset, dataset)
-    run_dir = ws / "runs" / run_name
+    run = RunPaths.of(ws, run_name)
+    run_dir = run.root
 
-    # 1. Ensure the data set is big enough, then pin its version.
-    version, size = dataset_status(ws, dataset)
-    rounds = 0
-    while size < target_size and rounds < MAX_REFRESH_ROUNDS:
-        rounds += 1
-        logger.info("data set %s holds %d images, target %d: refreshing", dataset, size, target_size)
-        dataset_refresh(
-            workspace=str(ws), dataset=dataset, tags=tags, target_size=target_size, limit=None,
-            ratings=ratings, min_side=min_side, trigger_word=trigger_word, booru_url=booru_url,
-            requests_per_second=requests_per_second,
-            credentials_block=danbooru_credentials_block,
-        )
-        previous = size
-        version, size = dataset_status(ws, dataset)
-        if size <= previous:
-            break
-    if size == 0 or version is None:
-        raise RuntimeError(f"data set {dataset!r} has no images; check tags {tags!r} and booru_url")
-    if size < target_size:
-        logger.warning("data set %s has %d of %d images; training on what there is", dataset, size, target_size)
-    logger.info("training on data set %s version %s (%d images)", dataset, version, size)
+    # 1. Grow the data set to its target, then pin its version.
+    version, size = grow_dataset(
+        workspace=str(ws), dataset=dataset, target_size=target_size, tags=tags, booru_url=booru_url,
+        ratings=ratings, min_side=min_side, trigger_word=trigger_word,
+        credentials_block=danbooru_credentials_block, requests_per_second=requests_per_second,
+    )
 
     # 2. Train in segments; each resumes from the latest checkpoint on disk.
-    run_overrides: dict[str, Any] = dict(overrides or {})
-    run_overrides.update(
-        model=model, run_name=run_name, dataset=str(dataset_dir), dataset_version=version
-    )
-    if max_steps is not None:
-        run_overrides["max_steps"] = max_steps
-    if epochs is not None:
-        run_overrides["epochs"] = epochs
-    cfg = resolve_config(preset, run_overrides, None)
+    cfg = _run_config(preset, model, run_name, dataset_dir, version, max_steps, epochs, overrides)
     total = plan_total_steps(cfg, dataset_dir, run_dir)
-    step, complete = training_progress(run_dir)
-    per_segment = segment_steps or total
-    if complete:
-        logger.info("run %s is already complete at step %d: no training segment to repeat", run_name, step)
-    else:
-        progress = ProgressReporter.create(
-            artifact_key("training-progress", run_name), f"{run_name}: starting at step {step}/{total}"
-        )
-        stalled = 0
-        while not complete:
-            segment = step // per_segment + 1
-            result = train_segment(
-                cfg.model_dump(mode="json"), str(run_dir), segment,
-                stop_at_step=min(total, (segment) * per_segment),
-                time_budget_s=segment_minutes * 60 if segment_minutes else None,
-                progress_artifact_id=str(progress.artifact_id) if progress.artifact_id else None,
-                gpus=gpus,
-            )
-            complete = bool(result["complete"])
-            if result["stopped_reason"] == "interrupted":  # SIGINT/SIGTERM: the worker is stopping
-                raise TrainingInterrupted(
-                    f"training of {run_name} was interrupted at step {result['global_step']}/{total} "
-                    "(checkpoint saved); run the flow again to continue"
-                )
-            stalled = 0 if result["global_step"] > step else stalled + 1
-            if stalled >= 2:
-                raise RuntimeError(
-                    f"training made no progress in two segments at step {step}; "
-                    "raise segment_minutes or check the run's log"
-                )
-            step = result["global_step"]
-        progress.update(100.0, f"{run_name}: complete at step {step}/{total}", force=True)
+    step = train_segments(cfg.model_dump(mode="json"), str(run_dir), total, segment_steps,
+                          segment_minutes, gpus)
 
-    # 3.–5. Analyze, sample, publish.
+    # 3. Analyze (against the compared run, if any), 4. samples, 5. publish.
     found = resolve_compare(ws, compare_to, preset, dataset_dir, run_dir)
     compare_dir = str(found) if found else None
     if compare_dir:
@@ -222,7 +278,7 @@ def train_lora(
         "dataset_size": size,
         "global_step": step,
         "lora_files": lora_files,
-        "report": str(run_dir / "report" / "report.md"),
+        "report": str(run.report_md),
         "samples_grid": samples["grid"] if samples else None,
         "verdict": analysis["metrics"].get("verdict"),
         "publish": outcome,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lora.fsutil import make_temp_dir, swap_dir
+from lora.runpaths import DIFFUSERS_WEIGHTS, SAMPLES_DIR, SAMPLES_GRID, SAMPLES_JSON, RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ LCM_STEPS = 4
 LCM_GUIDANCE = 1.0
 SCHEDULERS = ("euler_a", "dpm++", "euler", "ddim", "lcm")
 BASE_COLUMN = "base"
-DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 #: Written into every samples folder: the folder is ours to replace on the next run.
 OUT_MARKER = ".animelora-samples"
 _MARKER_TEXT = ("Written by `animelora sample`. The next run with this output folder replaces the folder "
@@ -121,11 +121,11 @@ def _slug(name: str) -> str:
 
 def _lora_weight_file(run_dir: Path) -> Path:
     """The run's LoRA file: the diffusers one, else a kohya one."""
-    lora_dir = run_dir / "lora"
-    diffusers_file = lora_dir / DIFFUSERS_WEIGHTS
-    if diffusers_file.is_file():
-        return diffusers_file
-    others = sorted(lora_dir.glob("*.safetensors")) if lora_dir.is_dir() else []
+    paths = RunPaths(run_dir)
+    lora_dir = paths.lora
+    if paths.diffusers_weights.is_file():
+        return paths.diffusers_weights
+    others = paths.lora_files()
     if others:
         return others[0]
     raise SampleError(f"{lora_dir}: no LoRA weights ({DIFFUSERS_WEIGHTS} or *.safetensors); "
@@ -164,7 +164,7 @@ def _own_listing(folder: Path) -> set[str] | None:
     Ours: it has the marker, or (written before the marker existed) a samples.json of this
     module's shape. Its image files are the ones samples.json lists.
     """
-    meta_path = folder / "samples.json"
+    meta_path = folder / SAMPLES_JSON
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
     except (OSError, ValueError):
@@ -173,7 +173,7 @@ def _own_listing(folder: Path) -> set[str] | None:
               and isinstance(meta.get("columns"), list))
     if not (folder / OUT_MARKER).is_file() and not shaped:
         return None
-    allowed = {OUT_MARKER, "samples.json", "grid.png", "images"}
+    allowed = {OUT_MARKER, SAMPLES_JSON, SAMPLES_GRID, "images"}
     if shaped:
         allowed |= {r["file"] for r in meta["images"] if isinstance(r, dict) and isinstance(r.get("file"), str)}
     else:
@@ -194,12 +194,12 @@ def check_out_dir(out_dir: Path | str, run_dirs: Sequence[Path] = ()) -> Path:
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
         raise SampleUsageError(f"output folder {out} is the current folder or holds it; name a new "
-                               f"sub-folder such as {out / 'samples'}")
+                               f"sub-folder such as {out / SAMPLES_DIR}")
     for run in run_dirs:
         run = Path(run).expanduser().resolve()
         if out == run or out in run.parents:
             raise SampleUsageError(f"output folder {out} is (or holds) the run folder {run}; name a new "
-                                   f"sub-folder such as {run / 'samples'}")
+                                   f"sub-folder such as {RunPaths(run).samples}")
     if out.is_dir() and any(out.iterdir()):
         allowed = _own_listing(out)
         if allowed is None:
@@ -318,8 +318,7 @@ def _progress(total: int, progress: Callable[[int, int], None] | None):
 
 def _run_lora_files(runs: Sequence[Path]) -> list[Path]:
     """The first run's LoRA files (where its trigger word is recorded)."""
-    lora_dir = Path(runs[0]) / "lora"
-    return sorted(lora_dir.glob("*.safetensors")) if lora_dir.is_dir() else []
+    return RunPaths(runs[0]).lora_files()
 
 
 def generate_samples(
@@ -374,7 +373,7 @@ def generate_samples(
     lcm_path = Path(lcm_lora) if lcm_lora else None
     if lcm_path is not None and not lcm_path.exists():
         raise SampleError(f"LCM-LoRA weights not found at {lcm_path}: download "
-                          "latent-consistency/lcm-lora-sdv1-5 (pytorch_lora_weights.safetensors) "
+                          f"latent-consistency/lcm-lora-sdv1-5 ({DIFFUSERS_WEIGHTS}) "
                           "there, or sample without --lcm-lora")
     tiny = base_model == "tiny"
     if lcm_path is not None:
@@ -452,15 +451,15 @@ def generate_samples(
         rows = [[files[(p, seed, c)] for c in range(len(columns))]
                 for p in range(len(prompts)) for seed in seeds]
         labels = [f"{prompt}\nseed {seed}" for prompt in prompts for seed in seeds]
-        make_grid(rows, columns, labels, tmp / "grid.png")
+        make_grid(rows, columns, labels, tmp / SAMPLES_GRID)
         meta = {
             "base_model": base_model, "runs": names, "columns": columns,
             "prompts": prompts, "negative_prompt": negative_prompt, "seeds": seeds,
             "steps": steps, "guidance": guidance, "scheduler": scheduler,
             "lora_scale": lora_scale, "resolution": size, "lcm_lora": lcm_path is not None,
-            "device": dev, "grid": "grid.png", "images": [asdict(r) for r in records],
+            "device": dev, "grid": SAMPLES_GRID, "images": [asdict(r) for r in records],
         }
-        (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / SAMPLES_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / OUT_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
         check_out_dir(out, runs)  # nothing of anyone else's arrived while rendering
         swap_dir(tmp, out)
@@ -469,9 +468,9 @@ def generate_samples(
         raise
     finally:
         close()
-    log.info("wrote %d sample images and %s", len(records), out / "grid.png")
-    return SamplesResult(out_dir=shown_out, grid_path=shown_out / "grid.png",
-                         json_path=shown_out / "samples.json", columns=columns, images=records)
+    log.info("wrote %d sample images and %s", len(records), out / SAMPLES_GRID)
+    return SamplesResult(out_dir=shown_out, grid_path=shown_out / SAMPLES_GRID,
+                         json_path=shown_out / SAMPLES_JSON, columns=columns, images=records)
 
 
 def _activate(pipe: Any, adapter: str | None, scale: float, lcm: bool) -> None:

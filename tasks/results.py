@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lora.analysis import analyze_log, compare_runs, write_report
 from lora.gate import gate_comparison, publish_gate
+from lora.runpaths import DIFFUSERS_WEIGHTS, SAMPLES_JSON, RunPaths
 from tasks.artifacts import (
     artifact_key,
     human_size,
@@ -74,7 +75,7 @@ def analyze_run(run_dir: str, run_name: str, compare_dir: str | None = None,
     )
     report_dir = Path(report_md).parent
     markdown = inline_relative_images(Path(report_md).read_text(), report_dir)
-    plot = report_dir / "loss_curve.png"
+    plot = RunPaths(run_dir).loss_plot
     if plot.exists() and "data:image/" not in markdown:
         markdown += "\n\n" + inline_image(plot, "loss curve") + "\n"
     markdown += f"\n\nReport folder: {path_text(report_dir)}\n"
@@ -93,9 +94,10 @@ def sample_run(
     """Base model vs this LoRA (and vs the compared run's LoRA) at fixed prompts and seeds."""
     from lora.sample import generate_samples
 
+    paths = RunPaths(run_dir)
     run_dirs = [Path(run_dir)] + ([Path(compare_dir)] if compare_dir else [])
-    result = generate_samples(model, run_dirs, Path(run_dir) / "samples")
-    grid = Path(getattr(result, "grid_path", Path(run_dir) / "samples" / "grid.png"))
+    result = generate_samples(model, run_dirs, paths.samples)
+    grid = Path(getattr(result, "grid_path", paths.samples_grid))
     columns = list(getattr(result, "columns", []) or [])
     create_markdown_artifact(
         key=artifact_key("samples-grid", run_name),
@@ -112,12 +114,12 @@ def _samples_markdown(run_name: str, grid: Path, columns: list[str]) -> str:
                   + "; one row per prompt and seed (the same starting noise in every column).", ""]
     parts += [inline_image(grid, f"samples grid of {run_name}"), "",
               f"Full-size grid: {path_text(grid)}; single images and their settings "
-              f"(samples.json) in {path_text(grid.parent)}", ""]
+              f"({SAMPLES_JSON}) in {path_text(grid.parent)}", ""]
     return "\n".join(parts)
 
 
 def _lora_format(path: Path) -> str:
-    if path.name == "pytorch_lora_weights.safetensors":
+    if path.name == DIFFUSERS_WEIGHTS:
         return "diffusers (load_lora_weights)"
     return "kohya (A1111, ComfyUI)"
 
@@ -125,7 +127,7 @@ def _lora_format(path: Path) -> str:
 @task(name="list-lora-files", cache_policy=NO_CACHE)
 def link_lora_files(run_dir: str, run_name: str) -> list[str]:
     """A table of the run's LoRA files: name, format, size and the full path to copy."""
-    files = sorted((Path(run_dir) / "lora").glob("*.safetensors"))
+    files = RunPaths(run_dir).lora_files()
     if files:
         create_table_artifact(
             key=artifact_key("lora-files", run_name),
@@ -176,9 +178,10 @@ def publish_run(
             "reason": ("dry run: staged only; " if dry_run else "") + f"gate: {decision.reason}",
             "url": url,
         }
-    if repo_id and not (Path(run_dir) / "hub").exists():
+    paths = RunPaths(run_dir)
+    if repo_id and not paths.hub.exists():
         stage_run(Path(run_dir), repo_id=repo_id)
-    card = Path(run_dir) / "hub" / "README.md"
+    card = paths.hub_card
     if card.exists():
         create_markdown_artifact(
             key=artifact_key("model-card", run_name),

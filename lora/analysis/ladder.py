@@ -10,12 +10,12 @@ compared with the nearest earlier rung that has one.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lora.analysis.paired import PairedComparison, paired_compare
+from lora.runpaths import RunPaths
 
 LADDER: tuple[str, ...] = ("phase1.5", "phase2a", "phase2a-l2", "phase2b")
 PREVIOUS_RUNG: dict[str, str] = {LADDER[i + 1]: LADDER[i] for i in range(len(LADDER) - 1)}
@@ -34,19 +34,17 @@ class RunRef:
 
 def read_run_ref(run_dir: Path) -> RunRef | None:
     """A run folder's preset, data set and completeness (None when it is not a run folder)."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(config, dict):
+    paths = RunPaths(run_dir)
+    config = paths.read_config()
+    if config is None:
         return None
     cfg = config.get("config") or {}
     dataset = config.get("dataset_dir") or cfg.get("dataset")
-    log_path = run_dir / "training_log.json"
+    logged = paths.read_log()
     try:
-        complete = bool(json.loads(log_path.read_text(encoding="utf-8")).get("complete"))
-        finished = log_path.stat().st_mtime
-    except (OSError, json.JSONDecodeError, AttributeError):
+        complete = bool(logged.get("complete")) if logged is not None else False
+        finished = paths.log.stat().st_mtime if logged is not None else 0.0
+    except OSError:
         complete, finished = False, 0.0
     return RunRef(run_dir, cfg.get("preset"), Path(dataset).resolve() if dataset else None, complete, finished)
 
@@ -54,7 +52,7 @@ def read_run_ref(run_dir: Path) -> RunRef | None:
 def finished_runs(workspace: Path | str, dataset_dir: Path | str, preset: str,
                   exclude: Path | str | None = None) -> list[Path]:
     """Finished runs of ``preset`` on ``dataset_dir`` in ``<workspace>/runs``, newest first."""
-    runs_root = Path(workspace).expanduser().resolve() / "runs"
+    runs_root = RunPaths.runs_root(workspace)
     target = Path(dataset_dir).expanduser().resolve()
     skip = Path(exclude).expanduser().resolve() if exclude else None
     found = []
@@ -85,7 +83,7 @@ def resolve_compare(workspace: Path | str, compare_to: str | None, preset: str,
         return None
     if compare_to == AUTO:
         return previous_rung_run(workspace, preset, dataset_dir, exclude=run_dir)
-    path = Path(workspace).expanduser().resolve() / "runs" / compare_to
+    path = RunPaths.of(workspace, compare_to).root
     if not path.exists():
         raise FileNotFoundError(f"compare_to run {compare_to!r} not found in {path.parent}")
     return path

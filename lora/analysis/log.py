@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-LOG_NAME = "training_log.json"
+from lora.runpaths import RunPaths
+
 
 
 class LogError(ValueError):
@@ -62,9 +63,9 @@ def resolve_log_path(path: Path | str) -> Path:
     """A run folder means its ``training_log.json``; a file path is taken as it is."""
     path = Path(path)
     if path.is_dir():
-        candidate = path / LOG_NAME
+        candidate = RunPaths(path).log
         if not candidate.is_file():
-            raise LogError(f"{path}: no {LOG_NAME} in this folder (not a run folder?)")
+            raise LogError(f"{path}: no {candidate.name} in this folder (not a run folder?)")
         return candidate
     return path
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from lora.analysis.log import TrainingLog, load_log, parse_log, resolve_log_path
 from lora.analysis.paired import PairedComparison, Scores, paired_compare, relative_noise_pct, scores_from_log
+from lora.runpaths import LOG_FILE
 
 # Below this many percent of change the loss is flat (the guide's runs moved about ±4%).
 PLATEAU_PCT = 2.0
@@ -353,7 +354,7 @@ def _default_name(log: TrainingLog, path: Path | None) -> str:
         if path.is_dir():
             return path.resolve().name
         # runs/<name>/training_log.json is named after its run; any other file after itself.
-        return (path.resolve().parent.name or path.stem) if path.name == "training_log.json" \
+        return (path.resolve().parent.name or path.stem) if path.name == LOG_FILE \
             else path.stem
     return "run"
 

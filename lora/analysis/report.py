@@ -10,6 +10,7 @@ from lora.analysis.compare import Comparison, fmt
 from lora.analysis.metrics import RunAnalysis
 from lora.analysis.plots import plot_comparison, plot_loss
 from lora.fsutil import atomic_write_text
+from lora.runpaths import RunPaths
 
 
 def json_safe(value: Any) -> Any:
@@ -69,8 +70,8 @@ def write_report(
     ``ladder``: the guide's ladder of runs on this data set (lora/analysis/ladder.py).
     Returns the path of ``report.md``. Each file is replaced atomically.
     """
-    report = Path(run_dir) / "report"
-    report.mkdir(parents=True, exist_ok=True)
+    paths = RunPaths(run_dir)
+    paths.report.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = analysis.to_dict()
     if comparison is not None:
         metrics["comparison"] = comparison.to_dict()
@@ -78,8 +79,8 @@ def write_report(
         metrics["gate_comparison"] = gate
     if ladder is not None:
         metrics["ladder"] = ladder.to_dict()
-    write_text_atomic(report / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
-    plot_loss(analysis, report / "loss_curve.png")
+    write_text_atomic(paths.metrics, json.dumps(json_safe(metrics), indent=2) + "\n")
+    plot_loss(analysis, paths.loss_plot)
 
     parts = [f"# Training report: {analysis.name}", "", f"**Verdict:** {analysis.verdict}", ""]
     settings = {k: v for k, v in analysis.settings.items() if v is not None}
@@ -94,18 +95,18 @@ def write_report(
     for row, smooth in zip(analysis.losses, analysis.training.smoothed):
         parts.append(f"| {row['epoch']} | {fmt(row['loss'])} | {fmt(smooth)} | "
                      f"{fmt(row.get('time_seconds'))} |")
-    parts += ["", "## Loss curve", "", "![loss curve](loss_curve.png)", ""]
+    parts += ["", "## Loss curve", "", f"![loss curve]({paths.loss_plot.name})", ""]
     if comparison is not None:
-        plot_comparison(list(comparison.analyses), report / "comparison.png")
+        plot_comparison(list(comparison.analyses), paths.comparison_plot)
         parts += ["## Comparison", "", comparison.to_markdown(), "",
-                  "![comparison](comparison.png)", ""]
+                  f"![comparison]({paths.comparison_plot.name})", ""]
     if ladder is not None and ladder.rungs:
         from lora.analysis.ladder import plot_ladder
 
-        plot_ladder(ladder, report / "ladder.png")
+        plot_ladder(ladder, paths.ladder_plot)
         parts += ["## The guide's ladder on this data set", "", ladder.to_markdown(), "",
-                  "![ladder](ladder.png)", ""]
-    return write_text_atomic(report / "report.md", "\n".join(parts))
+                  f"![ladder]({paths.ladder_plot.name})", ""]
+    return write_text_atomic(paths.report_md, "\n".join(parts))
 
 
 __all__ = ["json_safe", "metrics_markdown", "write_report", "write_text_atomic"]

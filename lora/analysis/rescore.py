@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lora.analysis.paired import Scores
+from lora.runpaths import RunPaths
 
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
 class RescoreError(ValueError):
@@ -53,7 +53,8 @@ def read_run(run_dir: Path | str) -> RunRecord:
     run_dir = Path(run_dir)
     if run_dir.is_file():
         run_dir = run_dir.parent
-    path = run_dir / "config.json"
+    paths = RunPaths(run_dir)
+    path = paths.config
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -61,8 +62,9 @@ def read_run(run_dir: Path | str) -> RunRecord:
     except (OSError, json.JSONDecodeError) as exc:
         raise RescoreError(f"{path}: unreadable ({exc})") from None
     cfg: dict[str, Any] = data.get("config") or {}
-    if not (run_dir / "lora" / DIFFUSERS_FILE).is_file():
-        raise RescoreError(f"{run_dir}: no exported LoRA (lora/{DIFFUSERS_FILE}); finish the run first")
+    if not paths.diffusers_weights.is_file():
+        raise RescoreError(f"{run_dir}: no exported LoRA ({paths.diffusers_weights.relative_to(run_dir).as_posix()}); "
+                           "finish the run first")
     dataset = data.get("dataset_dir") or cfg.get("dataset")
     if not dataset:
         raise RescoreError(f"{path}: names no data set (dataset_dir)")
@@ -132,7 +134,8 @@ def rescore_runs(run_dirs: Sequence[Path | str], *, device: str = "auto", max_im
     scored = []
     for k, run in enumerate(runs):
         adapter = f"run{k}"
-        pipe.load_lora_weights(str(run.run_dir / "lora"), weight_name=DIFFUSERS_FILE, adapter_name=adapter)
+        weights = RunPaths(run.run_dir).diffusers_weights
+        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=adapter)
         pipe.set_adapters([adapter])
         with torch.no_grad():  # the text encoder may carry the run's LoRA too
             text = [t for t in encode_prompts(pipe.tokenizer, pipe.text_encoder, [i.caption for i in items],

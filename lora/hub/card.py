@@ -16,7 +16,11 @@ from typing import Any
 
 import yaml
 
-from lora.hub.runinfo import DIFFUSERS_WEIGHTS, RunInfo
+from lora.hub.runinfo import RunInfo
+from lora.runpaths import DIFFUSERS_WEIGHTS, RunPaths
+
+#: Paths inside the uploaded repo: the staged folder keeps the run folder's samples/ and report/.
+IN_REPO = RunPaths("")
 
 TAGS = ["lora", "stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "anime",
         "diffusers", "template:sd-lora"]
@@ -48,7 +52,7 @@ def model_display_name(model: str) -> str:
     return re.split(r"[\\/]", model.rstrip("/\\"))[-1] or model
 
 
-def sample_widgets(info: RunInfo, prefix: str = "samples/") -> list[dict[str, Any]]:
+def sample_widgets(info: RunInfo, prefix: str = f"{IN_REPO.samples.as_posix()}/") -> list[dict[str, Any]]:
     """One widget per prompt: this run's LoRA image at the first seed."""
     meta = info.samples or {}
     images = [i for i in meta.get("images", []) if isinstance(i, dict) and i.get("file")]
@@ -60,7 +64,7 @@ def sample_widgets(info: RunInfo, prefix: str = "samples/") -> list[dict[str, An
         prompt = image.get("prompt")
         if image.get("column") != column or not isinstance(prompt, str) or prompt in seen:
             continue
-        if not (info.run_dir / "samples" / image["file"]).is_file():
+        if not (RunPaths(info.run_dir).samples / image["file"]).is_file():
             continue
         seen.add(prompt)
         entry: dict[str, Any] = {"text": prompt}
@@ -171,7 +175,7 @@ def render_card(
     if has_grid:
         out += ["## Samples", "",
                 "Base model (first column) against this LoRA at the same prompts and seeds:", "",
-                "![samples grid](samples/grid.png)", ""]
+                f"![samples grid]({IN_REPO.samples_grid.as_posix()})", ""]
 
     out += ["## Use with diffusers", "", "```python", "import torch",
             "from diffusers import StableDiffusionPipeline", "",
@@ -217,7 +221,7 @@ def render_card(
     if info.metrics:
         out += ["## Metrics", ""] + _metrics_section(info.metrics) + [""]
     if has_loss_plot:
-        out += ["## Loss curve", "", "![loss curve](report/loss_curve.png)", ""]
+        out += ["## Loss curve", "", f"![loss curve]({IN_REPO.loss_plot.as_posix()})", ""]
     out += ["## License", "",
             f"`{license}`. Respect the rights of the artists whose images were used for training.",
             ""]

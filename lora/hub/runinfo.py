@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+from lora.runpaths import DIFFUSERS_WEIGHTS, RunPaths
+
 
 #: Settings shown in the card, in this order, when the run recorded them.
 CARD_SETTINGS = (
@@ -34,7 +35,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _config(run_dir: Path) -> dict[str, Any]:
-    data = read_json(run_dir / "config.json") or {}
+    data = RunPaths(run_dir).read_config() or {}
     nested = data.get("config")
     if isinstance(nested, dict):  # {"config": {...}, "dataset_version": ...}
         data = {**nested, **{k: v for k, v in data.items() if k != "config"}}
@@ -89,9 +90,10 @@ def _version_record(run_dir: Path, dataset: str | None, version: str | None) -> 
     """``versions/<version>.json`` of the run's data set, when it can be found."""
     if not (dataset and version):
         return None
-    # runs/<name>/ sits next to datasets/<name>/ in the workspace.
-    candidates = [Path(dataset) / "versions" / f"{version}.json",
-                  run_dir.parent.parent / "datasets" / Path(dataset).name / "versions" / f"{version}.json"]
+    candidates = [Path(dataset) / "versions" / f"{version}.json"]
+    workspace = RunPaths(run_dir).workspace  # runs/<name>/ sits next to datasets/<name>/
+    if workspace is not None:
+        candidates.append(workspace / "datasets" / Path(dataset).name / "versions" / f"{version}.json")
     for path in candidates:
         try:
             data = read_json(path) if path.is_file() else None
@@ -160,8 +162,9 @@ def gather(run_dir: Path, trigger_word: str | None = None, base_model: str | Non
     the run was trained on.
     """
     run_dir = Path(run_dir)
+    paths = RunPaths(run_dir)
     cfg = _config(run_dir)
-    log = read_json(run_dir / "training_log.json") or {}
+    log = paths.read_log() or {}
     run_name = str(log.get("run_name") or cfg.get("run_name") or run_dir.name)
     trained_on = cfg.get("model") or cfg.get("base_model") or log.get("base_model")
     trained_on = str(trained_on) if trained_on else None
@@ -173,9 +176,7 @@ def gather(run_dir: Path, trigger_word: str | None = None, base_model: str | Non
     dataset = cfg.get("dataset") if isinstance(cfg.get("dataset"), str) else None
     version = log.get("dataset_version") or cfg.get("dataset_version")
     version = str(version) if version else None
-    lora_dir = run_dir / "lora"
-    lora_files = sorted(p for p in lora_dir.glob("*.safetensors")
-                        if p.is_file() and not p.is_symlink()) if lora_dir.is_dir() else []
+    lora_files = [p for p in paths.lora_files() if not p.is_symlink()]
     trigger = (trigger_word or cfg.get("trigger_word") or log.get("trigger_word")
                or kohya_trigger_phrase(lora_files))
     record = _version_record(run_dir, dataset, version)
@@ -188,8 +189,8 @@ def gather(run_dir: Path, trigger_word: str | None = None, base_model: str | Non
         dataset_version=version,
         dataset_size=_dataset_size(cfg, log, record),
         trigger_word=str(trigger) if trigger else None,
-        metrics=read_json(run_dir / "report" / "metrics.json"),
-        samples=read_json(run_dir / "samples" / "samples.json"),
+        metrics=read_json(paths.metrics),
+        samples=read_json(paths.samples_json),
         lora_files=lora_files,
         trained_on=trained_on,
         data_source=describe_source(record),

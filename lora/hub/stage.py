@@ -19,10 +19,10 @@ from lora.fsutil import make_temp_dir, swap_dir
 from lora.hub.card import DEFAULT_LICENSE, render_card
 from lora.hub.licenses import check_license
 from lora.hub.runinfo import gather, read_json
+from lora.runpaths import HUB_CARD, RunPaths
 
 log = logging.getLogger(__name__)
 
-HUB_DIR = "hub"
 SAMPLE_SUFFIXES = (".png",)
 
 
@@ -56,7 +56,8 @@ def _copy(src: Path, dst: Path) -> None:
 
 def _ensure_report(run_dir: Path) -> None:
     """Write report/ from the training log when it is missing (the card needs the metrics)."""
-    if (run_dir / "report" / "metrics.json").exists() or not (run_dir / "training_log.json").exists():
+    paths = RunPaths(run_dir)
+    if paths.metrics.exists() or not paths.log.exists():
         return
     from lora.analysis import LogError, analyze_log, write_report
 
@@ -81,6 +82,7 @@ def stage_run(
     its card says what it is; :func:`lora.hub.publish` refuses to upload it unless asked.
     """
     run_dir = Path(run_dir)
+    paths = RunPaths(run_dir)
     try:
         check_license(license)
     except ValueError as exc:
@@ -91,37 +93,37 @@ def stage_run(
         raise StageError(f"{run_dir}: run folder not found")
     info = gather(run_dir, trigger_word, base_model)
     if not info.lora_files:
-        raise StageError(f"{run_dir / 'lora'}: no LoRA weights (*.safetensors) to publish")
+        raise StageError(f"{paths.lora}: no LoRA weights (*.safetensors) to publish")
     _ensure_report(run_dir)
     info = gather(run_dir, trigger_word, base_model)
 
     tmp = make_temp_dir(run_dir, ".hub.tmp-")
+    staging = RunPaths(tmp)  # the staged folder keeps the run folder's samples/ and report/ names
     try:
         for src in info.lora_files:
             _copy(src, tmp / src.name)
-        samples = run_dir / "samples"
-        for src in _plain_files(samples, SAMPLE_SUFFIXES):
-            _copy(src, tmp / "samples" / src.relative_to(samples))
-        meta = read_json(samples / "samples.json")
+        for src in _plain_files(paths.samples, SAMPLE_SUFFIXES):
+            _copy(src, staging.samples / src.relative_to(paths.samples))
+        meta = read_json(paths.samples_json)
         if meta is not None:
-            (tmp / "samples" / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
+            staging.samples_json.write_text(json.dumps(meta, indent=2) + "\n")
         metrics = info.metrics
         if metrics is not None:
             metrics = {k: v for k, v in metrics.items() if k != "source"}  # no local paths
-            (tmp / "report").mkdir(exist_ok=True)
-            (tmp / "report" / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        plot = run_dir / "report" / "loss_curve.png"
+            staging.report.mkdir(exist_ok=True)
+            staging.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+        plot = paths.loss_plot
         if plot.is_file() and not plot.is_symlink():
-            _copy(plot, tmp / "report" / "loss_curve.png")
+            _copy(plot, staging.loss_plot)
         card = render_card(info, repo_id=repo_id, license=license,
                            has_loss_plot=plot.is_file(),
-                           has_grid=(tmp / "samples" / "grid.png").is_file())
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-        swap_dir(tmp, run_dir / HUB_DIR)
+                           has_grid=staging.samples_grid.is_file())
+        (tmp / HUB_CARD).write_text(card, encoding="utf-8")  # becomes paths.hub_card
+        swap_dir(tmp, paths.hub)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    staged = run_dir / HUB_DIR
+    staged = paths.hub
     log.info("staged %d files in %s", len(staged_files(staged)), staged)
     return staged
 

@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from lora.fsutil import atomic_write, atomic_write_bytes, make_temp_dir
+from lora.runpaths import DIFFUSERS_WEIGHTS
 
 from .lora_layers import lora_config_of
 from .metadata import model_hashes
 
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DIFFUSERS_WEIGHT_NAME = DIFFUSERS_WEIGHTS  # the name diffusers looks for; a run keeps it in lora/
 
 
 def _peft_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from lora.fsutil import atomic_write_json, file_digest, fsync_path, swap_dir
+from lora.runpaths import LOG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ SCHEDULER = "scheduler.pt"
 RNG_TORCH = "rng.pt"
 RNG_JSON = "rng.json"
 STATE = "state.json"
-LOG = "training_log.json"
+#: A checkpoint holds the run's training log as of its step, under the run's own name for it.
+LOG = LOG_FILE
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -20,9 +20,10 @@ from typing import Any
 
 from lora.config import TrainConfig
 
+from lora.runpaths import RunPaths
+
 from .checkpoint import write_json_atomic
 
-LOG_NAME = "training_log.json"
 
 
 def new_log(cfg: TrainConfig, *, run_name: str, dataset_version: str, total_steps: int,
@@ -71,7 +72,7 @@ def close_epoch(log: dict[str, Any], epoch: int, time_seconds: float, partial: b
 
 
 def write_log(run_dir: Path, log: dict[str, Any]) -> None:
-    write_json_atomic(Path(run_dir) / LOG_NAME, log)
+    write_json_atomic(RunPaths(run_dir).log, log)
 
 
 class TrainingLog:

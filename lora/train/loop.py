@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from lora.config import ConfigError, TrainConfig, make_config
+from lora.runpaths import RunPaths
 
 from . import checkpoint as ckpt
 from .batching import epoch_steps
@@ -38,13 +39,12 @@ from .distributed import AgreedFlag, any_process, is_main_launched_process, laun
 from .errors import NonFiniteLossError, TrainingError
 from .host import host_threads_for
 from .interrupt import StopSignals
-from .log import LOG_NAME, TrainingLog
+from .log import TrainingLog
 from .noise import shuffle_caption
 from .pipeline import FinishedStep, StepPipeline
 from .plan import DataPlan, make_plan
-from .runfolder import CONFIG_NAME, DIFFUSERS_FILE, LORA_DIR, lora_files, run_folder, run_lock, settle_finished_run
+from .runfolder import lora_files, run_folder, run_lock, settle_finished_run
 from .runfolder import pin_config as _pin_config
-from .runfolder import read_log as _read_log
 from .runfolder import write_config as _write_config
 from .runstate import RunState
 from .schedule import Boundary, Checkpoint, Interrupted, Progress, Schedule, StepTarget, TimeBudget, Validation
@@ -56,7 +56,7 @@ from .validation import has_base_record, validation_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_NAME", "DIFFUSERS_FILE", "LORA_DIR", "NonFiniteLossError", "TrainResult", "TrainingError",
+__all__ = ["NonFiniteLossError", "TrainResult", "TrainingError",
            "lora_files", "train"]
 
 
@@ -184,13 +184,13 @@ class _Trainer:
         if not self.is_main:
             return None
         folder = ckpt.write_checkpoint(
-            self.run_dir / "checkpoints", run.global_step,
+            RunPaths(self.run_dir).checkpoints, run.global_step,
             trainable={k: p.detach() for k, p in self.trainable.items()},
             optimizer=self.optimizer.state_dict(), scheduler=self.lr_scheduler.state_dict(),
             state=run.to_checkpoint(), log_data=training_log.data,
         )
         training_log.write(self.run_dir)
-        ckpt.prune(self.run_dir / "checkpoints", self.cfg.keep_checkpoints)
+        ckpt.prune(RunPaths(self.run_dir).checkpoints, self.cfg.keep_checkpoints)
         return folder
 
     # -- one optimizer step ------------------------------------------------------------------
@@ -228,12 +228,12 @@ class _Trainer:
             return lora_files(self.run_dir, cfg.run_name or self.run_dir.name)
         unet = self.accelerator.unwrap_model(self.unet)
         te = self.text_encoder if cfg.train_text_encoder else None
-        out = self.run_dir / LORA_DIR
+        out = RunPaths(self.run_dir).lora
         tmp = self.run_dir / f".lora-tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         export_diffusers(unet, tmp, text_encoder=te)
-        kohya_name = f"{cfg.run_name}.safetensors"
+        kohya_name = RunPaths(self.run_dir).kohya_weights(cfg.run_name).name
         export_kohya(unet, tmp / kohya_name, rank=cfg.lora_rank, alpha=cfg.lora_alpha, text_encoder=te,
                      metadata=training_metadata(cfg, self.plan, run.to_checkpoint(), self.mp),
                      dtype=save_torch_dtype(cfg.save_dtype))
@@ -304,7 +304,7 @@ def _train_segment(
         _write_config(run_dir, cfg, plan)
     run_name = cfg.run_name or run_dir.name
     total = plan.total_steps
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = RunPaths(run_dir).checkpoints
     if main:
         ckpt.clean_temporaries(ckpt_root)
 
@@ -467,7 +467,7 @@ class _Segment:
         if trainer.is_main:
             self.training_log.write(run_dir)
         log.info("run %s complete at step %d; LoRA files in %s", self.cfg.run_name or run_dir.name,
-                 run.global_step, run_dir / LORA_DIR)
+                 run.global_step, RunPaths(run_dir).lora)
         return TrainResult(run.global_step, self.total, True, "complete", run_dir, files)
 
     def _stop(self, reason: str) -> TrainResult:

@@ -5,11 +5,11 @@ run will take (``plan_total_steps``) before anything heavy is loaded.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora.config import ConfigError, TrainConfig
+from lora.runpaths import RunPaths
 
 from .batching import steps_per_epoch
 from .buckets import Bucket, assign_bucket, buckets_for
@@ -41,11 +41,8 @@ def _recorded(run_dir: Path | str | None) -> tuple[list[str] | None, list[str]] 
     """``(held_out_images or None, validation_images)`` from a run's config.json, if recorded."""
     if run_dir is None:
         return None
-    try:
-        data = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    val = data.get("validation_images") if isinstance(data, dict) else None
+    data = RunPaths(run_dir).read_config()
+    val = data.get("validation_images") if data is not None else None
     if not isinstance(val, list):
         return None
     held = data.get("held_out_images")

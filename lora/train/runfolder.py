@@ -26,17 +26,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lora.config import PRESETS, RESUME_TOLERANT_FIELDS, ConfigError, TrainConfig, config_differences, make_config
+from lora.runpaths import LOCK_FILE, RunPaths
 
 from . import checkpoint as ckpt
-from .log import LOG_NAME
 from .plan import DataPlan, dataset_dir_of
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-LORA_DIR = "lora"
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-LOCK_NAME = ".lock"
 #: Version of config.json's layout. 1: no ``schema_version`` key (the first releases);
 #: 2: ``schema_version`` written, fields missing from an older config take LEGACY_VALUES.
 CONFIG_SCHEMA = 2
@@ -87,12 +83,13 @@ def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
     except OSError as exc:  # a parent that is a file, no permission, a read-only mount
         raise RunFolderError(f"cannot create run folder {run_dir} ({exc.strerror or exc}); "
                              "use another --run-dir") from None
-    lock = FileLock(str(run_dir / LOCK_NAME), timeout=0)
+    lock_file = RunPaths(run_dir).lock
+    lock = FileLock(str(lock_file), timeout=0)
     try:
         lock.acquire()
     except Timeout:
         raise RunFolderError(
-            f"run folder {run_dir} is in use by another trainer (it holds {run_dir / LOCK_NAME}); "
+            f"run folder {run_dir} is in use by another trainer (it holds {lock_file}); "
             "wait for it to finish or use another --run-dir"
         ) from None
     try:
@@ -104,10 +101,10 @@ def run_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
 
 
 def _remove_if_empty(folder: Path) -> None:
-    leftovers = [p for p in folder.iterdir() if p.name != LOCK_NAME] if folder.is_dir() else [None]
+    leftovers = [p for p in folder.iterdir() if p.name != LOCK_FILE] if folder.is_dir() else [None]
     if leftovers:
         return
-    (folder / LOCK_NAME).unlink(missing_ok=True)
+    RunPaths(folder).lock.unlink(missing_ok=True)
     try:
         folder.rmdir()
     except OSError:
@@ -116,13 +113,13 @@ def _remove_if_empty(folder: Path) -> None:
 
 def run_started(run_dir: Path) -> bool:
     """Whether a run has really begun here: a checkpoint, a logged step or LoRA files."""
-    if ckpt.list_checkpoints(run_dir / "checkpoints"):
+    paths = RunPaths(run_dir)
+    if ckpt.list_checkpoints(paths.checkpoints):
         return True
-    logged = read_log(run_dir) or {}
+    logged = paths.read_log() or {}
     if logged.get("global_step") or logged.get("steps"):
         return True
-    lora_dir = run_dir / LORA_DIR
-    return lora_dir.is_dir() and any(lora_dir.glob("*.safetensors"))
+    return bool(paths.lora_files())
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,7 +127,7 @@ def run_started(run_dir: Path) -> bool:
 
 
 def existing_config(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / CONFIG_NAME
+    path = RunPaths(run_dir).config
     if not path.is_file():
         return None
     try:
@@ -184,20 +181,21 @@ def pin_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
 
     A config left by an attempt that never trained a step is replaced, not enforced.
     """
+    config_file = RunPaths(run_dir).config
     updates: dict[str, Any] = {"run_name": cfg.run_name or run_dir.name,
                                "dataset": str(dataset_dir_of(cfg))}
     existing = existing_config(run_dir)
     if existing is not None and not run_started(run_dir):
-        log.info("%s is from an attempt that never trained a step; replacing it", run_dir / CONFIG_NAME)
+        log.info("%s is from an attempt that never trained a step; replacing it", config_file)
         existing = None
     old = (existing or {}).get("config")
     if old is not None and not isinstance(old, dict):
-        raise ConfigError(f"{run_dir / CONFIG_NAME}: unreadable run config ('config' is not an object); "
+        raise ConfigError(f"{config_file}: unreadable run config ('config' is not an object); "
                           "move it away to start over")
     if old:
         schema = existing.get("schema_version", 1)
         if not isinstance(schema, int) or schema > CONFIG_SCHEMA:
-            raise RunFolderError(f"{run_dir / CONFIG_NAME} was written by a newer animelora (config schema "
+            raise RunFolderError(f"{config_file} was written by a newer animelora (config schema "
                                  f"{schema}, this version reads up to {CONFIG_SCHEMA}); upgrade to resume it")
         old, legacy = _upgrade(old, cfg, schema)
         updates = {**legacy, **updates}
@@ -216,7 +214,7 @@ def pin_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
 
 
 def write_config(run_dir: Path, cfg: TrainConfig, plan: DataPlan) -> None:
-    ckpt.write_json_atomic(run_dir / CONFIG_NAME, {
+    ckpt.write_json_atomic(RunPaths(run_dir).config, {
         "schema_version": CONFIG_SCHEMA,
         "config": cfg.model_dump(mode="json"),
         "dataset_version": plan.version,
@@ -236,16 +234,8 @@ def write_config(run_dir: Path, cfg: TrainConfig, plan: DataPlan) -> None:
 
 
 def lora_files(run_dir: Path, run_name: str) -> list[Path]:
-    files = [run_dir / LORA_DIR / DIFFUSERS_FILE, run_dir / LORA_DIR / f"{run_name}.safetensors"]
-    return files if all(p.is_file() for p in files) else []
-
-
-def read_log(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((run_dir / LOG_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    """The run's two exported LoRA files, or [] unless both exist."""
+    return RunPaths(run_dir).exported_lora_files(run_name)
 
 
 def settle_finished_run(run_dir: Path, run_name: str, total: int, done_step: int, *,
@@ -258,10 +248,8 @@ def settle_finished_run(run_dir: Path, run_name: str, total: int, done_step: int
     with ``extend`` the finished run's LoRA files are kept in ``lora-step-<n>/`` and
     training continues from its final checkpoint.
     """
-    logged = read_log(run_dir) or {}
-    finished_at = logged.get("global_step") if logged.get("complete") else None
-    if not isinstance(finished_at, int) or isinstance(finished_at, bool):
-        finished_at = None
+    paths = RunPaths(run_dir)
+    finished_at = paths.finished_step()
     if finished_at is None:
         if done_step > total:
             raise RunFolderError(
@@ -284,7 +272,7 @@ def settle_finished_run(run_dir: Path, run_name: str, total: int, done_step: int
     if done_step != finished_at:
         raise RunFolderError(f"cannot extend the run in {run_dir}: no intact checkpoint of its final step "
                              f"{finished_at} (newest: {done_step})")
-    lora_dir, kept = run_dir / LORA_DIR, run_dir / f"{LORA_DIR}-step-{finished_at}"
+    lora_dir, kept = paths.lora, paths.kept_lora(finished_at)
     if lora_dir.exists():
         if kept.exists():
             raise RunFolderError(f"cannot extend the run in {run_dir}: both {lora_dir} and {kept} exist; "
