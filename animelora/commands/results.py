@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lora.runpaths import LOG_FILE, SAMPLES_GRID, SAMPLES_JSON, RunPaths
+
 
 def _fail(message: str, code: int = 1) -> int:
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
@@ -107,11 +109,8 @@ def _rescore(args: argparse.Namespace) -> int:
 # -- sample --------------------------------------------------------------------------------
 def _config_model(run: Path) -> str | None:
     """The base model a run was trained on, from config.json (or the training log)."""
-    for name in ("config.json", "training_log.json"):
-        try:
-            data = json.loads((run / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+    paths = RunPaths(run)
+    for data in (paths.read_config(), paths.read_log()):
         if isinstance(data, dict):
             nested = data.get("config") if isinstance(data.get("config"), dict) else {}
             model = data.get("model") or nested.get("model") or data.get("base_model")
@@ -155,7 +154,7 @@ def _sample(args: argparse.Namespace) -> int:
         kwargs["negative_prompt"] = args.negative_prompt
     if getattr(args, "trigger_word", None):
         kwargs["trigger_word"] = args.trigger_word
-    out = Path(args.out) if args.out else run / "samples"
+    out = Path(args.out) if args.out else RunPaths(run).samples
     try:
         result = generate_samples(model, [run, *map(Path, args.compare)], out, **kwargs)
     except SampleUsageError as exc:  # --out, --device, --steps, --resolution: nothing was written
@@ -207,9 +206,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze", help="loss metrics, verdict and comparison of training logs",
         description="Initial/min/final loss, improvement %, spikes, a smoothed trend and a "
-                    "verdict for each training_log.json (or run folder), and a comparison.")
+                    f"verdict for each {LOG_FILE} (or run folder), and a comparison.")
     p.add_argument("logs", nargs="+", metavar="LOG_OR_RUN",
-                   help="a training_log.json or a run folder")
+                   help=f"a {LOG_FILE} or a run folder")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
     p.add_argument("--spike-threshold", type=float, default=30.0, metavar="PCT",
                    help="epoch-to-epoch jump that counts as a spike (default 30%%)")
@@ -225,7 +224,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample", help="base model vs LoRA images at fixed prompts and seeds",
         description="Render the base model and the run's LoRA (and other runs' LoRAs) at the "
-                    "same prompts and seeds; writes images, grid.png and samples.json.")
+                    f"same prompts and seeds; writes images, {SAMPLES_GRID} and {SAMPLES_JSON}.")
     p.add_argument("--run", required=True, help="the run folder (holds lora/)")
     p.add_argument("--compare", action="append", default=[], metavar="RUN",
                    help="another run folder to add as a column (repeatable)")

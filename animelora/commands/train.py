@@ -16,6 +16,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from lora.runpaths import KEPT_LORA_PREFIX, RunPaths
+
 EXIT_COMPLETE = 0
 EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
@@ -144,7 +146,7 @@ def _handler(args: argparse.Namespace) -> int:
         "global_step": result.global_step, "total_steps": result.total_steps,
         "stopped_reason": None if result.complete else result.stopped_reason,
         "lora_files": [str(p) for p in result.lora_files],
-        "training_log": str(Path(args.run_dir).resolve() / "training_log.json"),
+        "training_log": str(RunPaths(Path(args.run_dir).resolve()).log),
     }
     if result.complete:
         _emit(args, payload, [f"run complete at step {result.global_step}/{result.total_steps}; "
@@ -213,7 +215,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--stop-at-step", type=int, default=None, help="stop at this global step (exit 3)")
     parser.add_argument("--extend", action="store_true",
                         help="train a finished run on to a larger --max-steps, from its final checkpoint "
-                        "(its LoRA files are kept in lora-step-<n>/)")
+                        f"(its LoRA files are kept in {KEPT_LORA_PREFIX}<n>/)")
     parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no start line, no progress bar and nothing from third-party "
                              "libraries (the same as animelora -q train ...)")

@@ -84,8 +84,14 @@ def _read(path: Path) -> dict[str, Any] | None:
     return raw
 
 
+#: The salt of a data set that has no ``split.json`` and is not given one (training reads a data
+#: set, it never writes into it): fixed, so every run on such a folder holds out the same images.
+UNRECORDED_SALT = "animelora-unrecorded"
+
+
 def load_settings(root: Path | str, fraction: float | None = None, *, create: bool = True) -> SplitSettings:
-    """The data set's split settings; created once (random salt) when missing and ``create``.
+    """The data set's split settings; created once (random salt) when missing and ``create``,
+    else (missing, not created) the fixed :data:`UNRECORDED_SALT`.
 
     ``fraction`` only matters when the file is created: an existing data set keeps its own.
     Two processes creating it at once agree (exclusive create; the later one reads the file).
@@ -93,10 +99,13 @@ def load_settings(root: Path | str, fraction: float | None = None, *, create: bo
     path = Path(root) / SPLIT_FILE
     raw = _read(path)
     if raw is None:
-        data = {"salt": secrets.token_hex(16),
+        # a data set that already has versions or a manifest was trained on (in memory) with
+        # the fixed salt: recording keeps it, so the recorded sides are the ones runs used
+        existing = (Path(root) / "manifest.parquet").exists() or any((Path(root) / "versions").glob("*.json"))
+        data = {"salt": UNRECORDED_SALT if existing else secrets.token_hex(16),
                 "fraction": DEFAULT_FRACTION if fraction is None else float(fraction)}
         if not create:
-            return SplitSettings(data["salt"], data["fraction"])
+            return SplitSettings(UNRECORDED_SALT, data["fraction"])
         try:
             atomic_write_json(path, data, indent=1, prefix=".split.", suffix=".json.tmp", exclusive=True)
         except FileExistsError:
@@ -179,13 +188,8 @@ def manifest_splits(root: Path | str) -> dict[str, str] | None:
         return None
     rows = load_rows(paths)
     if any(r.get("status") == "kept" and r.get("split") not in SPLITS for r in rows):
-        try:
-            settings = load_settings(paths.root)
-        except OSError as exc:  # read-only: the salt cannot be kept, so neither can the split
-            log.warning("cannot create %s (%s): the held-out split is not recorded",
-                        paths.root / SPLIT_FILE, exc)
-            settings = load_settings(paths.root, create=False)
-        fill_manifest_splits(rows, settings)
+        # read only: the next refresh or import records the sides (with the data set's salt)
+        fill_manifest_splits(rows, load_settings(paths.root, create=False))
     return {r["file"]: r["split"] for r in rows if r.get("status") == "kept" and r.get("file")}
 
 
@@ -193,20 +197,25 @@ def manifest_splits(root: Path | str) -> dict[str, str] | None:
 # folders without a manifest: assignments by image path in split.json
 
 
-def folder_splits(root: Path | str, names: Sequence[str], fraction: float | None = None) -> dict[str, str]:
-    """``{name: side}`` for a folder without a manifest, recording new names in ``split.json``.
+def folder_splits(root: Path | str, names: Sequence[str], fraction: float | None = None, *,
+                  record: bool = True) -> dict[str, str]:
+    """``{name: side}`` for a folder without a manifest; with ``record`` (the data-set writers:
+    a new version, an import) new names are recorded in ``split.json``.
 
-    The names not yet recorded form one batch. When the folder cannot be written (read-only),
-    the sides are computed in memory, with a warning that they are not recorded.
+    The names not yet recorded form one batch. Without ``record`` (training, which never writes
+    into a data set) or when the folder cannot be written, the sides are computed in memory.
     """
     root = Path(root)
     path = root / SPLIT_FILE
-    try:
-        settings = load_settings(root, fraction)
-        writable = True
-    except OSError as exc:
-        log.warning("cannot create %s (%s): the held-out split is not recorded", path, exc)
-        settings, writable = load_settings(root, fraction, create=False), False
+    writable = record
+    if record:
+        try:
+            settings = load_settings(root, fraction)
+        except OSError as exc:
+            log.warning("cannot create %s (%s): the held-out split is not recorded", path, exc)
+            writable = False
+    if not writable:
+        settings = load_settings(root, fraction, create=False)
     raw = _read(path) or {"salt": settings.salt, "fraction": settings.fraction}
     assigned: dict[str, str] = dict(raw.get("assigned", {}))
     sides = assign_batch(assigned, names, settings)

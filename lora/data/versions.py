@@ -125,6 +125,11 @@ def write_version(
     }
     if extra:
         data.update({k: v for k, v in extra.items() if k not in data})
+    if not paths.manifest.exists():  # a manifest records its split itself (lora/data/manifest.py)
+        from lora.data.split import folder_splits
+
+        # the held-out side of each new image, recorded once, before the version that lists it
+        folder_splits(paths.root, list(files))
     try:
         # exclusive: two writers cannot both create a version (os.link refuses to replace).
         atomic_write_json(target, data, indent=1, prefix=f".{version}.", suffix=".tmp", exclusive=True)

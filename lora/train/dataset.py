@@ -125,14 +125,16 @@ def dataset_sides(root: Path | str, items: list[Item], fraction: float | None = 
     """``{item name: "validation"|"train"}`` from the data set (lora/data/split.py).
 
     A data set with a manifest answers from its ``split`` column; images a version lists but
-    the manifest does not keep, and folders without a manifest, are recorded in ``split.json``.
+    the manifest does not keep, and folders without a manifest, from ``split.json`` (written
+    with the data set's versions). Training only reads: what no file records is computed in
+    memory by the same rule, with a fixed salt where the data set has none.
     """
     root = Path(root)
     names = [i.name for i in items]
     sides = data_split.manifest_splits(root) or {}
     missing = [n for n in names if n not in sides]
     if missing:
-        sides = {**sides, **data_split.folder_splits(root, missing, fraction)}
+        sides = {**sides, **data_split.folder_splits(root, missing, fraction, record=False)}
     return {n: sides[n] for n in names}
 
 
@@ -141,10 +143,7 @@ def split_items(root: Path | str, items: list[Item], *, fraction: float | None =
     """The run's split: the data set's held-out images, of which at most ``limit`` are scored."""
     sides = dataset_sides(root, items, fraction)
     held = [i for i in items if sides[i.name] == data_split.VALIDATION]
-    try:
-        salt = data_split.load_settings(Path(root), fraction).salt
-    except OSError:  # a read-only folder without split.json: rank by name alone
-        salt = ""
+    salt = data_split.load_settings(Path(root), fraction, create=False).salt
     scored = sorted(held, key=lambda i: data_split.rank(salt, i.name))
     if limit is not None:
         scored = scored[:max(0, limit)]

@@ -34,8 +34,9 @@ def runs(tmp_path_factory) -> dict[tuple[int, int], Path]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("paired")
+    (base / "data").mkdir()
+    load_settings(base / "data", 0.25)  # a data set that holds out 4 of its 16 images
     data = write_synthetic_dataset(base / "data", 16, [(64, 64)])
-    load_settings(data, 0.25)  # a data set that holds out 4 of its 16 images
     out = {}
     try:
         for epochs in (2, 10):

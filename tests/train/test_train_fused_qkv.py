@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from lora.model.lora_layers import attach_lora
 from lora.train.fused_qkv import FusedLoraAttnProcessor, fusable_adapter, install_fused_qkv, remove_fused_qkv
 
-FP32 = {"rtol": 1e-5, "atol": 1e-6}
+# fp32: one fused product sums in another order than three; elements near zero differ by up
+# to ~2e-6 on torch 2.13's CPU kernels (the outputs are O(1))
+FP32 = {"rtol": 1e-5, "atol": 5e-6}
 BF16 = {"rtol": 2e-2, "atol": 2e-2}
 ALL_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 

@@ -59,7 +59,7 @@ def test_seeds_share_held_out_images_and_growth_never_trains_on_them(tmp_path, t
         assert {i.name for i in plan.val_items} == held_rows
 
     # the v1 run resumes on its own split (pinned version, recorded held-out list)
-    resumed = train(_config(paths.root, seed=1, run_name="seed1", max_steps=2), tmp_path / "seed1")
+    resumed = train(_config(paths.root, seed=1, run_name="seed1", max_steps=2), tmp_path / "seed1", extend=True)
     assert resumed.complete and resumed.global_step == 2
     assert set(json.loads((tmp_path / "seed1" / "config.json").read_text())["held_out_images"]) == held_v1
 
