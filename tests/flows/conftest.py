@@ -1,5 +1,12 @@
-"""Fixtures for the train-lora flow tests: a loopback Danbooru and a per-test workspace."""
+"""Fixtures for the flow tests: a loopback Danbooru, a per-test workspace, `animelora serve`."""
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +41,49 @@ def flow_params(workspace, booru):
         return params
 
     return build
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+#: every deployment `animelora serve` serves
+SERVED = {
+    "train-lora/phase1.5", "train-lora/phase2a", "train-lora/phase2a-l2",
+    "train-lora/phase2b", "dataset-refresh/nightly",
+}
+
+
+def run_prefect(args, env, timeout=300):
+    """The `prefect` command line, as a user runs it from the repository."""
+    return subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def prefect_cli():
+    """:func:`run_prefect`, for tests (conftest modules are not importable by name here)."""
+    return run_prefect
+
+
+@pytest.fixture()
+def served(prefect_api, tmp_path):
+    """`animelora serve` against the test server, once every deployment is listed; yields the
+    environment that reaches it."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO_ROOT)}
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([str(BIN / "animelora"), "serve"], env=env, cwd=REPO_ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            listed = run_prefect(["deployment", "ls"], env, timeout=60).stdout
+            if all(name.split("/")[1] in listed for name in SERVED):
+                break
+            time.sleep(1)
+        yield env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
