@@ -16,7 +16,6 @@ Both are written to a temporary name in the destination folder and renamed into 
 """
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path

@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pandas as pd
 
 from animelora.cli import main as cli
 from lora.data.importer import import_folder

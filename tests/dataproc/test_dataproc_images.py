@@ -1,7 +1,6 @@
 """Image traps, normalisation, buckets, phash and stored files (lora/data/images.py)."""
 from __future__ import annotations
 
-import io
 import itertools
 import struct
 import zlib

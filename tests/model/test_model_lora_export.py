@@ -136,7 +136,7 @@ def test_exports_load_back_through_diffusers(tiny_components, tmp_path: Path) ->
     lora_dir = tmp_path / "run" / "lora"
     diff_file = export_diffusers(c.unet, lora_dir, text_encoder=c.text_encoder)
     meta = {"ss_learning_rate": "0.0001", "ss_tag_frequency": json.dumps({"data": {"1girl": 3}})}
-    kohya_file = export_kohya(  # fp32 here so the comparison below can be exact (default: fp16)
+    export_kohya(  # fp32 here so the comparison below can be exact (default: fp16)
         c.unet, lora_dir / "run.safetensors", rank=RANK, alpha=ALPHA, text_encoder=c.text_encoder, metadata=meta,
         dtype=torch.float32,
     )

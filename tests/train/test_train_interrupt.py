@@ -7,7 +7,6 @@ The interrupted run is a real `python -m animelora train` process that gets a re
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
