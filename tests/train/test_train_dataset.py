@@ -36,6 +36,7 @@ def test_versions_latest_or_pinned_and_plain_folders(tmp_path, dataset):
 
 
 def test_validation_split_is_the_data_sets_and_keeps_training_images(tmp_path):
+    from lora.data.split import load_settings
     from lora.testing.datasets import write_synthetic_dataset
 
     root = write_synthetic_dataset(tmp_path / "d", 12, [(64, 64)])
@@ -45,8 +46,13 @@ def test_validation_split_is_the_data_sets_and_keeps_training_images(tmp_path):
     assert split_items(root, items) == split  # recorded in the data set: the same every time
     small = write_synthetic_dataset(tmp_path / "small", 4, [(64, 64)])
     assert split_items(small, read_dataset(small)[1]).validation == []  # too small to hold out
+    # the data set's own fraction (set when it is created) decides; a run's is used only when
+    # nothing is recorded yet
+    (tmp_path / "big").mkdir()
+    load_settings(tmp_path / "big", 0.5)
     big = write_synthetic_dataset(tmp_path / "big", 40, [(64, 64)])
     _, many = read_dataset(big)
+    assert split_items(big, many, fraction=0.1) == split_items(big, many, fraction=0.9)
     capped = split_items(big, many, fraction=0.5, limit=3)
     assert len(capped.held_out) == 20 and len(capped.validation) == 3 and len(capped.train) == 20
 
