@@ -157,13 +157,13 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
 
 def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, total_steps: int | None,
                           mixed_precision: str) -> str:
-    """One line: what the fast path does in this run, and why where ``auto`` chose."""
+    """One line: what the fast path does in this run on a CUDA device, and why where ``auto`` chose."""
     parts = []
     if opts.compile:
         parts.append("compile=blocks (experimental: one compile for all bucket shapes)" if opts.compile_blocks
                      else f"compile=unet (one compile per bucket shape: {shapes})")
     elif cfg.compile == "auto":
-        why = ("low_memory" if cfg.low_memory else "no CUDA device" if not opts.channels_last
+        why = ("low_memory" if cfg.low_memory
                else f"{total_steps} steps over {shapes} bucket shape(s) are too few to pay back a compile "
                     f"per shape (< {COMPILE_MIN_STEPS_PER_SHAPE} steps a shape)")
         parts.append(f"compile off ({why})")
