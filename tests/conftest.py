@@ -38,3 +38,13 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture()
+def umask_022():
+    """The common umask 022 for one test (files the project creates must follow it)."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)

@@ -2,24 +2,13 @@
 worker under another uid) can read data sets, LoRA files and samples, as with ``open()``/``mkdir``."""
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from lora.fsutil import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, make_temp_dir, swap_dir
-
-
-@pytest.fixture()
-def umask_022():
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def _mode(path: Path) -> int:

@@ -6,7 +6,6 @@ or, for the lock, a real second process holding the run folder's lock.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import stat
 import subprocess
@@ -101,15 +100,6 @@ def test_second_trainer_is_kept_out_and_a_killed_one_does_not_block(tmp_path, da
         holder.wait()
     # the killed holder's lock is gone with its process: the next trainer runs
     assert main(_base(dataset, run, "--stop-at-step", "1")) == 3
-
-
-@pytest.fixture()
-def umask_022():
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def test_finished_run_is_extended_only_when_asked(tmp_path, dataset, capsys, umask_022):
