@@ -352,9 +352,9 @@ class _Segment:
 
     def __init__(self, trainer: _Trainer, run: RunState, training_log: TrainingLog, *, saved_step: int,
                  stop_at_step: int | None, deadline: float | None, signals: StopSignals,
-                 stats: SegmentStats | None = None) -> None:
+                 stats: SegmentStats) -> None:
         self.trainer, self.run, self.training_log = trainer, run, training_log
-        self.stats = stats or SegmentStats()
+        self.stats = stats
         self.cfg, self.plan, self.total = trainer.cfg, trainer.plan, trainer.plan.total_steps
         self.saved_step = saved_step
         #: measured on the main process; the time budget keeps room for one of each
