@@ -13,7 +13,8 @@ same GPU, in the same call, one after the other. It prints one table:
     1st step s    process start to the first optimizer step read back
     warm-up s     compile + CUDA-graph capture (first step minus set-up)
     images/s      steady rate (steps after the warm-up)
-    reserved GiB  torch's peak reserved memory (graph pools included)
+    reserved GiB  torch's peak reserved memory while training (graph pools included; the
+                  set-up's peak, the VAE building the latent cache, is in the JSON row)
     smi GiB       the card's peak used memory seen by nvidia-smi (all the process holds)
     x script      the script's (projected) wall time over this row's
 
@@ -51,9 +52,10 @@ sys.path.insert(0, str(REPO))
 #: Danbooru-like sizes (width, height), mostly portrait, repeated in these proportions.
 DANBOORU_SIZES = [(512, 768)] * 4 + [(576, 704)] * 2 + [(448, 768)] * 2 + [
     (768, 512), (704, 576), (512, 512), (640, 640)]
-#: A wider spread: panoramas, tall strips and squares give 10+ bucket shapes.
+#: A wider spread: panoramas, tall strips and squares give 11 bucket shapes at 512 px (9 without
+#: the 1024x256 strips, the list the eighth session measured).
 MANY_SIZES = DANBOORU_SIZES + [(384, 896), (896, 384), (832, 448), (448, 832), (960, 320), (320, 960),
-                               (640, 512), (512, 640)]
+                               (640, 512), (512, 640), (1024, 256), (256, 1024)]
 SHAPES = {"danbooru": DANBOORU_SIZES, "many": MANY_SIZES}
 
 #: variant part -> `animelora train` arguments
@@ -63,6 +65,7 @@ PARTS: dict[str, list[str]] = {
     "lowmem": ["--low-memory"],
     "unet": ["--set", "compile_scope=unet"],
     "nocompile": ["--set", "compile=off"],
+    "nohalfnorms": ["--set", "half_norms=off"],
     "nographs": ["--set", "cuda_graphs=off"],
     "graphs": ["--set", "cuda_graphs=on"],
 }
@@ -247,7 +250,8 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
                warmup_s=round(first - seg["setup_s"], 1) if first is not None and seg.get("setup_s") else None,
                img_per_s=round(steady_images / steady_time, 2) if steady_time else None,
                median_img_per_s=sorted(rates)[len(rates) // 2] if rates else None,
-               reserved_gib=seg.get("gpu_max_reserved_gib"), graph_shapes=seg.get("graph_shapes"),
+               reserved_gib=seg.get("gpu_max_reserved_gib"),
+               setup_reserved_gib=seg.get("setup_max_reserved_gib"), graph_shapes=seg.get("graph_shapes"),
                graph_warmup_s=seg.get("graph_warmup_s"), fast_path=seg.get("fast_path"),
                final_val=(log.get("validation") or [{}])[-1].get("loss"))
     return row

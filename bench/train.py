@@ -110,12 +110,12 @@ PEAK_TFLOPS = 790.0
 #: TrainConfig's auto/on/off fast-path switches: a variant starts at "auto", ``_plain`` turns all
 #: off, and each one is passed to the trainer's config as set
 SWITCHES = ("compile", "cuda_graphs", "channels_last", "cudnn_benchmark", "fused_qkv", "overlap_steps",
-            "compiled_channels_last")
+            "compiled_channels_last", "half_norms")
 
 
 def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
     """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl][_<kernel>attn][_nocudnnbench][_nostage]
-    [_nofuse][_nooverlap][_nocclayout|_cclayout][_allthreads]``
+    [_nofuse][_nooverlap][_nocclayout|_cclayout][_halfnorms|_nohalfnorms][_allthreads]``
     -> settings (``<kernel>``: default, cudnn, flash, efficient, math).
 
     ``plain``: every fast-path switch off (the trainer's plain step). ``fast`` or neither: the
@@ -149,6 +149,8 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
             opts["overlap_steps"] = "off"
         elif part in ("nocclayout", "cclayout"):
             opts["compiled_channels_last"] = "off" if part == "nocclayout" else "on"
+        elif part in ("halfnorms", "nohalfnorms"):
+            opts["half_norms"] = "on" if part == "halfnorms" else "off"
         elif part == "allthreads":
             opts["host_threads"] = False
         elif part in ("fast", "bf16"):

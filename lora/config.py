@@ -48,6 +48,7 @@ RESUME_TOLERANT_FIELDS = frozenset({
     "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
     "cache_dir", "compile", "cuda_graphs", "channels_last", "attention", "cudnn_benchmark",
     "fused_qkv", "overlap_steps", "compiled_channels_last", "low_memory", "save_dtype", "compile_scope",
+    "half_norms",
 })
 
 
@@ -137,6 +138,10 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     # (inductor's layout optimisation, which its own heuristics skip for UNets because of their
     # skip-connection convolutions), so no layout copies run around each convolution
     compiled_channels_last: Literal["auto", "on", "off"] = "auto"
+    # the UNet's group/layer norms read and write bf16/fp16 activations under autocast
+    # (statistics still in fp32) instead of autocast's fp32 outputs, so the eager step does not
+    # cast every activation to fp32 and back (lora/train/half_norms.py)
+    half_norms: Literal["auto", "on", "off"] = "auto"
     seed: int = Field(default=42, ge=0)
 
     # validation: the held-out images belong to the data set (lora/data/split.py);

@@ -81,6 +81,8 @@ class FastOptions:
     #: CUDA graphs: a partial batch (the end of a bucket) runs in its bucket's full-batch graph
     #: with the missing images weighted 0, so it adds no graph (and no warm-up, no memory)
     pad_batches: bool = True
+    #: the UNet's norms keep bf16/fp16 activations under autocast (lora/train/half_norms.py)
+    half_norms: bool = False
 
     def without(self, **changes: bool) -> "FastOptions":
         """A copy with some switches changed (the step's fall-back turns parts off)."""
@@ -96,10 +98,11 @@ def _switch(value: str, name: str, default: bool) -> bool:
 
 
 #: ``compile=auto`` compiles the UNet only for a run of at least this many optimizer steps per
-#: bucket shape. Measured on an H200 at phase2a (bench/README.md, "many buckets"): a compile
-#: costs 125-150 s per shape and saves ~18 ms a step (132 against 83 images/s), so it pays for
-#: itself after ~8,000 steps of each shape; the guide's 20-epoch run has 3,000 in all.
-COMPILE_MIN_STEPS_PER_SHAPE = 8000
+#: bucket shape. Measured on an H200 at phase2a (bench/README.md, "many buckets" and "half
+#: norms"): a compile costs 125-150 s per shape and saves ~13 ms a step (132 against 91.5
+#: images/s for graphs with half-precision norms), so it pays for itself after ~11,000 steps of
+#: each shape; the guide's 20-epoch run has 3,000 in all.
+COMPILE_MIN_STEPS_PER_SHAPE = 11000
 
 
 def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_processes: int = 1,
@@ -113,8 +116,9 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
 
     CUDA graphs are off (``auto``) or refused (``on``) where they would change what is trained
     or cannot be captured: no CUDA device, LoRA dropout (its random mask) and a trained text
-    encoder (its backward runs outside the UNet). With fp16 they are on only when asked for
-    (``cuda_graphs=on``): the loss scale then lives on the device, inside the optimizer graph.
+    encoder (its backward runs outside the UNet). With fp16 the loss scale lives on the device,
+    inside the optimizer graph. ``half_norms=auto`` is on for CUDA without a compiled UNet
+    (a compile fuses autocast's casts around the norms by itself).
     Several processes keep them: the gradient all-reduce runs between the graphs
     (lora/train/distributed.py).
     """
@@ -134,6 +138,8 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     if compiled_cl and not compile_on:
         raise ConfigError("invalid training config: compiled_channels_last: on needs compile (it is a "
                           "layout choice of the compiled UNet); compile is off here")
+    # a compiled UNet fuses autocast's casts around the norms itself
+    half_norms = _switch(cfg.half_norms, "half_norms", cuda and not compile_on)
     attention = cfg.attention if cfg.attention != "auto" else (AUTO_CUDA_ATTENTION if cuda else "default")
     compile_blocks = compile_on and cfg.compile_scope == "blocks"
     blockers = []
@@ -143,16 +149,15 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
         blockers.append("lora_dropout > 0 draws a random mask each step")
     if cfg.train_text_encoder:
         blockers.append("train_text_encoder runs the text encoder's backward outside the graph")
-    # fp16 (the loss scale inside the optimizer graph) is implemented but not yet measured on a
-    # card: on request only
-    graphs = _switch(cfg.cuda_graphs, "cuda_graphs",
-                     not blockers and not cfg.low_memory and mixed_precision != "fp16")
+    # fp16 keeps them too: its loss scale lives on the device, inside the optimizer graph
+    # (measured on an H200: 91.5 images/s, as bf16, bench/README.md "half norms")
+    graphs = _switch(cfg.cuda_graphs, "cuda_graphs", not blockers and not cfg.low_memory)
     if graphs and blockers:
         raise ConfigError(f"invalid training config: cuda_graphs: on is not possible here: {'; '.join(blockers)}")
     return FastOptions(compile=compile_on, cuda_graphs=graphs, channels_last=channels_last,
                        attention=attention, cudnn_benchmark=cudnn_benchmark, fused_qkv=fused_qkv,
                        overlap_steps=overlap_steps, compiled_channels_last=compiled_cl,
-                       compile_blocks=compile_blocks)
+                       compile_blocks=compile_blocks, half_norms=half_norms)
 
 
 def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, total_steps: int | None,
@@ -176,7 +181,7 @@ def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, t
             parts.append("fp16 loss scale on the device")
     else:
         parts.append("no CUDA graphs")
-    for name in ("channels_last", "fused_qkv", "overlap_steps"):
+    for name in ("channels_last", "fused_qkv", "overlap_steps", "half_norms"):
         if getattr(opts, name):
             parts.append(name.replace("_", "-"))
     return "fast path: " + ", ".join(parts)
@@ -250,6 +255,10 @@ def prepare_forward(unet: torch.nn.Module, opts: FastOptions) -> Callable[..., A
 
         fused = install_fused_qkv(unet)
         log.info("fused q/k/v projections in %d attention layers", fused)
+    if opts.half_norms:
+        from .half_norms import install_half_norms
+
+        log.info("%d UNet norms keep bf16/fp16 activations", install_half_norms(unet))
     if not opts.compile:
         return unet
     _raise_recompile_limit()

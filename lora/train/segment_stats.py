@@ -23,12 +23,19 @@ class SegmentStats:
         self.first_step_s: float | None = None
         self.first_step = 0
         self.last_step = 0
+        self.setup_max_reserved_gib: float | None = None
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
     def setup_done(self) -> None:
-        """Models loaded, latents cached, LoRA attached: what follows is warm-up and steps."""
+        """Models loaded, latents cached, LoRA attached: what follows is warm-up and steps.
+
+        The set-up's memory peak (the VAE encoding new images for the latent cache, freed
+        before training) is kept apart, so the segment's peak is what training holds."""
         self.setup_done_s = time.monotonic() - self.started
+        if torch.cuda.is_available():
+            self.setup_max_reserved_gib = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+            torch.cuda.reset_peak_memory_stats()
 
     def step_read(self, step: int) -> None:
         if self.first_step_s is None:
@@ -54,6 +61,7 @@ class SegmentStats:
         if torch.cuda.is_available():
             out["gpu_max_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
             out["gpu_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            out["setup_max_reserved_gib"] = self.setup_max_reserved_gib
         return out
 
 

@@ -69,11 +69,11 @@ def test_graphs_refused_where_they_would_change_training():
     with pytest.raises(ConfigError, match="compiled_channels_last: on needs compile"):
         resolve_fast_options(resolve_config("phase2a", {"model": "tiny", "compile": "off",
                                                         "compiled_channels_last": "on"}), "cuda")
-    # fp16: graphs (the loss scale inside the optimizer graph) on request only
-    assert not resolve_fast_options(resolve_config("phase2a", {"model": "tiny"}), "cuda",
-                                    mixed_precision="fp16").cuda_graphs
-    assert resolve_fast_options(resolve_config("phase2a", {"model": "tiny", "cuda_graphs": "on"}), "cuda",
+    # fp16 keeps the graphs (the loss scale inside the optimizer graph); off still wins
+    assert resolve_fast_options(resolve_config("phase2a", {"model": "tiny"}), "cuda",
                                 mixed_precision="fp16").cuda_graphs
+    assert not resolve_fast_options(resolve_config("phase2a", {"model": "tiny", "cuda_graphs": "off"}), "cuda",
+                                    mixed_precision="fp16").cuda_graphs
 
 
 def test_auto_compiles_only_where_the_warm_up_pays_back():
