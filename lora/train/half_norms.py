@@ -58,29 +58,27 @@ _SWAPS = {nn.GroupNorm: HalfGroupNorm, nn.LayerNorm: HalfLayerNorm}
 _BACK = {v: k for k, v in _SWAPS.items()}
 
 
-def install_half_norms(module: nn.Module) -> int:
-    """Swap every plain ``nn.GroupNorm``/``nn.LayerNorm`` in ``module``; return how many.
-
-    Only exact instances are swapped (a subclass with its own forward is left alone), so a
-    second call changes nothing."""
+def _swap_classes(module: nn.Module, table: dict[type, type]) -> int:
     count = 0
     for m in module.modules():
-        new = _SWAPS.get(type(m))
+        new = table.get(type(m))
         if new is not None:
             m.__class__ = new
             count += 1
     return count
 
 
+def install_half_norms(module: nn.Module) -> int:
+    """Swap every plain ``nn.GroupNorm``/``nn.LayerNorm`` in ``module``; return how many.
+
+    Only exact instances are swapped (a subclass with its own forward is left alone), so a
+    second call changes nothing."""
+    return _swap_classes(module, _SWAPS)
+
+
 def remove_half_norms(module: nn.Module) -> int:
     """Undo :func:`install_half_norms`; return how many norms were put back."""
-    count = 0
-    for m in module.modules():
-        old = _BACK.get(type(m))
-        if old is not None:
-            m.__class__ = old
-            count += 1
-    return count
+    return _swap_classes(module, _BACK)
 
 
 __all__ = ["HalfGroupNorm", "HalfLayerNorm", "install_half_norms", "remove_half_norms"]
