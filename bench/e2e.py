@@ -66,6 +66,7 @@ PARTS: dict[str, list[str]] = {
     "unet": ["--set", "compile_scope=unet"],
     "nocompile": ["--set", "compile=off"],
     "nohalfnorms": ["--set", "half_norms=off"],
+    "compnorms": ["--set", "half_norms=compiled"],
     "nographs": ["--set", "cuda_graphs=off"],
     "graphs": ["--set", "cuda_graphs=on"],
 }

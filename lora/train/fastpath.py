@@ -83,6 +83,8 @@ class FastOptions:
     pad_batches: bool = True
     #: the UNet's norms keep bf16/fp16 activations under autocast (lora/train/half_norms.py)
     half_norms: bool = False
+    #: with half_norms: training steps' group norms as one compiled kernel (dynamic sizes)
+    compiled_norms: bool = False
 
     def without(self, **changes: bool) -> "FastOptions":
         """A copy with some switches changed (the step's fall-back turns parts off)."""
@@ -139,7 +141,8 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
         raise ConfigError("invalid training config: compiled_channels_last: on needs compile (it is a "
                           "layout choice of the compiled UNet); compile is off here")
     # a compiled UNet fuses autocast's casts around the norms itself
-    half_norms = _switch(cfg.half_norms, "half_norms", cuda and not compile_on)
+    compiled_norms = cfg.half_norms == "compiled"
+    half_norms = compiled_norms or _switch(cfg.half_norms, "half_norms", cuda and not compile_on)
     attention = cfg.attention if cfg.attention != "auto" else (AUTO_CUDA_ATTENTION if cuda else "default")
     compile_blocks = compile_on and cfg.compile_scope == "blocks"
     blockers = []
@@ -157,7 +160,8 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     return FastOptions(compile=compile_on, cuda_graphs=graphs, channels_last=channels_last,
                        attention=attention, cudnn_benchmark=cudnn_benchmark, fused_qkv=fused_qkv,
                        overlap_steps=overlap_steps, compiled_channels_last=compiled_cl,
-                       compile_blocks=compile_blocks, half_norms=half_norms)
+                       compile_blocks=compile_blocks, half_norms=half_norms,
+                       compiled_norms=compiled_norms)
 
 
 def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, total_steps: int | None,
@@ -181,7 +185,7 @@ def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, t
             parts.append("fp16 loss scale on the device")
     else:
         parts.append("no CUDA graphs")
-    for name in ("channels_last", "fused_qkv", "overlap_steps", "half_norms"):
+    for name in ("channels_last", "fused_qkv", "overlap_steps", "half_norms", "compiled_norms"):
         if getattr(opts, name):
             parts.append(name.replace("_", "-"))
     return "fast path: " + ", ".join(parts)
@@ -256,9 +260,14 @@ def prepare_forward(unet: torch.nn.Module, opts: FastOptions) -> Callable[..., A
         fused = install_fused_qkv(unet)
         log.info("fused q/k/v projections in %d attention layers", fused)
     if opts.half_norms:
-        from .half_norms import install_half_norms
+        from .half_norms import CompiledGroupNorm, install_half_norms
 
-        log.info("%d UNet norms keep bf16/fp16 activations", install_half_norms(unet))
+        kernel = None
+        if opts.compiled_norms:
+            _raise_recompile_limit()
+            kernel = CompiledGroupNorm(COMPILE_BACKEND)
+        log.info("%d UNet norms keep bf16/fp16 activations%s", install_half_norms(unet, kernel),
+                 " (group norms compiled)" if kernel is not None else "")
     if not opts.compile:
         return unet
     _raise_recompile_limit()
