@@ -19,3 +19,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if oom_type is not None and isinstance(exc, oom_type):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def one_line(exc: BaseException, limit: int | None = 300) -> str:
+    """An exception's message on one line, cut at ``limit`` characters (for a log line or an
+    error that must not carry the exception, whose traceback pins a failed step's tensors);
+    ``None``: the whole message."""
+    return " ".join(str(exc).split())[:limit]

@@ -22,11 +22,9 @@ from torch import nn
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_enabled() if device_type == "cuda" else False
+def _keeps_half(x: torch.Tensor) -> bool:
+    """A bf16/fp16 activation under autocast: the case autocast would turn into fp32."""
+    return x.dtype in _HALF and torch.is_autocast_enabled(x.device.type)
 
 
 def _cast(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -69,7 +67,7 @@ class HalfGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` whose output keeps a bf16/fp16 input's dtype under autocast."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in _HALF or not _autocast_on(x.device.type):
+        if not _keeps_half(x):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             kernel = self.__dict__.get("group_norm_kernel")
@@ -83,7 +81,7 @@ class HalfLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` whose output keeps a bf16/fp16 input's dtype under autocast."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in _HALF or not _autocast_on(x.device.type):
+        if not _keeps_half(x):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(x, self.normalized_shape, _cast(self.weight, x.dtype), _cast(self.bias, x.dtype),

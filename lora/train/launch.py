@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 from lora.config import ConfigError, TrainConfig
 from lora.fsutil import atomic_write_text
 
+from .errors import one_line
+
 if TYPE_CHECKING:  # pragma: no cover
     from lora.train.loop import TrainResult
 
@@ -109,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(**json.loads(Path(a.config_json).read_text(encoding="utf-8")))
         result = train(cfg, Path(a.run_dir), stop_at_step=a.stop_at_step, time_budget_s=a.time_budget_s)
     except (ConfigError, DatasetError, ValueError) as exc:
-        print(f"{ERROR_PREFIX} config: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        print(f"{ERROR_PREFIX} config: {one_line(exc, None)}", file=sys.stderr, flush=True)
         return EXIT_BAD_CONFIG
     except Exception as exc:  # noqa: BLE001 - one line for the parent, then the traceback
-        print(f"{ERROR_PREFIX} {type(exc).__name__}: {' '.join(str(exc).split())[:400]}", file=sys.stderr,
+        print(f"{ERROR_PREFIX} {type(exc).__name__}: {one_line(exc, 400)}", file=sys.stderr,
               flush=True)
         raise
     if is_main_launched_process():

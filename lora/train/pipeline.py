@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from lora.config import TrainConfig
 
-from .errors import NonFiniteLossError, TrainingError, is_out_of_memory
+from .errors import NonFiniteLossError, TrainingError, is_out_of_memory, one_line
 from .executor import PendingStep
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -158,7 +158,7 @@ class StepPipeline:
             if not is_out_of_memory(exc):
                 raise
             # keep only the text: the traceback pins the failed step's activations in memory
-            oom_message = " ".join(str(exc).split())[:200]
+            oom_message = one_line(exc, 200)
         biggest = max(len(b) for b in batches)
         if math.ceil(biggest / divisor) <= 1:
             raise TrainingError(

@@ -34,7 +34,7 @@ class SegmentStats:
         before training) is kept apart, so the segment's peak is what training holds."""
         self.setup_done_s = time.monotonic() - self.started
         if torch.cuda.is_available():
-            self.setup_max_reserved_gib = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+            self.setup_max_reserved_gib = _gib(torch.cuda.max_memory_reserved())
             torch.cuda.reset_peak_memory_stats()
 
     def step_read(self, step: int) -> None:
@@ -59,10 +59,14 @@ class SegmentStats:
         if fast is not None:
             out["fast_path"] = {k: v for k, v in vars(fast).items()}
         if torch.cuda.is_available():
-            out["gpu_max_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-            out["gpu_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            out["gpu_max_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
+            out["gpu_max_allocated_gib"] = _gib(torch.cuda.max_memory_allocated())
             out["setup_max_reserved_gib"] = self.setup_max_reserved_gib
         return out
+
+
+def _gib(nbytes: int) -> float:
+    return round(nbytes / 2**30, 3)
 
 
 def _round(value: float | None) -> float | None:

@@ -22,6 +22,7 @@ from lora.config import ConfigError, TrainConfig
 from .batching import split_micro_batches
 from .cache import CachedItems
 from .distributed import GradientSync, rank_share
+from .errors import one_line
 from .executor import MicroInputs, PendingStep, PlainExecutor, StepExecutor
 from .fastpath import (FastOptions, GraphedExecutor, attention_context, describe_fast_options, prepare_forward,
                        resolve_fast_options, uncompile_blocks)
@@ -212,7 +213,7 @@ class StepRunner:
             return False
         if self.fast.compile:
             log.warning("torch.compile failed (%s: %s); continuing without compile",
-                        type(exc).__name__, " ".join(str(exc).split())[:300])
+                        type(exc).__name__, one_line(exc))
             if self.fast.compile_blocks:
                 uncompile_blocks(self.unet)
             self.fast = self.fast.without(compile=False, compile_blocks=False)
@@ -223,14 +224,14 @@ class StepRunner:
             from .half_norms import install_half_norms
 
             log.warning("the compiled group norm failed (%s: %s); continuing with PyTorch's",
-                        type(exc).__name__, " ".join(str(exc).split())[:300])
+                        type(exc).__name__, one_line(exc))
             install_half_norms(self.unet, None)
             self.fast = self.fast.without(compiled_norms=False)
             self.executor.forward_changed()
             return True
         if self.fast.cuda_graphs:
             log.warning("CUDA graph capture failed (%s: %s); continuing without CUDA graphs",
-                        type(exc).__name__, " ".join(str(exc).split())[:300])
+                        type(exc).__name__, one_line(exc))
             self.fast = self.fast.without(compile=False, cuda_graphs=False)
             self.executor = self._plain_executor()
             return True

@@ -41,6 +41,22 @@ def _runner(fast: FastOptions, seed: int = 7):
     return StepRunner(cfg, acc, unet, opt, sched, comps.noise_scheduler, params, cache, text_for, fast=fast), trainable
 
 
+def _loss_and_gradients(runner, params, lat, noise, t, ehs) -> tuple[float, dict[str, torch.Tensor]]:
+    """One micro-batch through the runner's loss: the loss and every LoRA gradient."""
+    runner.optimizer.zero_grad(set_to_none=True)
+    loss = runner.micro_loss(lat, noise, t, ehs, lat.shape[0])
+    loss.backward()
+    return float(loss.detach()), {k: p.grad.clone() for k, p in params.items()}
+
+
+def _assert_same_loss_and_gradients(reference, other) -> None:
+    (l0, g0), (l1, g1) = reference, other
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_defaults_keep_the_plain_path_on_cpu():
     cfg = resolve_config("phase2a", {"model": "tiny"})
     assert resolve_fast_options(cfg, "cpu") == FastOptions(False, False, False, "default", False)
@@ -116,17 +132,8 @@ def test_compiled_channels_last_fused_step_matches_plain_loss_and_gradients(monk
     noise = torch.randn(4, 4, 8, 8, generator=g)
     t = torch.tensor([10, 300, 650, 999])
     ehs = torch.randn(4, 77, plain.cache.text[0].shape[-1], generator=g)
-    grads = []
-    for runner, params in ((plain, plain_params), (fast, fast_params)):
-        runner.optimizer.zero_grad(set_to_none=True)
-        loss = runner.micro_loss(lat, noise, t, ehs, 4)
-        loss.backward()
-        grads.append((float(loss.detach()), {k: p.grad.clone() for k, p in params.items()}))
-    (l0, g0), (l1, g1) = grads
-    assert l1 == pytest.approx(l0, rel=1e-5)
-    assert g0.keys() == g1.keys() and len(g0) > 0
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+    _assert_same_loss_and_gradients(_loss_and_gradients(plain, plain_params, lat, noise, t, ehs),
+                                    _loss_and_gradients(fast, fast_params, lat, noise, t, ehs))
 
     # whole optimizer steps through run(): same losses, norms and trained weights
     for runner in (plain, fast):
@@ -160,16 +167,8 @@ def test_compiled_blocks_match_the_plain_loss_and_gradients(monkeypatch, tiny_mo
         noise = torch.randn(2, 4, h, w, generator=g)
         t = torch.tensor([20, 800])
         ehs = torch.randn(2, 77, plain.cache.text[0].shape[-1], generator=g)
-        results = []
-        for runner, params in ((plain, plain_params), (blocks, block_params)):
-            runner.optimizer.zero_grad(set_to_none=True)
-            loss = runner.micro_loss(lat, noise, t, ehs, 2)
-            loss.backward()
-            results.append((float(loss.detach()), {k: p.grad.clone() for k, p in params.items()}))
-        (l0, g0), (l1, g1) = results
-        assert l1 == pytest.approx(l0, rel=1e-5)
-        for k in g0:
-            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+        _assert_same_loss_and_gradients(_loss_and_gradients(plain, plain_params, lat, noise, t, ehs),
+                                        _loss_and_gradients(blocks, block_params, lat, noise, t, ehs))
     fastpath.uncompile_blocks(blocks.unet)
     assert not [m for m in blocks.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
 
