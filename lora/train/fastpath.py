@@ -140,8 +140,8 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     if compiled_cl and not compile_on:
         raise ConfigError("invalid training config: compiled_channels_last: on needs compile (it is a "
                           "layout choice of the compiled UNet); compile is off here")
-    # a compiled UNet fuses autocast's casts around the norms itself
     compiled_norms = cfg.half_norms == "compiled"
+    # auto: off for a compiled UNet, which fuses autocast's casts around the norms itself
     half_norms = compiled_norms or _switch(cfg.half_norms, "half_norms", cuda and not compile_on)
     attention = cfg.attention if cfg.attention != "auto" else (AUTO_CUDA_ATTENTION if cuda else "default")
     compile_blocks = compile_on and cfg.compile_scope == "blocks"
