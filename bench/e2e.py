@@ -66,7 +66,6 @@ PARTS: dict[str, list[str]] = {
     "unet": ["--set", "compile_scope=unet"],
     "nocompile": ["--set", "compile=off"],
     "nohalfnorms": ["--set", "half_norms=off"],
-    "compnorms": ["--set", "half_norms=compiled"],
     "nographs": ["--set", "cuda_graphs=off"],
     "graphs": ["--set", "cuda_graphs=on"],
 }
@@ -254,6 +253,11 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
                reserved_gib=seg.get("gpu_max_reserved_gib"),
                setup_reserved_gib=seg.get("setup_max_reserved_gib"), graph_shapes=seg.get("graph_shapes"),
                graph_warmup_s=seg.get("graph_warmup_s"), fast_path=seg.get("fast_path"),
+               # where the rest of the wall time went: every step's own time, then between steps
+               steps_s=round(sum(s["images"] / s["images_per_sec"] for s in steps[1:]
+                                 if s.get("images_per_sec")), 1),
+               validation_s=seg.get("validation_s"), validations=seg.get("validation_count"),
+               checkpoint_s=seg.get("checkpoint_s"), export_s=seg.get("export_s"),
                final_val=(log.get("validation") or [{}])[-1].get("loss"))
     return row
 

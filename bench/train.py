@@ -115,7 +115,7 @@ SWITCHES = ("compile", "cuda_graphs", "channels_last", "cudnn_benchmark", "fused
 
 def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
     """``animelora[_plain|_fast][_gc][_bNN][_nocompile][_nographs][_nocl][_<kernel>attn][_nocudnnbench][_nostage]
-    [_nofuse][_nooverlap][_nocclayout|_cclayout][_halfnorms|_nohalfnorms|_compnorms][_allthreads]``
+    [_nofuse][_nooverlap][_nocclayout|_cclayout][_halfnorms|_nohalfnorms][_allthreads]``
     -> settings (``<kernel>``: default, cudnn, flash, efficient, math).
 
     ``plain``: every fast-path switch off (the trainer's plain step). ``fast`` or neither: the
@@ -149,8 +149,8 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
             opts["overlap_steps"] = "off"
         elif part in ("nocclayout", "cclayout"):
             opts["compiled_channels_last"] = "off" if part == "nocclayout" else "on"
-        elif part in ("halfnorms", "nohalfnorms", "compnorms"):
-            opts["half_norms"] = {"halfnorms": "on", "nohalfnorms": "off", "compnorms": "compiled"}[part]
+        elif part in ("halfnorms", "nohalfnorms"):
+            opts["half_norms"] = {"halfnorms": "on", "nohalfnorms": "off"}[part]
         elif part == "allthreads":
             opts["host_threads"] = False
         elif part in ("fast", "bf16"):

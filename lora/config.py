@@ -140,10 +140,8 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     compiled_channels_last: Literal["auto", "on", "off"] = "auto"
     # the UNet's group/layer norms read and write bf16/fp16 activations under autocast
     # (statistics still in fp32) instead of autocast's fp32 outputs, so the eager step does not
-    # cast every activation to fp32 and back (lora/train/half_norms.py); "compiled": the group
-    # norms of training steps as one compiled kernel that reads channels-last input as it is
-    # (one compile for every width and bucket; experimental, not yet measured on a card)
-    half_norms: Literal["auto", "on", "off", "compiled"] = "auto"
+    # cast every activation to fp32 and back (lora/train/half_norms.py)
+    half_norms: Literal["auto", "on", "off"] = "auto"
     seed: int = Field(default=42, ge=0)
 
     # validation: the held-out images belong to the data set (lora/data/split.py);

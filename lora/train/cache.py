@@ -34,8 +34,13 @@ from lora.fsutil import atomic_write_bytes, file_digest
 
 from .buckets import Bucket, load_for_bucket
 from .dataset import Item
+from .errors import free_cached_memory, is_out_of_memory, one_line, smaller_batch
 
 log = logging.getLogger(__name__)
+#: Images per VAE encode while building the latent cache. The fp32 VAE at 512 px holds about
+#: 1.7 GiB of activations per image (an H200 reserved 17.9 GiB at 8 with the fp32 UNet beside it),
+#: so the batch halves on an out-of-memory error until it fits (:class:`LatentEncoder`) and
+#: ``low_memory`` starts at 1.
 ENCODE_BATCH = 8
 #: Environment variable naming the folder of every animelora cache (the tiny model too).
 CACHE_ENV = "ANIMELORA_CACHE"
@@ -130,6 +135,45 @@ def _progress(total: int, desc: str):
                 leave=False)
 
 
+class LatentEncoder:
+    """The VAE posterior mean of a batch of images, in batches that fit the card.
+
+    Why: a user's card is not ours. An out-of-memory error halves :attr:`batch` (kept for the
+    rest of the cache) and encodes the same images again in two halves, down to one image,
+    so an 8 GB card builds the same cache an H200 does instead of failing at set-up.
+    """
+
+    def __init__(self, vae, device, scaling: float, batch: int = ENCODE_BATCH) -> None:
+        self.vae, self.device, self.scaling = vae, device, scaling
+        self.dtype = next(vae.parameters()).dtype
+        self.batch = max(1, int(batch))
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents (fp32, on the CPU) of ``pixels`` (N, 3, H, W in [-1, 1])."""
+        parts = []
+        start = 0
+        while start < len(pixels):
+            chunk = pixels[start:start + self.batch]
+            oom = None
+            try:
+                on_device = chunk.to(self.device, self.dtype)
+                parts.append(self.vae.encode(on_device).latent_dist.mean.float().cpu() * self.scaling)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or len(chunk) == 1:
+                    raise
+                oom = one_line(exc, 200)  # the text only: the traceback pins the failed activations
+            if oom is not None:
+                on_device = None
+                free_cached_memory(self.device)
+                self.batch = smaller_batch(self.batch, len(chunk))
+                log.warning("out of memory encoding %d images for the latent cache (%s): going on %d at a "
+                            "time", len(chunk), oom, self.batch)
+                continue
+            start += len(chunk)
+        return torch.cat(parts)
+
+
 @torch.no_grad()
 def build_cache(
     items: Sequence[Item],
@@ -144,8 +188,11 @@ def build_cache(
     flip: bool,
     device,
     on_progress: Callable[[int, int], None] | None = None,
+    encode_batch: int = ENCODE_BATCH,
 ) -> CachedItems:
-    """Load every item's latents and caption embedding, encoding only what is not cached yet."""
+    """Load every item's latents and caption embedding, encoding only what is not cached yet.
+
+    ``encode_batch``: images per VAE encode to start with (halved on out-of-memory)."""
     key = model_key(model_id, dict(vae.config), text_encoder.config.to_dict())
     base = Path(root) / key
     scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
@@ -168,18 +215,16 @@ def build_cache(
         else:
             todo.setdefault(tuple(bucket), []).append((i, path))
             misses += 1
-    vae_dtype = next(vae.parameters()).dtype
+    encoder = LatentEncoder(vae, device, scaling, batch=encode_batch)
     done = 0
     with _progress(misses, "caching latents") as bar:
         for bucket, entries in todo.items():
-            for start in range(0, len(entries), ENCODE_BATCH):
-                chunk = entries[start:start + ENCODE_BATCH]
+            start = 0
+            while start < len(entries):
+                chunk = entries[start:start + encoder.batch]
                 pixels = torch.stack([load_for_bucket(items[i].image, bucket) for i, _ in chunk])
-                batch = pixels.to(device, vae_dtype)
-                out = vae.encode(batch).latent_dist.mean.float().cpu() * scaling
-                out_flip = None
-                if flip:
-                    out_flip = vae.encode(torch.flip(batch, dims=[3])).latent_dist.mean.float().cpu() * scaling
+                out = encoder.encode(pixels)
+                out_flip = encoder.encode(torch.flip(pixels, dims=[3])) if flip else None
                 for j, (i, path) in enumerate(chunk):
                     tensors = {"latent": out[j].clone()}
                     if out_flip is not None:
@@ -187,6 +232,7 @@ def build_cache(
                     _save_atomic(tensors, path)
                     latents[i] = tensors["latent"]
                     flips[i] = tensors.get("latent_flip")
+                start += len(chunk)
                 bar.update(len(chunk))
                 done += len(chunk)
                 if on_progress:

@@ -83,8 +83,6 @@ class FastOptions:
     pad_batches: bool = True
     #: the UNet's norms keep bf16/fp16 activations under autocast (lora/train/half_norms.py)
     half_norms: bool = False
-    #: with half_norms: training steps' group norms as one compiled kernel (dynamic sizes)
-    compiled_norms: bool = False
 
     def without(self, **changes: bool) -> "FastOptions":
         """A copy with some switches changed (the step's fall-back turns parts off)."""
@@ -125,7 +123,7 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     (lora/train/distributed.py).
     """
     cuda = torch.device(device).type == "cuda"
-    # low_memory: the compiled kernels' and graphs' pools cost ~0.5-1 GiB more than they save
+    # low_memory: a compile's kernels and per-shape graphs cost ~0.5-1 GiB more than they save
     long_enough = total_steps is None or total_steps >= COMPILE_MIN_STEPS_PER_SHAPE * max(1, shapes)
     compile_on = _switch(cfg.compile, "compile", cuda and not cfg.low_memory and long_enough)
     channels_last = _switch(cfg.channels_last, "channels_last", cuda)
@@ -140,9 +138,8 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     if compiled_cl and not compile_on:
         raise ConfigError("invalid training config: compiled_channels_last: on needs compile (it is a "
                           "layout choice of the compiled UNet); compile is off here")
-    compiled_norms = cfg.half_norms == "compiled"
     # auto: off for a compiled UNet, which fuses autocast's casts around the norms itself
-    half_norms = compiled_norms or _switch(cfg.half_norms, "half_norms", cuda and not compile_on)
+    half_norms = _switch(cfg.half_norms, "half_norms", cuda and not compile_on)
     attention = cfg.attention if cfg.attention != "auto" else (AUTO_CUDA_ATTENTION if cuda else "default")
     compile_blocks = compile_on and cfg.compile_scope == "blocks"
     blockers = []
@@ -153,15 +150,16 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     if cfg.train_text_encoder:
         blockers.append("train_text_encoder runs the text encoder's backward outside the graph")
     # fp16 keeps them too: its loss scale lives on the device, inside the optimizer graph
-    # (measured on an H200: 91.5 images/s, as bf16, bench/README.md "half norms")
-    graphs = _switch(cfg.cuda_graphs, "cuda_graphs", not blockers and not cfg.low_memory)
+    # (measured on an H200: 91.5 images/s, as bf16, bench/README.md "half norms"); so does
+    # low_memory: with checkpointing, 5 bucket shapes held 3.2 GiB for 70 images/s against
+    # 2.6 GiB for 12.5 without graphs (bench/README.md "ninth session")
+    graphs = _switch(cfg.cuda_graphs, "cuda_graphs", not blockers)
     if graphs and blockers:
         raise ConfigError(f"invalid training config: cuda_graphs: on is not possible here: {'; '.join(blockers)}")
     return FastOptions(compile=compile_on, cuda_graphs=graphs, channels_last=channels_last,
                        attention=attention, cudnn_benchmark=cudnn_benchmark, fused_qkv=fused_qkv,
                        overlap_steps=overlap_steps, compiled_channels_last=compiled_cl,
-                       compile_blocks=compile_blocks, half_norms=half_norms,
-                       compiled_norms=compiled_norms)
+                       compile_blocks=compile_blocks, half_norms=half_norms)
 
 
 def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, total_steps: int | None,
@@ -185,7 +183,7 @@ def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, t
             parts.append("fp16 loss scale on the device")
     else:
         parts.append("no CUDA graphs")
-    for name in ("channels_last", "fused_qkv", "overlap_steps", "half_norms", "compiled_norms"):
+    for name in ("channels_last", "fused_qkv", "overlap_steps", "half_norms"):
         if getattr(opts, name):
             parts.append(name.replace("_", "-"))
     return "fast path: " + ", ".join(parts)
@@ -260,14 +258,9 @@ def prepare_forward(unet: torch.nn.Module, opts: FastOptions) -> Callable[..., A
         fused = install_fused_qkv(unet)
         log.info("fused q/k/v projections in %d attention layers", fused)
     if opts.half_norms:
-        from .half_norms import CompiledGroupNorm, install_half_norms
+        from .half_norms import install_half_norms
 
-        kernel = None
-        if opts.compiled_norms:
-            _raise_recompile_limit()
-            kernel = CompiledGroupNorm(COMPILE_BACKEND)
-        log.info("%d UNet norms keep bf16/fp16 activations%s", install_half_norms(unet, kernel),
-                 " (group norms compiled)" if kernel is not None else "")
+        log.info("%d UNet norms keep bf16/fp16 activations", install_half_norms(unet))
     if not opts.compile:
         return unet
     _raise_recompile_limit()

@@ -31,38 +31,6 @@ def _cast(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if p is None else p.to(dtype)
 
 
-def _group_norm_fp32_math(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
-                          eps: float) -> torch.Tensor:
-    """Statistics and output in fp32, rounded once to ``x``'s dtype (what a compiled UNet does)."""
-    return F.group_norm(x.float(), groups, weight.float(), bias.float(), eps).to(x.dtype)
-
-
-class CompiledGroupNorm:
-    """The training step's group norms as one compiled kernel with dynamic sizes (opt-in:
-    ``half_norms=compiled``; not yet measured on a card).
-
-    Why: PyTorch's CUDA group norm takes only NCHW input, so with channels-last activations
-    each norm copies its input to NCHW and the convolution after it copies the output back,
-    forward and backward (the largest copies left in the eager step after the half-precision
-    norms, bench/README.md). A compiled kernel reads and writes channels-last as it is.
-    Why not compile the blocks around it: with dynamic sizes inductor fails on their
-    convolutions, and with static sizes every bucket and width compiles again. The frozen
-    weights are passed detached, so the channel count stays dynamic as well: one compile
-    serves every width and bucket. Only steps with gradients use it: validation and sampling
-    keep the eager kernel and add no compile.
-    """
-
-    def __init__(self, backend: str = "inductor") -> None:
-        self.fn = torch.compile(_group_norm_fp32_math, dynamic=True, backend=backend)
-
-    def __call__(self, x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor | None:
-        """The norm's output, or None where the eager kernel should run."""
-        w, b = norm.weight, norm.bias
-        if not torch.is_grad_enabled() or w is None or b is None or w.requires_grad or b.requires_grad:
-            return None
-        return self.fn(x, norm.num_groups, w.detach(), b.detach(), norm.eps)
-
-
 class HalfGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` whose output keeps a bf16/fp16 input's dtype under autocast."""
 
@@ -70,10 +38,6 @@ class HalfGroupNorm(nn.GroupNorm):
         if not _keeps_half(x):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
-            kernel = self.__dict__.get("group_norm_kernel")
-            out = kernel(x, self) if kernel is not None else None
-            if out is not None:
-                return out
             return F.group_norm(x, self.num_groups, _cast(self.weight, x.dtype), _cast(self.bias, x.dtype), self.eps)
 
 
@@ -102,24 +66,17 @@ def _swap_classes(module: nn.Module, table: dict[type, type]) -> int:
     return count
 
 
-def install_half_norms(module: nn.Module, group_norm_kernel: CompiledGroupNorm | None = None) -> int:
+def install_half_norms(module: nn.Module) -> int:
     """Swap every plain ``nn.GroupNorm``/``nn.LayerNorm`` in ``module``; return how many.
 
-    ``group_norm_kernel`` computes the group norms of training steps (``None``: PyTorch's
-    kernel). Only exact instances are swapped (a subclass with its own forward is left alone),
-    so a second call swaps nothing; it does set the kernel."""
-    count = _swap_classes(module, _SWAPS)
-    for m in module.modules():
-        if isinstance(m, HalfGroupNorm):
-            m.__dict__["group_norm_kernel"] = group_norm_kernel
-    return count
+    Only exact instances are swapped (a subclass with its own forward is left alone), so a
+    second call swaps nothing."""
+    return _swap_classes(module, _SWAPS)
 
 
 def remove_half_norms(module: nn.Module) -> int:
     """Undo :func:`install_half_norms`; return how many norms were put back."""
-    for m in module.modules():
-        m.__dict__.pop("group_norm_kernel", None)
     return _swap_classes(module, _BACK)
 
 
-__all__ = ["CompiledGroupNorm", "HalfGroupNorm", "HalfLayerNorm", "install_half_norms", "remove_half_norms"]
+__all__ = ["HalfGroupNorm", "HalfLayerNorm", "install_half_norms", "remove_half_norms"]

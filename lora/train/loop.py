@@ -34,7 +34,7 @@ from lora.runpaths import RunPaths
 
 from . import checkpoint as ckpt
 from .batching import epoch_steps
-from .cache import build_cache, encode_prompts, train_cache_root
+from .cache import ENCODE_BATCH, build_cache, encode_prompts, train_cache_root
 from .distributed import AgreedFlag, any_process, is_main_launched_process, launched_rank
 from .errors import NonFiniteLossError, TrainingError
 from .host import host_threads_for
@@ -52,7 +52,7 @@ from .seeds import derive_seed
 from .segment_stats import SegmentStats
 from .step import (StepRunner, make_accelerator, make_optimizer, make_scheduler, mixed_precision,
                    setup_lora_unet, stack_to_device, weight_dtype)
-from .validation import has_base_record, validation_loss
+from .validation import IMAGES_PER_CALL, has_base_record, validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,18 @@ class _Trainer:
             from .fastpath import use_expandable_segments
 
             use_expandable_segments()  # before the first model tensor reaches the card
-        comps = load_components(cfg.model, dtype=torch.float32, device=self.device)
+        # The UNet waits on the CPU until the latent cache is built: in fp32 beside the VAE's
+        # activations it took an H200's set-up peak to 17.9 GiB; setup_lora_unet moves it in the
+        # training dtype (half the size), tensor by tensor.
+        comps = load_components(cfg.model, dtype=torch.float32, device="cpu")
+        comps.vae.to(self.device)
+        comps.text_encoder.to(self.device)
         self.noise_scheduler = comps.noise_scheduler
         self.tokenizer = comps.tokenizer
         self.text_encoder = comps.text_encoder
         self.live_text = cfg.caption_shuffle or cfg.train_text_encoder
+        #: held-out images per UNet call when validating (smaller after an out-of-memory error)
+        self.val_images_per_call = 1 if cfg.low_memory else IMAGES_PER_CALL
 
         cache_root = train_cache_root(plan.dataset_dir, cfg.cache_dir)
         if torch.cuda.is_available():
@@ -114,7 +121,8 @@ class _Trainer:
             use_compile_cache(cache_root.parent / "compile")
         common = dict(root=cache_root, model_id=comps.model_id, vae=comps.vae,
                       text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
-                      resolution=cfg.resolution, device=self.device)
+                      resolution=cfg.resolution, device=self.device,
+                      encode_batch=1 if cfg.low_memory else ENCODE_BATCH)
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         with self.accelerator.main_process_first():  # one process encodes, the others read the cache
@@ -214,8 +222,12 @@ class _Trainer:
         return validation_loss(
             self.unet, self.noise_scheduler, self.val_cache.latents, self.val_cache.text,
             [i.name for i in self.plan.val_items], self.cfg.validation_timesteps, self.device,
-            autocast=self.accelerator.autocast,
+            autocast=self.accelerator.autocast, images_per_call=self.val_images_per_call,
+            on_smaller=self._validation_fits,
         )
+
+    def _validation_fits(self, images: int) -> None:
+        self.val_images_per_call = images
 
     def export(self, run: RunState) -> list[Path]:
         """Write both LoRA formats into ``run_dir/lora`` (temporary folder, then rename);
@@ -431,6 +443,7 @@ class _Segment:
         t = time.monotonic()
         result = self.trainer.validate()
         self.validation_s = time.monotonic() - t
+        self.stats.add("validation", self.validation_s)
         if result is not None:
             self.training_log.add_validation(step, epoch, result)
 
@@ -447,6 +460,7 @@ class _Segment:
         t = time.monotonic()
         if self.trainer.save(self.run, self.training_log) is not None:
             self.checkpoint_s = time.monotonic() - t
+            self.stats.add("checkpoint", self.checkpoint_s)
         self.saved_step = self.run.global_step
 
     def _reserved_s(self) -> float:
@@ -461,7 +475,9 @@ class _Segment:
             self._validate(run.global_step, run.last_epoch)
         if self.saved_step != run.global_step:
             self._checkpoint()
+        t = time.monotonic()
         files = trainer.export(run)
+        self.stats.add("export", time.monotonic() - t)
         self.training_log.set_segment(self.stats.record(trainer.runner))
         self.training_log.mark_complete(run.global_step)
         if trainer.is_main:

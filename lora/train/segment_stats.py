@@ -24,6 +24,9 @@ class SegmentStats:
         self.first_step = 0
         self.last_step = 0
         self.setup_max_reserved_gib: float | None = None
+        #: seconds spent between steps, by kind ("validation", "checkpoint", "export"), and how often
+        self.spent: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -36,6 +39,12 @@ class SegmentStats:
         if torch.cuda.is_available():
             self.setup_max_reserved_gib = _gib(torch.cuda.max_memory_reserved())
             torch.cuda.reset_peak_memory_stats()
+
+    def add(self, kind: str, seconds: float) -> None:
+        """Time spent outside the steps (a validation, a checkpoint, the export): a run's wall
+        time is set-up + warm-up + steps + these, and the record says so."""
+        self.spent[kind] = self.spent.get(kind, 0.0) + seconds
+        self.counts[kind] = self.counts.get(kind, 0) + 1
 
     def step_read(self, step: int) -> None:
         if self.first_step_s is None:
@@ -51,6 +60,9 @@ class SegmentStats:
             "first_step_s": _round(self.first_step_s),
             "first_step": self.first_step, "last_step": self.last_step,
         }
+        for kind, seconds in self.spent.items():
+            out[f"{kind}_s"] = round(seconds, 3)
+            out[f"{kind}_count"] = self.counts[kind]
         warmups = getattr(getattr(runner, "executor", None), "warmups", None)
         if warmups:
             out["graph_shapes"] = [list(w.shape) for w in warmups]

@@ -220,15 +220,6 @@ class StepRunner:
             self.forward = self.unet
             self.executor.forward_changed()
             return True
-        if self.fast.compiled_norms:
-            from .half_norms import install_half_norms
-
-            log.warning("the compiled group norm failed (%s: %s); continuing with PyTorch's",
-                        type(exc).__name__, one_line(exc))
-            install_half_norms(self.unet, None)
-            self.fast = self.fast.without(compiled_norms=False)
-            self.executor.forward_changed()
-            return True
         if self.fast.cuda_graphs:
             log.warning("CUDA graph capture failed (%s: %s); continuing without CUDA graphs",
                         type(exc).__name__, one_line(exc))

@@ -198,13 +198,16 @@ def test_padding_rows_with_weight_zero_changes_neither_loss_nor_gradients(tiny_m
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
-def test_low_memory_turns_on_checkpointing_and_off_the_graph_pools(tiny_model):
+def test_low_memory_turns_on_checkpointing_keeps_graphs_and_never_compiles(tiny_model):
     from lora.model import load_components
     from lora.train.step import setup_lora_unet
 
     cfg = resolve_config("phase2a", {"model": "tiny", "low_memory": True})
     opts = resolve_fast_options(cfg, "cuda")
-    assert (opts.compile, opts.cuda_graphs, opts.channels_last) == (False, False, True)
+    # graphs with checkpointing: 70 against 12.5 images/s at 3.2 GiB reserved (bench/README.md)
+    assert (opts.compile, opts.cuda_graphs, opts.channels_last, opts.half_norms) == (False, True, True, True)
+    no_graphs = resolve_config("phase2a", {"model": "tiny", "low_memory": True, "cuda_graphs": "off"})
+    assert not resolve_fast_options(no_graphs, "cuda").cuda_graphs
     forced = resolve_config("phase2a", {"model": "tiny", "low_memory": True, "compile": "on"})
     assert resolve_fast_options(forced, "cuda").compile  # an explicit "on" still wins
     unet = load_components("tiny").unet
@@ -291,22 +294,3 @@ def test_compiled_channels_last_asks_inductor_for_its_layout(monkeypatch):
     assert seen[0]["options"] == {"force_layout_optimization": True}
     assert seen[1]["options"] is None
     assert torch._inductor.config.force_layout_optimization is False  # nothing process-wide
-
-
-def test_compiled_norms_are_asked_for_and_fall_back_to_the_eager_kernel(tiny_model, monkeypatch):
-    from lora.train.half_norms import CompiledGroupNorm, HalfGroupNorm
-
-    cfg = resolve_config("phase2a", {"model": "tiny", "half_norms": "compiled"})
-    opts = resolve_fast_options(cfg, "cpu")
-    assert opts.half_norms and opts.compiled_norms
-    line = fastpath.describe_fast_options(opts, cfg, shapes=1, total_steps=10, mixed_precision="bf16")
-    assert "compiled-norms" in line
-    assert not resolve_fast_options(resolve_config("phase2a", {"model": "tiny"}), "cuda").compiled_norms
-
-    monkeypatch.setattr(fastpath, "COMPILE_BACKEND", "aot_eager")
-    runner, _ = _runner(FastOptions(half_norms=True, compiled_norms=True))
-    norms = [m for m in runner.unet.modules() if isinstance(m, HalfGroupNorm)]
-    assert norms and all(isinstance(m.__dict__["group_norm_kernel"], CompiledGroupNorm) for m in norms)
-    assert runner._fall_back(RuntimeError("inductor could not lower it"))  # what a failed compile raises
-    assert not runner.fast.compiled_norms and runner.fast.half_norms
-    assert all(m.__dict__["group_norm_kernel"] is None for m in norms)
