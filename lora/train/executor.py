@@ -16,7 +16,7 @@ graphed path prepares or replays its graphs stays inside that class.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -93,6 +93,17 @@ class StepExecutor:
         """The UNet forward the loss calls was replaced (compile turned off): drop anything
         prepared for the old one."""
 
+    def loss_scale_state(self) -> dict[str, Any] | None:
+        """fp16's dynamic loss scale, in ``torch.amp.GradScaler.state_dict()``'s keys
+        (``scale``, ``_growth_tracker``), for a checkpoint; None without one (bf16, fp32).
+
+        Why: without it every resumed segment starts again at 2**16 and backs off through
+        skipped (overflowing) steps that the uninterrupted run did not skip."""
+        return None
+
+    def load_loss_scale_state(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's loss scale (either executor's format: the same keys)."""
+
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     if not grads:
@@ -132,6 +143,22 @@ class PlainExecutor(StepExecutor):
         self.optimizer.step()
         self.zero_grads()
         return pending
+
+    def _scaler(self):
+        scaler = getattr(self.accelerator, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def loss_scale_state(self) -> dict[str, Any] | None:
+        scaler = self._scaler()
+        if scaler is None:
+            return None
+        state = scaler.state_dict()
+        return {"scale": float(state["scale"]), "_growth_tracker": int(state["_growth_tracker"])}
+
+    def load_loss_scale_state(self, state: dict[str, Any]) -> None:
+        scaler = self._scaler()
+        if scaler is not None:
+            scaler.load_state_dict({**scaler.state_dict(), **state})
 
     def zero_grads(self) -> None:
         if self.sync is not None:

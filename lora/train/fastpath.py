@@ -348,6 +348,15 @@ class _LossScale:
     def update(self) -> None:
         torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
 
+    def state_dict(self) -> dict[str, Any]:
+        """``GradScaler.state_dict()``'s keys, so either path resumes the other's checkpoint."""
+        return {"scale": float(self.scale.item()), "_growth_tracker": int(self.growth_tracker.item())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """In place: the captured graphs read these very tensors."""
+        self.scale.fill_(float(state["scale"]))
+        self.growth_tracker.fill_(int(state["_growth_tracker"]))
+
 
 class GraphedExecutor(StepExecutor):
     """A step replayed from CUDA graphs: a micro-batch graph per input shape and one optimizer graph.
@@ -426,6 +435,13 @@ class GraphedExecutor(StepExecutor):
         """Drop every graph; the next step captures again."""
         self.micro.clear()
         self.opt_graph = None
+
+    def loss_scale_state(self) -> dict[str, Any] | None:
+        return None if self.loss_scale is None else self.loss_scale.state_dict()
+
+    def load_loss_scale_state(self, state: dict[str, Any]) -> None:
+        if self.loss_scale is not None:
+            self.loss_scale.load_state_dict(state)
 
     def _optimizer_tail(self) -> torch.Tensor:
         """Gradient norm, clipping, AdamW and zeroed gradients: what the optimizer graph runs."""

@@ -185,7 +185,17 @@ class _Trainer:
                 p.copy_(data.trainable[name].to(p.device, p.dtype))
         self.optimizer.load_state_dict(data.optimizer)
         self.lr_scheduler.load_state_dict(data.scheduler)
+        if data.state.get("loss_scale"):  # fp16 (checkpoints before it: the scale starts afresh)
+            self.runner.load_loss_scale_state(data.state["loss_scale"])
         ckpt.rng_restore(data.rng_json, data.rng_tensors)
+
+    def _checkpoint_state(self, run: RunState) -> dict:
+        """``state.json``: the run's counters, and fp16's loss scale where there is one."""
+        state = run.to_checkpoint()
+        scale = self.runner.loss_scale_state()
+        if scale is not None:
+            state["loss_scale"] = scale
+        return state
 
     def save(self, run: RunState, training_log: TrainingLog) -> Path | None:
         """Checkpoint + log; only the main process writes (every process holds the same weights)."""
@@ -195,7 +205,7 @@ class _Trainer:
             RunPaths(self.run_dir).checkpoints, run.global_step,
             trainable={k: p.detach() for k, p in self.trainable.items()},
             optimizer=self.optimizer.state_dict(), scheduler=self.lr_scheduler.state_dict(),
-            state=run.to_checkpoint(), log_data=training_log.data,
+            state=self._checkpoint_state(run), log_data=training_log.data,
         )
         training_log.write(self.run_dir)
         ckpt.prune(RunPaths(self.run_dir).checkpoints, self.cfg.keep_checkpoints)

@@ -224,9 +224,19 @@ class StepRunner:
             log.warning("CUDA graph capture failed (%s: %s); continuing without CUDA graphs",
                         type(exc).__name__, one_line(exc))
             self.fast = self.fast.without(compile=False, cuda_graphs=False)
+            scale = self.executor.loss_scale_state()
             self.executor = self._plain_executor()
+            if scale is not None:  # fp16: the plain path goes on from the graphs' loss scale
+                self.executor.load_loss_scale_state(scale)
             return True
         return False
+
+    def loss_scale_state(self) -> dict | None:
+        """fp16's loss scale for a checkpoint (None for bf16/fp32); see StepExecutor."""
+        return self.executor.loss_scale_state()
+
+    def load_loss_scale_state(self, state: dict) -> None:
+        self.executor.load_loss_scale_state(state)
 
     def micro_capacity(self, divisor: int = 1) -> int:
         """Images of a full micro-batch on this process (a bucket's full batch, split for the
