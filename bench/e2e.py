@@ -11,7 +11,9 @@ same GPU, in the same call, one after the other. It prints one table:
 
     wall s        the command's whole run (process start to exit)
     1st step s    process start to the first optimizer step read back
-    warm-up s     compile + CUDA-graph capture (first step minus set-up)
+    warm-up s     compile + CUDA-graph capture (first step minus set-up; the step-0 validation too)
+    steps s       every step's own time after the first
+    validation s  the held-out images' evaluations (step 0 and each epoch's end)
     images/s      steady rate (steps after the warm-up)
     reserved GiB  torch's peak reserved memory while training (graph pools included; the
                   set-up's peak, the VAE building the latent cache, is in the JSON row)
@@ -264,18 +266,19 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
 
 def table(rows: list[dict[str, Any]], peer: dict[str, Any] | None, full_steps: int) -> str:
     ref = peer.get("projected_wall_s") if peer else None
-    lines = ["| variant | epochs | wall s | 1st step s | warm-up s | images/s | reserved GiB | smi GiB | x script |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| variant | epochs | wall s | 1st step s | warm-up s | steps s | validation s | images/s | reserved GiB "
+             "| smi GiB | x script |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     if peer:
         lines.append(f"| {peer['variant']} | - | {peer.get('projected_wall_s', '-')} (projected; ran "
                      f"{peer.get('steps_run')} steps in {peer.get('wall_run_s')}) | {peer.get('first_step_s', '-')} | - | "
-                     f"{peer.get('img_per_s', '-')} | - | {peer.get('smi_gib', '-')} | 1.00 |")
+                     f"- | - | {peer.get('img_per_s', '-')} | - | {peer.get('smi_gib', '-')} | 1.00 |")
     for r in rows:
         # the script's projection is for the full run: compare runs of that length only
         x = (f"{ref / r['wall_s']:.2f}" if ref and r.get("wall_s") and not r.get("error")
              and r.get("steps") == full_steps else "-")
         lines.append(f"| {r['variant']} | {r.get('epochs')} | {r.get('wall_s')} | {r.get('first_step_s')} | {r.get('warmup_s')} | "
-                     f"{r.get('img_per_s')} | {r.get('reserved_gib')} | {r.get('smi_gib')} | {x} |")
+                     f"{r.get('steps_s')} | {r.get('validation_s')} | {r.get('img_per_s')} | {r.get('reserved_gib')} | {r.get('smi_gib')} | {x} |")
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ from lora.config import ConfigError, TrainConfig
 from .batching import split_micro_batches
 from .cache import CachedItems
 from .distributed import GradientSync, rank_share
-from .errors import one_line
+from .errors import is_out_of_memory, one_line
 from .executor import MicroInputs, PendingStep, PlainExecutor, StepExecutor
 from .fastpath import (FastOptions, GraphedExecutor, attention_context, describe_fast_options, prepare_forward,
                        resolve_fast_options, uncompile_blocks)
@@ -209,7 +209,7 @@ class StepRunner:
     def _fall_back(self, exc: Exception) -> bool:
         """A compile or capture failure (not out-of-memory, not a test hook): turn off the failing
         part of the fast path, say so, and let the caller retry the step. True if it did."""
-        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        if is_out_of_memory(exc):
             return False
         if self.fast.compile:
             log.warning("torch.compile failed (%s: %s); continuing without compile",

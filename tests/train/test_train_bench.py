@@ -120,4 +120,6 @@ def test_e2e_smoke_runs_the_whole_command_and_reads_its_segment_record(tmp_path,
     # the training log's segment record: set-up, then the first step, then the steady rate
     assert 0 < row["setup_s"] <= row["first_step_s"] <= row["wall_s"]
     assert row["img_per_s"] > 0
+    # where the rest went: the steps' own time and the validations (step 0 and two epoch ends)
+    assert 0 < row["steps_s"] < row["wall_s"] and row["validations"] == 3 and row["validation_s"] > 0
     assert "| default | 2 |" in out  # the table
