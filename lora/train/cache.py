@@ -38,9 +38,9 @@ from .errors import free_cached_memory, is_out_of_memory, one_line, smaller_batc
 
 log = logging.getLogger(__name__)
 #: Images per VAE encode while building the latent cache. The fp32 VAE at 512 px holds about
-#: 1.7 GiB of activations per image (an H200 reserved 17.9 GiB at 8 with the fp32 UNet beside it),
-#: so the batch halves on an out-of-memory error until it fits (:class:`LatentEncoder`) and
-#: ``low_memory`` starts at 1.
+#: 1.7 GiB of activations per image (an H200 reserved 14.6 GiB at 8, 1.7 GiB at 1, the text
+#: encoder included), so the batch halves on an out-of-memory error until it fits
+#: (:class:`LatentEncoder`) and ``low_memory`` starts at 1.
 ENCODE_BATCH = 8
 #: Environment variable naming the folder of every animelora cache (the tiny model too).
 CACHE_ENV = "ANIMELORA_CACHE"
