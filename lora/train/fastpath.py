@@ -186,6 +186,8 @@ def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, t
     for name in ("channels_last", "fused_qkv", "overlap_steps", "half_norms"):
         if getattr(opts, name):
             parts.append(name.replace("_", "-"))
+    if cfg.low_memory or cfg.gradient_checkpointing:
+        parts.append("gradient checkpointing" + (" (low_memory)" if cfg.low_memory else ""))
     return "fast path: " + ", ".join(parts)
 
 

@@ -208,6 +208,9 @@ def test_low_memory_turns_on_checkpointing_keeps_graphs_and_never_compiles(tiny_
     assert (opts.compile, opts.cuda_graphs, opts.channels_last, opts.half_norms) == (False, True, True, True)
     no_graphs = resolve_config("phase2a", {"model": "tiny", "low_memory": True, "cuda_graphs": "off"})
     assert not resolve_fast_options(no_graphs, "cuda").cuda_graphs
+    line = fastpath.describe_fast_options(opts, cfg, shapes=5, total_steps=3000, mixed_precision="bf16")
+    assert line.startswith("fast path: compile off (low_memory), CUDA graphs for 5 bucket shape(s)")
+    assert line.endswith("half-norms, gradient checkpointing (low_memory)")
     forced = resolve_config("phase2a", {"model": "tiny", "low_memory": True, "compile": "on"})
     assert resolve_fast_options(forced, "cuda").compile  # an explicit "on" still wins
     unet = load_components("tiny").unet
