@@ -245,3 +245,14 @@ def file_digest(path: Path | str, algo: str = "sha256") -> str:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def human_size(num_bytes: int) -> str:
+    """``num_bytes`` in binary units (B, KiB, MiB, GiB), one decimal above bytes: one format
+    for the CLI's upload plan and the Prefect UI's artifact tables."""
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"

@@ -12,6 +12,8 @@ from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from lora.fsutil import human_size as _human_size
+
 
 def artifact_key(*parts: str) -> str:
     """Turn free text (run names, presets like ``phase1.5``) into a valid artifact key."""
@@ -130,9 +132,5 @@ def path_text(path: Path | str) -> str:
 
 
 def human_size(num_bytes: int) -> str:
-    size = float(num_bytes)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
+    """A file size for an artifact table, in the units the CLI prints (lora.fsutil.human_size)."""
+    return _human_size(num_bytes)

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora.fsutil import human_size
 from lora.hub.card import is_test_model
 from lora.hub.runinfo import gather
 from lora.hub.stage import StageArgumentError, StagedFile, StageError, stage_run, staged_files
@@ -64,23 +65,14 @@ class PublishResult:
         head = ("dry run: nothing sent. Would create" if self.dry_run else "created")
         lines = [f"{head} {'private' if self.private else 'public'} model repo {self.repo_id} "
                  f"at {self.endpoint} and upload {len(self.files)} files "
-                 f"({_size(self.total_bytes)}) from {self.staged_dir} with commit message "
+                 f"({human_size(self.total_bytes)}) from {self.staged_dir} with commit message "
                  f"{self.commit_message!r}:"]
         width = max((len(f.path) for f in self.files), default=0)
-        lines += [f"  {f.path.ljust(width)}  {_size(f.size):>10}" for f in self.files]
+        lines += [f"  {f.path.ljust(width)}  {human_size(f.size):>10}" for f in self.files]
         lines += [f"note: {n}" for n in self.notes]
         if self.commit_url:
             lines.append(f"commit: {self.commit_url}")
         return "\n".join(lines)
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 def resolve_token(token: str | None) -> str | None:
@@ -234,7 +226,7 @@ def publish(
         result.notes.append("trained on the tiny test model: a real upload needs --allow-test-model")
     if dry_run:
         log.info("dry run: staged %d files (%s) in %s; nothing sent", len(files),
-                 _size(result.total_bytes), hub_dir)
+                 human_size(result.total_bytes), hub_dir)
         log.debug("%s", result.describe())
         return result
 

@@ -59,4 +59,4 @@ def test_relative_report_images_are_inlined_in_place(tmp_path):
 def test_paths_are_text_and_sizes_readable(tmp_path):
     assert path_text(tmp_path / "a b.safetensors") == f"`{(tmp_path / 'a b.safetensors').resolve()}`"
     assert human_size(512) == "512 B"
-    assert human_size(3 * 1024 * 1024 + 1) == "3.0 MB"
+    assert human_size(3 * 1024 * 1024 + 1) == "3.0 MiB"  # the units the CLI prints too
