@@ -12,8 +12,6 @@ from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from lora.fsutil import human_size as _human_size
-
 
 def artifact_key(*parts: str) -> str:
     """Turn free text (run names, presets like ``phase1.5``) into a valid artifact key."""
@@ -129,8 +127,3 @@ def inline_relative_images(markdown: str, base_dir: Path) -> str:
 def path_text(path: Path | str) -> str:
     """A file path as markdown code (copyable text): a ``file://`` link opens nothing from the UI."""
     return f"`{Path(path).resolve()}`"
-
-
-def human_size(num_bytes: int) -> str:
-    """A file size for an artifact table, in the units the CLI prints (lora.fsutil.human_size)."""
-    return _human_size(num_bytes)

@@ -22,11 +22,11 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from lora.analysis import analyze_log, compare_runs, write_report
+from lora.fsutil import human_size
 from lora.gate import gate_comparison, publish_gate
 from lora.runpaths import DIFFUSERS_WEIGHTS, SAMPLES_JSON, RunPaths
 from tasks.artifacts import (
     artifact_key,
-    human_size,
     inline_image,
     inline_relative_images,
     path_text,

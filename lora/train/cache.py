@@ -34,7 +34,7 @@ from lora.fsutil import atomic_write_bytes, file_digest
 
 from .buckets import Bucket, load_for_bucket
 from .dataset import Item
-from .errors import free_cached_memory, is_out_of_memory, one_line, smaller_batch
+from .fitting import fitting_batches
 
 log = logging.getLogger(__name__)
 #: Images per VAE encode while building the latent cache. The fp32 VAE at 512 px holds about
@@ -138,9 +138,9 @@ def _progress(total: int, desc: str):
 class LatentEncoder:
     """The VAE posterior mean of a batch of images, in batches that fit the card.
 
-    Why: a user's card is not ours. An out-of-memory error halves :attr:`batch` (kept for the
-    rest of the cache) and encodes the same images again in two halves, down to one image,
-    so an 8 GB card builds the same cache an H200 does instead of failing at set-up.
+    Why: a user's card is not ours. An out-of-memory error cuts the batch smaller (halved,
+    down to one image; lora/train/fitting.py) and :attr:`batch` keeps the new size for the rest
+    of the cache, so an 8 GB card builds the same cache an H200 does instead of failing at set-up.
     """
 
     def __init__(self, vae, device, scaling: float, batch: int = ENCODE_BATCH) -> None:
@@ -151,27 +151,17 @@ class LatentEncoder:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents (fp32, on the CPU) of ``pixels`` (N, 3, H, W in [-1, 1])."""
-        parts = []
-        start = 0
-        while start < len(pixels):
-            chunk = pixels[start:start + self.batch]
-            oom = None
-            try:
-                on_device = chunk.to(self.device, self.dtype)
-                parts.append(self.vae.encode(on_device).latent_dist.mean.float().cpu() * self.scaling)
-            except Exception as exc:
-                if not is_out_of_memory(exc) or len(chunk) == 1:
-                    raise
-                oom = one_line(exc, 200)  # the text only: the traceback pins the failed activations
-            if oom is not None:
-                on_device = None
-                free_cached_memory(self.device)
-                self.batch = smaller_batch(self.batch, len(chunk))
-                log.warning("out of memory encoding %d images for the latent cache (%s): going on %d at a "
-                            "time", len(chunk), oom, self.batch)
-                continue
-            start += len(chunk)
-        return torch.cat(parts)
+        batches = fitting_batches([range(len(pixels))], self.batch, lambda idx: self._encode(pixels[idx]),
+                                  device=self.device, what="encoding images for the latent cache",
+                                  on_smaller=self._fits)
+        return torch.cat([latents for _, latents in batches])
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        on_device = pixels.to(self.device, self.dtype)
+        return self.vae.encode(on_device).latent_dist.mean.float().cpu() * self.scaling
+
+    def _fits(self, batch: int) -> None:
+        self.batch = batch
 
 
 @torch.no_grad()

@@ -21,25 +21,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def smaller_batch(current: int, failed: int) -> int:
-    """The batch to try after ``failed`` items ran out of memory: ``current`` halved until it is
-    below ``failed`` (at least 1). The latent cache and the validation loss back off this way."""
-    batch = max(1, current // 2)
-    while batch >= failed and batch > 1:
-        batch //= 2
-    return batch
-
-
-def free_cached_memory(device) -> None:
-    """Give the allocator's cached blocks back after an out-of-memory error (CUDA only), so the
-    smaller retry has the room; call it outside the ``except`` block, whose traceback pins the
-    failed attempt's tensors."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def one_line(exc: BaseException, limit: int | None = 300) -> str:
     """An exception's message on one line, cut at ``limit`` characters (for a log line or an
     error that must not carry the exception, whose traceback pins a failed step's tensors);

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import free_cached_memory, is_out_of_memory, one_line, smaller_batch
+from .fitting import fitting_batches
 from .noise import target_for
 from .seeds import generator
 
@@ -68,26 +68,12 @@ def validation_loss(
     losses: list[torch.Tensor | None] = [None] * len(latents)  # (n_t,) per image, on the device
     try:
         t = torch.tensor(list(timesteps), dtype=torch.long)
-        size = max(1, images_per_call)
-        queue = _same_shape_groups(latents, size)
-        while queue:
-            group = queue.pop(0)
-            oom = None
-            try:
-                per = _score(unet, noise_scheduler, group, latents, text, names, t, device, autocast)
-            except Exception as exc:
-                if not is_out_of_memory(exc) or len(group) == 1:
-                    raise
-                oom = one_line(exc, 200)  # the text only: the traceback pins the failed activations
-            if oom is not None:
-                free_cached_memory(device)
-                size = smaller_batch(size, len(group))
-                log.warning("out of memory scoring %d validation images at once (%s): going on %d at a time",
-                            len(group), oom, size)
-                queue = [g[k:k + size] for g in [group, *queue] for k in range(0, len(g), size)]
-                if on_smaller is not None:
-                    on_smaller(size)
-                continue
+
+        def score(group: list[int]) -> torch.Tensor:
+            return _score(unet, noise_scheduler, group, latents, text, names, t, device, autocast)
+
+        for group, per in fitting_batches(_same_shape_groups(latents), images_per_call, score, device=device,
+                                          what="scoring validation images", on_smaller=on_smaller):
             for j, i in enumerate(group):
                 losses[i] = per[j * n_t:(j + 1) * n_t].double()
     finally:
@@ -130,12 +116,12 @@ def _score(unet, noise_scheduler, group: list[int], latents, text, names, t: tor
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
-def _same_shape_groups(latents: Sequence[torch.Tensor], size: int) -> list[list[int]]:
-    """Indices of ``latents`` in groups of at most ``size`` that share one shape, in first-seen order."""
+def _same_shape_groups(latents: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``latents`` grouped by shape, in first-seen order."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, lat in enumerate(latents):
         by_shape.setdefault(tuple(lat.shape), []).append(i)
-    return [idxs[k:k + size] for idxs in by_shape.values() for k in range(0, len(idxs), size)]
+    return list(by_shape.values())
 
 
 def has_base_record(log_data: dict) -> bool:

@@ -8,10 +8,10 @@ import re
 import numpy as np
 from PIL import Image
 
+from lora.fsutil import human_size
 from tasks.artifacts import (
     INLINE_MAX_BYTES,
     INLINE_MAX_SIDE,
-    human_size,
     inline_image,
     inline_relative_images,
     path_text,

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lora.train.fitting import _cut
 from lora.train.validation import _same_shape_groups, validation_loss
 
 
 def test_groups_share_one_shape_and_keep_every_image():
     lats = [torch.zeros(4, 8, 8), torch.zeros(4, 8, 12), torch.zeros(4, 8, 8), torch.zeros(4, 8, 8),
             torch.zeros(4, 8, 12)]
-    assert _same_shape_groups(lats, 2) == [[0, 2], [3], [1, 4]]
-    assert _same_shape_groups(lats, 1) == [[0], [2], [3], [1], [4]]
+    assert _cut(_same_shape_groups(lats), 2) == [[0, 2], [3], [1, 4]]
+    assert _cut(_same_shape_groups(lats), 1) == [[0], [2], [3], [1], [4]]
 
 
 def test_batched_validation_scores_each_image_as_alone(tiny_model):
