@@ -150,7 +150,7 @@ def parse_variant(name: str, default_batch: int) -> dict[str, Any]:
         elif part in ("nocclayout", "cclayout"):
             opts["compiled_channels_last"] = "off" if part == "nocclayout" else "on"
         elif part in ("halfnorms", "nohalfnorms"):
-            opts["half_norms"] = {"halfnorms": "on", "nohalfnorms": "off"}[part]
+            opts["half_norms"] = "off" if part == "nohalfnorms" else "on"
         elif part == "allthreads":
             opts["host_threads"] = False
         elif part in ("fast", "bf16"):
