@@ -221,6 +221,24 @@ def _pct(value: float) -> str:
     return f"{value:+.1f}%"
 
 
+def _amount(pct: float) -> str:
+    """An unsigned percentage with enough digits to never read 0.0% for a change that counted:
+    validation loss moves by hundredths of a percent, training loss by whole ones."""
+    value = abs(pct)
+    if value >= 1:
+        return f"{value:.1f}%"
+    if value >= 0.001:
+        return f"{value:.2g}%"
+    return "less than 0.001%"
+
+
+def _moved(improvement: float) -> str:
+    """``fell 1.3%`` / ``rose 1.3%``: the direction in words (``improvement`` > 0 is a fall)."""
+    if abs(improvement) < 0.001:
+        return "did not move"
+    return f"{'fell' if improvement > 0 else 'rose'} {_amount(improvement)}"
+
+
 def _judge(
     label: str,
     epochs: Sequence[int | None],
@@ -253,26 +271,26 @@ def _judge(
         where = f"epoch {at(min_index)}" if epochs[min_index] is not None else at(min_index)
         advice = "likely learning rate too high or overfitting"
         if improvement > noise_pct:
-            text = (f"improved {improvement:.1f}% overall but rising after {where}: {advice}; "
+            text = (f"improved {_amount(improvement)} overall but rising after {where}: {advice}; "
                     f"the best weights were at {where} ({min_loss:.5g})")
         else:
-            text = (f"rising after {where}: {advice} (final loss {rise_pct:.1f}% above the "
-                    f"minimum {min_loss:.5g}; {abs(improvement):.1f}% "
+            text = (f"rising after {where}: {advice} (final loss {_amount(rise_pct)} above the "
+                    f"minimum {min_loss:.5g}; {_amount(improvement)} "
                     f"{'worse' if improvement < 0 else 'better'} than the first {unit})")
         return "rising", text, (int(k) if k is not None else None)
     if improvement > noise_pct:
         last = list(smoothed[-3:])
         still = _slope(last) < 0 if len(last) >= 2 else True
-        text = f"improving: loss fell {improvement:.1f}% from {values[0]:.5g} to {final:.5g}"
+        text = f"improving: loss fell {_amount(improvement)} from {values[0]:.5g} to {final:.5g}"
         text += ", still falling at the end" if still else ", flattening out at the end"
         return "improving", text, None
     if improvement < -noise_pct:
-        return ("rising", f"rising: loss ended {-improvement:.1f}% above the start: likely "
+        return ("rising", f"rising: loss ended {_amount(improvement)} above the start: likely "
                 f"learning rate too high", None)
     why = ", the noise of random-timestep training loss" if label == "training" else \
         f", the measured noise of this validation loss ({noise_source})"
     shown = f"{noise_pct:.1f}" if noise_pct >= 0.1 else f"{noise_pct:.2g}"
-    return ("plateau", f"plateau: loss moved {improvement:+.2f}% overall (within ±{shown}%{why});"
+    return ("plateau", f"plateau: loss {_moved(improvement)} overall (within ±{shown}%{why});"
             " more epochs or a higher learning rate may help", None)
 
 

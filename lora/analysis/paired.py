@@ -175,6 +175,31 @@ def _interval(values: np.ndarray, idx: np.ndarray) -> tuple[float, float]:
     return centre - (centre - float(low)) * factor, centre + (float(high) - centre) * factor
 
 
+def _data_set_advice(min_images: int) -> str:
+    """How a data set comes to hold out ``min_images`` images (at the default held-out share)."""
+    from lora.data.split import DEFAULT_FRACTION, held_out_target
+
+    n = min_images
+    while held_out_target(n, DEFAULT_FRACTION) < min_images:
+        n += 1
+    return (f"add images to it (it holds out {DEFAULT_FRACTION:.0%} of them unless its split.json "
+            f"says otherwise: {n} images or more hold out {min_images})")
+
+
+def _too_few_message(a: Scores, b: Scores, shared: int, min_images: int) -> str:
+    """Why there is no interval, and what helps.
+
+    Why two messages: when both sides were scored on the same images (a run and its own step 0,
+    runs of one data set, a re-score) the data set simply holds out too few images, and only a
+    larger data set helps; re-scoring would score the same few images again. Only runs scored
+    on different images gain from ``--rescore``, which scores them on one common set."""
+    if set(a.per_image) == set(b.per_image):
+        return (f"only {shared} held-out image(s), too few for an interval (need {min_images}): "
+                f"the data set holds out too few images; {_data_set_advice(min_images)}")
+    return (f"only {shared} shared held-out image(s) (need {min_images}): the runs were validated "
+            "on different images; re-score them on one common held-out set with --rescore")
+
+
 def paired_compare(a: Scores | None, b: Scores | None, *, min_images: int = MIN_SHARED_IMAGES,
                    samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> PairedComparison:
     """Compare ``a`` with ``b`` image by image and timestep by timestep (see the module doc)."""
@@ -193,10 +218,7 @@ def paired_compare(a: Scores | None, b: Scores | None, *, min_images: int = MIN_
     timesteps = sorted(set.intersection(*(set(a.per_image[n]) & set(b.per_image[n]) for n in shared))
                        if shared else set(), key=lambda t: (len(t), t))
     if len(shared) < min_images or not timesteps:
-        return PairedComparison(a_label, b_label, TOO_FEW,
-                                f"only {len(shared)} shared held-out image(s) (need {min_images}): "
-                                "the runs were validated on different images; re-score them on one "
-                                "common held-out set with --rescore",
+        return PairedComparison(a_label, b_label, TOO_FEW, _too_few_message(a, b, len(shared), min_images),
                                 shared_images=len(shared), timesteps=tuple(timesteps))
     la = np.array([[a.per_image[n][t] for t in timesteps] for n in shared], dtype=np.float64)
     lb = np.array([[b.per_image[n][t] for t in timesteps] for n in shared], dtype=np.float64)
