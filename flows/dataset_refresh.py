@@ -142,6 +142,7 @@ def dataset_refresh(
     allow_file_hosts: list[str] | None = None,
     max_file_mb: float = DEFAULT_MAX_FILE_SIZE / 2**20,
     max_megapixels: float = DEFAULT_MAX_PIXELS / 1e6,
+    file_timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Fetch new posts into ``<workspace>/datasets/<dataset>`` and write a new version.
 
@@ -152,8 +153,9 @@ def dataset_refresh(
     Prefect Secret holding ``login:api_key``; otherwise DANBOORU_LOGIN/DANBOORU_API_KEY are
     used when set. ``allow_file_hosts`` are hosts besides the booru's own (and its known CDN)
     that file URLs may name; ``max_file_mb`` caps every download; ``max_megapixels`` is the
-    decompression-bomb limit. Returns the summary (kept, duplicates, rejected by reason,
-    version, total).
+    decompression-bomb limit; ``file_timeout_s`` is the most time one file may take (default:
+    max(60 s, its size at 64 KiB/s); a file over it is retried by a later run). Returns the
+    summary (kept, duplicates, rejected by reason, version, total).
     """
     forward_library_logs()
     logger = get_run_logger()
@@ -166,7 +168,7 @@ def dataset_refresh(
     filters = FetchFilters(ratings=_ratings(ratings), min_side=min_side,
                            file_hosts=tuple(allow_file_hosts or ()),
                            max_file_size=int(max_file_mb * 2**20),
-                           max_pixels=int(max_megapixels * 1e6))
+                           max_pixels=int(max_megapixels * 1e6), file_timeout_s=file_timeout_s)
     options = PrepareOptions(
         min_side=min_side,
         max_pixels=filters.max_pixels,

@@ -101,6 +101,8 @@ def _fetch(args: argparse.Namespace) -> int:
         problem = f"--target-size must be >= 1, got {args.target_size}"
     if problem is None and not args.max_file_mb > 0:
         problem = f"--max-file-mb must be positive, got {args.max_file_mb:g}"
+    if problem is None and args.file_timeout is not None and not args.file_timeout > 0:
+        problem = f"--file-timeout must be positive seconds, got {args.file_timeout:g}"
     hosts: list[str] = []
     for host in args.allow_file_host:
         if problem is None:
@@ -135,7 +137,7 @@ def _fetch(args: argparse.Namespace) -> int:
             radius=args.radius, group_parents=args.group_parents,
             requests_per_second=args.requests_per_second, on_progress=on_progress,
             allow_file_hosts=hosts, max_file_size=int(args.max_file_mb * 1024 * 1024),
-            max_pixels=int(args.max_megapixels * 1_000_000),
+            max_pixels=int(args.max_megapixels * 1_000_000), file_timeout_s=args.file_timeout,
         )
     except (BooruQueryError, BooruAuthError) as exc:
         return _error(str(exc), 2)
@@ -241,6 +243,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     fetch.add_argument("--max-file-mb", type=float, default=_MAX_FILE_SIZE_HELP / 2**20,
                        help=f"largest file to download, in MiB (default {_MAX_FILE_SIZE_HELP / 2**20:g}); "
                        "a download also stops just past the post's declared size")
+    fetch.add_argument("--file-timeout", type=float, default=None, metavar="SECONDS",
+                       help="most time one file's download may take, retries included (default: "
+                       "max(60, its size at 64 KiB/s)); a file over it, or one slower than 1 KiB/s "
+                       "for 30 s, is recorded as failed and tried again by the next fetch")
     _add_common(fetch)
     fetch.set_defaults(func=_fetch)
 

@@ -7,6 +7,9 @@ Why it looks like this (Danbooru's documented API behaviour):
   Image downloads come from the CDN and are not throttled by it.
 - The API key travels only as HTTP Basic auth on API requests, never in URLs, logs, reprs or
   errors, and never to the CDN host.
+- A read timeout bounds only the wait for the next byte, so a file server that trickles bytes
+  would hold a download forever: every file also has a deadline and a minimum rate
+  (:mod:`lora.booru.deadline`), and one stuck file costs at most its deadline.
 """
 from __future__ import annotations
 
@@ -23,8 +26,11 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ReadTimeoutError
 
 from lora.booru.credentials import Credentials
+from lora.booru.deadline import Deadline, GuardedAdapter, StallMeter
 from lora.booru.errors import TAG_LIMIT_HINT, BooruAuthError, BooruError, BooruQueryError, DownloadError
 from lora.booru.posts import MalformedPost, Post, PostFormatError
 from lora.booru.query import check_tag_limit
@@ -47,6 +53,13 @@ DEFAULT_MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
 SIZE_MARGIN_BYTES = 64 * 1024
 SIZE_MARGIN_FRACTION = 0.01
 MAX_REDIRECTS = 5
+#: The per-file deadline when none is given: a file may take max(60 s, its size limit at
+#: 64 KiB/s), so a 10 MB PNG gets ~160 s and the 50 MiB cap ~13 minutes.
+MIN_FILE_DEADLINE_S = 60.0
+DEADLINE_MIN_RATE = 64 * 1024
+#: A download slower than STALL_MIN_RATE bytes/s for stall_timeout seconds is given up.
+DEFAULT_STALL_TIMEOUT_S = 30.0
+STALL_MIN_RATE = 1024
 #: File hosts of the real Danbooru family: images come from its CDN (cdn.donmai.us) and older
 #: mirrors on the same domain. A booru on one of these domains may serve files from any of them.
 KNOWN_FILE_DOMAINS = ("donmai.us",)
@@ -137,6 +150,9 @@ class DanbooruClient:
         backoff_base: float = 1.0,
         file_hosts: Iterable[str] = (),
         max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+        file_deadline: float | None = None,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
+        stall_min_rate: float = STALL_MIN_RATE,
     ) -> None:
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url: expected an http(s) URL, got {base_url!r}")
@@ -154,6 +170,11 @@ class DanbooruClient:
             raise ValueError(f"timeout: must be positive, got {timeout!r}")
         if max_download_bytes <= 0:
             raise ValueError(f"max_download_bytes: must be positive, got {max_download_bytes!r}")
+        if file_deadline is not None and not file_deadline > 0:
+            raise ValueError(f"file_deadline: must be positive seconds, got {file_deadline!r}")
+        if not stall_timeout > 0 or stall_min_rate < 0:
+            raise ValueError(f"stall_timeout must be positive and stall_min_rate >= 0, got "
+                             f"{stall_timeout!r} and {stall_min_rate!r}")
         self.base_url = base_url.rstrip("/")
         self.host = (urlsplit(self.base_url).hostname or "").lower()
         self.file_hosts = tuple(dict.fromkeys(normalize_host(h) for h in file_hosts))
@@ -164,6 +185,9 @@ class DanbooruClient:
         self.max_retries = int(max_retries)
         self.timeout = float(timeout)
         self.backoff_base = float(backoff_base)
+        self.file_deadline = None if file_deadline is None else float(file_deadline)
+        self.stall_timeout = float(stall_timeout)
+        self.stall_min_rate = float(stall_min_rate)
         self._limiter = RateLimiter(rps)
         self._api = requests.Session()
         self._api.headers.update({"User-Agent": self.user_agent, "Accept": "application/json"})
@@ -172,6 +196,8 @@ class DanbooruClient:
         # Downloads go to the CDN: a separate session without credentials.
         self._files = requests.Session()
         self._files.headers.update({"User-Agent": self.user_agent})
+        for prefix in ("http://", "https://"):
+            self._files.mount(prefix, GuardedAdapter())
 
     def __repr__(self) -> str:
         who = self.credentials.login if self.credentials else "anonymous"
@@ -391,6 +417,14 @@ class DanbooruClient:
                 f"allow it with --allow-file-host {host}" if host else f"file URL {url[:200]!r} names no host",
             )
 
+    def deadline_for(self, declared: int = 0) -> float:
+        """Seconds one file may take in all: ``file_deadline`` when set, else max(60 s, its size
+        limit at 64 KiB/s) (the size limit: declared size plus margin, or the global cap)."""
+        if self.file_deadline is not None:
+            return self.file_deadline
+        limit = max_download_size(declared, self.max_download_bytes)
+        return max(MIN_FILE_DEADLINE_S, limit / DEADLINE_MIN_RATE)
+
     def download(
         self,
         post_or_url: Post | str,
@@ -412,6 +446,11 @@ class DanbooruClient:
         ``max_download_bytes``). Breaking a limit is not retried: reason
         ``unsupported-url-scheme:<scheme>``, ``file-host-not-allowed:<host>``,
         ``too-many-redirects`` or ``oversized``.
+
+        Time: the whole call, retries and their waits included, ends by :meth:`deadline_for`
+        (reason ``deadline-exceeded``), and a transfer slower than ``stall_min_rate`` bytes/s
+        for ``stall_timeout`` seconds is given up (``stalled``, retried while the deadline
+        leaves time). The caller records such a file as failed, to be tried again later.
         """
         declared = 0
         if isinstance(post_or_url, Post):
@@ -433,42 +472,96 @@ class DanbooruClient:
         dest.parent.mkdir(parents=True, exist_ok=True)
         want = md5.lower() if md5 else None
         failure = DownloadError("connection-error")
-        for attempt in range(max(0, retries) + 1):
-            try:
-                self._download_once(url, dest, want, limit)
-                return dest
-            except DownloadError as exc:
-                failure = exc
-                retryable = exc.reason in {"md5-mismatch", "truncated", "timeout", "connection-error",
-                                           "http-408", "http-429"} or exc.reason.startswith("http-5")
-                if not retryable or attempt >= retries:
-                    break
-                delay = getattr(exc, "retry_after", None) or self._backoff(attempt)
-                log.warning("download %s failed (%s); retrying in %.1f s (attempt %d of %d)",
-                            url, exc.reason, delay, attempt + 1, retries)
-                time.sleep(min(delay, MAX_RETRY_AFTER))
+        with Deadline(self.deadline_for(declared)) as deadline:
+            for attempt in range(max(0, retries) + 1):
+                try:
+                    self._download_once(url, dest, want, limit, deadline)
+                    return dest
+                except DownloadError as exc:
+                    failure = exc
+                    retryable = exc.reason in {"md5-mismatch", "truncated", "timeout", "stalled",
+                                               "connection-error", "http-408", "http-429"} \
+                        or exc.reason.startswith("http-5")
+                    if not retryable or attempt >= retries:
+                        break
+                    delay = min(getattr(exc, "retry_after", None) or self._backoff(attempt), MAX_RETRY_AFTER)
+                    if delay >= deadline.remaining():
+                        failure = _deadline_error(deadline, f"the last try failed ({exc.reason})")
+                        break
+                    log.warning("download %s failed (%s); retrying in %.1f s (attempt %d of %d)",
+                                url, exc.reason, delay, attempt + 1, retries)
+                    time.sleep(delay)
         raise DownloadError(failure.reason, f"download of {url} failed: {failure}")
 
-    def _open_file(self, url: str) -> requests.Response:
+    def _open_file(self, url: str, deadline: Deadline) -> requests.Response:
         """GET a file URL, following redirects one hop at a time so each hop's target is checked."""
+        # The read timeout is at most the stall window: a server that sends nothing at all is
+        # a stall too, noticed as soon as one is.
+        timeout = (self.timeout, min(self.timeout, self.stall_timeout))
         for _ in range(MAX_REDIRECTS + 1):
-            resp = self._files.get(url, stream=True, timeout=self.timeout, allow_redirects=False)
+            resp = self._files.get(url, stream=True, timeout=timeout, allow_redirects=False)
             if resp.status_code not in (301, 302, 303, 307, 308):
                 return resp
             location = resp.headers.get("Location")
             resp.close()
+            deadline.release()
             if not location:
                 raise DownloadError(f"http-{resp.status_code}", f"redirect without a Location from {url}")
             url = urljoin(url, location)
             self._check_file_url(url)
         raise DownloadError("too-many-redirects", f"more than {MAX_REDIRECTS} redirects")
 
-    def _download_once(self, url: str, dest: Path, md5: str | None, limit: int) -> None:
+    def _read_body(self, resp: requests.Response, fh: Any, digest: Any, limit: int, deadline: Deadline,
+                   meter: StallMeter) -> None:
+        """Copy the body to ``fh`` as bytes arrive, within the size limit, the deadline and the
+        minimum rate (``meter.received`` counts the bytes)."""
+        raw = resp.raw
+        # read1 returns what one socket read gave, so the checks run as each byte trickles in;
+        # read(n) would wait for n bytes (urllib3 < 2.3 has only that: the deadline still holds).
+        read = getattr(raw, "read1", None) or raw.read
+        while True:
+            chunk = read(_CHUNK, decode_content=True)
+            if not chunk:
+                if deadline.expired:  # the deadline's timer cut the connection: not the file's end
+                    raise _deadline_error(deadline, f"{meter.received} bytes received")
+                return
+            meter.add(len(chunk))
+            if meter.received > limit:
+                raise DownloadError("oversized", f"the server sent more than {limit} bytes, "
+                                                 "over the limit for this file; stopped reading")
+            fh.write(chunk)
+            digest.update(chunk)
+            if deadline.expired:
+                raise _deadline_error(deadline, f"{meter.received} bytes received")
+            if meter.stalled():
+                raise _stall_error(self.stall_timeout, self.stall_min_rate, meter.received)
+
+    def _transfer_error(self, exc: BaseException, deadline: Deadline, url: str, dest: Path,
+                        received: int) -> DownloadError:
+        """The DownloadError for a failure while connecting or reading (not a limit)."""
+        if deadline.expired:  # the deadline's timer cut the connection
+            return _deadline_error(deadline, f"{received} bytes received")
+        if isinstance(exc, requests.ConnectTimeout):
+            return DownloadError("timeout", f"no connection within {self.timeout:g} s")
+        if isinstance(exc, (requests.Timeout, ReadTimeoutError)):
+            # The read timeout is min(timeout, stall_timeout): silence that long is a stall.
+            return _stall_error(min(self.timeout, self.stall_timeout), self.stall_min_rate, received)
+        if isinstance(exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError,
+                            Urllib3Error)):
+            return DownloadError("truncated", f"connection dropped after {received} bytes")
+        if isinstance(exc, requests.ConnectionError):
+            return DownloadError("connection-error", f"connection error ({type(exc).__name__})")
+        if isinstance(exc, requests.RequestException):
+            return DownloadError("bad-file-url", f"cannot fetch {url[:200]!r}: {type(exc).__name__}")
+        return DownloadError("io-error", f"cannot write {dest}: {exc}")
+
+    def _download_once(self, url: str, dest: Path, md5: str | None, limit: int, deadline: Deadline) -> None:
         def fetch(tmp: Path) -> None:
             digest = hashlib.md5()
-            received = 0
+            meter = StallMeter(self.stall_timeout, self.stall_min_rate)
+            expected = None
             try:
-                with open(tmp, "wb") as fh, self._open_file(url) as resp:
+                with open(tmp, "wb") as fh, self._open_file(url, deadline) as resp:
                     if resp.status_code >= 400:
                         err = DownloadError(f"http-{resp.status_code}", f"HTTP {resp.status_code} for {url}")
                         if resp.status_code == 429:
@@ -478,29 +571,29 @@ class DanbooruClient:
                     if expected is not None and expected.isdigit() and int(expected) > limit:
                         raise DownloadError("oversized", f"the server announces {expected} bytes, over the "
                                                          f"limit of {limit} for this file")
-                    for chunk in resp.iter_content(_CHUNK):
-                        received += len(chunk)
-                        if received > limit:
-                            raise DownloadError("oversized", f"the server sent more than {limit} bytes, "
-                                                             "over the limit for this file; stopped reading")
-                        fh.write(chunk)
-                        digest.update(chunk)
+                    self._read_body(resp, fh, digest, limit, deadline, meter)
                     fh.flush()
                     os.fsync(fh.fileno())
-            except requests.Timeout as exc:
-                raise DownloadError("timeout", f"timed out after {self.timeout:g} s") from exc
-            except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
-                raise DownloadError("truncated", f"connection dropped after {received} bytes") from exc
-            except requests.ConnectionError as exc:
-                raise DownloadError("connection-error", f"connection error ({type(exc).__name__})") from exc
-            except requests.RequestException as exc:
-                raise DownloadError("bad-file-url", f"cannot fetch {url[:200]!r}: {type(exc).__name__}") from exc
-            except OSError as exc:
-                raise DownloadError("io-error", f"cannot write {dest}: {exc}") from exc
-            if expected is not None and expected.isdigit() and int(expected) != received:
-                raise DownloadError("truncated", f"got {received} of {expected} bytes")
+            except DownloadError:
+                raise
+            except (requests.RequestException, Urllib3Error, OSError) as exc:
+                raise self._transfer_error(exc, deadline, url, dest, meter.received) from exc
+            finally:
+                deadline.release()
+            if expected is not None and expected.isdigit() and int(expected) != meter.received:
+                raise DownloadError("truncated", f"got {meter.received} of {expected} bytes")
             if md5 is not None and digest.hexdigest() != md5:
                 raise DownloadError("md5-mismatch", f"md5 {digest.hexdigest()} != expected {md5}")
 
         # fsync happens inside fetch, so a failing disk reports as a DownloadError("io-error").
         atomic_write(dest, fetch, suffix=".part", fsync=False)
+
+
+def _deadline_error(deadline: Deadline, detail: str) -> DownloadError:
+    return DownloadError("deadline-exceeded", f"gave up after the per-file deadline of "
+                                              f"{deadline.seconds:g} s ({detail})")
+
+
+def _stall_error(window: float, min_rate: float, received: int) -> DownloadError:
+    return DownloadError("stalled", f"less than {min_rate:g} bytes/s for {window:g} s "
+                                    f"({received} bytes received)")

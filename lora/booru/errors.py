@@ -28,7 +28,8 @@ class DownloadError(BooruError):
     """A file could not be downloaded intact; `reason` is a short machine-readable code.
 
     Codes: "md5-mismatch", "truncated", "timeout", "connection-error", "http-<status>",
-    "no-file-url", "io-error"; and the limits, which are never retried: "oversized" (more bytes
+    "no-file-url", "io-error", "stalled" (slower than the rate floor), "deadline-exceeded" (the
+    per-file deadline passed; a later fetch tries again); and the limits, which are never retried: "oversized" (more bytes
     than the post declares, or than the global cap), "unsupported-url-scheme:<scheme>",
     "file-host-not-allowed:<host>", "too-many-redirects", "bad-file-url".
     """

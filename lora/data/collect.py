@@ -58,12 +58,17 @@ class FetchFilters:
     max_pixels: int = DEFAULT_MAX_PIXELS
     #: Hosts besides the booru's own (and its known CDN) that file URLs may point to.
     file_hosts: tuple[str, ...] = ()
+    #: Seconds one file's download may take in all (None: from its size, see
+    #: DanbooruClient.deadline_for); a file over it is recorded as failed and retried later.
+    file_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_file_size <= 0:
             raise ValueError(f"max_file_size must be positive, got {self.max_file_size}")
         if self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        if self.file_timeout_s is not None and not self.file_timeout_s > 0:
+            raise ValueError(f"file_timeout_s must be positive seconds, got {self.file_timeout_s}")
         object.__setattr__(self, "file_hosts", tuple(normalize_host(h) for h in self.file_hosts))
 
 
@@ -92,7 +97,8 @@ def make_client(
     filters: FetchFilters | None = None,
 ) -> DanbooruClient:
     """A client with the project's defaults (descriptive User-Agent, rate limit, retries);
-    ``filters`` sets its download limits (allowed file hosts, the size cap)."""
+    ``filters`` sets its download limits (allowed file hosts, the size cap, the per-file
+    deadline)."""
     filters = filters or FetchFilters()
     return DanbooruClient(
         booru_url,
@@ -102,6 +108,7 @@ def make_client(
         backoff_base=backoff_base,
         file_hosts=filters.file_hosts,
         max_download_bytes=filters.max_file_size,
+        file_deadline=filters.file_timeout_s,
     )
 
 

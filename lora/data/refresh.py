@@ -256,6 +256,7 @@ def refresh_dataset(
     allow_file_hosts: Sequence[str] = (),
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    file_timeout_s: float | None = None,
 ) -> RefreshSummary:
     """Fetch, dedup, caption and prepare new posts into ``<workspace>/datasets/<name>``, in this
     process (:class:`Refresh` with :class:`LocalSteps`).
@@ -263,7 +264,8 @@ def refresh_dataset(
     One version is written at the end if anything was kept. Safe to interrupt: run it again
     and it continues. ``allow_file_hosts`` are extra hosts file URLs may point to;
     ``max_file_size`` caps every download (and rejects posts declaring more); ``max_pixels``
-    is the decompression-bomb limit. ``filters``, when given, carries all of these instead.
+    is the decompression-bomb limit; ``file_timeout_s`` is the time one file may take (default:
+    from its size). ``filters``, when given, carries all of these instead.
     """
     paths = DatasetPaths.of(workspace, name).ensure()
     caption_options = caption or CaptionOptions()
@@ -271,7 +273,7 @@ def refresh_dataset(
         caption_options = replace(caption_options, trigger_word=trigger_word)
     filters = filters or FetchFilters(ratings=tuple(ratings), min_side=min_side,
                                       file_hosts=tuple(allow_file_hosts), max_file_size=max_file_size,
-                                      max_pixels=max_pixels)
+                                      max_pixels=max_pixels, file_timeout_s=file_timeout_s)
     plan = RefreshPlan(
         queries=tuple(queries), limit=limit, target_size=target_size, filters=filters,
         options=PrepareOptions(min_side=min_side, caption=caption_options, radius=radius,

@@ -544,6 +544,10 @@ class FakeDanbooru:
     ``{port}`` are filled in, e.g. ``"ftp://{port}/x.png"`` or ``"http://localhost:{port}/..."``);
     `redirects` answer a post's file GET with a 302 to the given location (same placeholders);
     `raw_items` are listed verbatim at the top of every posts.json page (malformed posts).
+
+    Slow servers: `trickle_ids` send their file one byte every `trickle_interval_s` after
+    prompt headers, `trickle_header_ids` send even the status line and headers that way (a read
+    timeout never fires: each byte resets it); both sets may be changed while running.
     """
 
     GOLD_TAG_LIMIT = 6
@@ -564,6 +568,9 @@ class FakeDanbooru:
         file_urls: dict[int, str] | None = None,
         redirects: dict[int, str] | None = None,
         raw_items: list[Any] | None = None,
+        trickle_ids: set[int] | frozenset[int] | tuple[int, ...] = (),
+        trickle_header_ids: set[int] | frozenset[int] | tuple[int, ...] = (),
+        trickle_interval_s: float = 2.0,
         host: str = "127.0.0.1",
         port: int = 0,
         seed: int = 0,
@@ -581,6 +588,10 @@ class FakeDanbooru:
         self.file_urls = dict(file_urls or {})
         self.redirects = dict(redirects or {})
         self.raw_items = list(raw_items or [])
+        self.trickle_ids = set(trickle_ids)
+        self.trickle_header_ids = set(trickle_header_ids)
+        self.trickle_interval_s = float(trickle_interval_s)
+        self._stopping = threading.Event()
         self._seed = seed
         self._added = 0
         self._host, self._port = host, port
@@ -593,6 +604,7 @@ class FakeDanbooru:
     def start(self) -> "FakeDanbooru":
         if self._httpd is not None:
             return self
+        self._stopping.clear()
         self._httpd = ThreadingHTTPServer((self._host, self._port), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
@@ -603,6 +615,7 @@ class FakeDanbooru:
     def stop(self) -> None:
         if self._httpd is None:
             return
+        self._stopping.set()  # ends trickling answers
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
@@ -734,6 +747,20 @@ class FakeDanbooru:
         """A trap URL with ``{base}`` and ``{port}`` filled in."""
         return template.replace("{base}", self.url).replace("{port}", str(self.port))
 
+    def trickle(self, write: Any, data: bytes) -> int:
+        """Write ``data`` one byte every ``trickle_interval_s`` until done, the client hangs up
+        or the server stops; returns the bytes written."""
+        sent = 0
+        try:
+            for i in range(len(data)):
+                if i and self._stopping.wait(self.trickle_interval_s):
+                    break
+                write(data[i:i + 1])
+                sent += 1
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+        return sent
+
     def _take_flaky(self, post_id: int) -> bool:
         with self._lock:
             if post_id in self._flaky_pending:
@@ -806,6 +833,12 @@ def _make_handler(fake: FakeDanbooru) -> type[BaseHTTPRequestHandler]:
             if post.id in fake.oversize_ids:
                 self._stream_junk(rec, fake.oversize_bytes)
                 return
+            if post.id in fake.trickle_header_ids:
+                rec.status = 200
+                head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(post.data)}\r\n\r\n".encode()
+                fake.trickle(self._write_flush, head + post.data)
+                self.close_connection = True
+                return
             data = post.data
             flaky = fake._take_flaky(post.id)
             rec.status = 200
@@ -821,8 +854,17 @@ def _make_handler(fake: FakeDanbooru) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 self.close_connection = True
                 return
+            if post.id in fake.trickle_ids:
+                self.wfile.flush()
+                rec.bytes_sent = fake.trickle(self._write_flush, data)
+                self.close_connection = True
+                return
             self.wfile.write(data)
             rec.bytes_sent = len(data)
+
+        def _write_flush(self, data: bytes) -> None:
+            self.wfile.write(data)
+            self.wfile.flush()
 
         def _stream_junk(self, rec: RequestRecord, total: int) -> None:
             """Far more bytes than the post declares, without a Content-Length (HTTP/1.0: the
