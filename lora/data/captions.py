@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -24,6 +25,11 @@ __all__ = [
     "is_count_tag",
     "is_meta_tag",
     "build_caption",
+    "caption_from_text",
+    "split_caption",
+    "CaptionFileError",
+    "CaptionText",
+    "load_caption",
     "read_caption",
     "write_caption",
 ]
@@ -196,7 +202,6 @@ def build_caption(tags: TagSet, options: CaptionOptions | None = None) -> str:
     joined with ``", "``.
     """
     opts = options or CaptionOptions()
-    blacklist = {_key(b) for b in opts.blacklist}
     counts = [t for t in tags.general if is_count_tag(t)]
     general = [t for t in tags.general if not is_count_tag(t) and not is_meta_tag(t)]
     if opts.shuffle:
@@ -206,18 +211,27 @@ def build_caption(tags: TagSet, options: CaptionOptions | None = None) -> str:
         ordered += list(tags.artist)
     ordered += general
 
+    return _assemble([normalize_tag(t) for t in ordered], opts)
+
+
+def _assemble(tags: Iterable[str], opts: CaptionOptions) -> str:
+    """``tags`` (in caption spelling and order) as a caption line under ``opts``: the trigger
+    word first, blacklisted tags and repeats removed (first kept), at most ``max_tags``.
+
+    Both captions built from Danbooru tags and captions the user wrote go through here, so
+    ``--blacklist`` and ``--max-tags`` mean the same for either."""
+    blacklist = {_key(b) for b in opts.blacklist}
     seen: set[str] = set()
     trigger = opts.trigger_word
     if trigger:
         seen.add(_key(trigger))
     out: list[str] = []
-    for tag in ordered:
-        norm = normalize_tag(tag)
-        key = norm.casefold()
-        if not norm or key in seen or key in blacklist:
+    for tag in tags:
+        key = _key(tag)
+        if not tag or key in seen or key in blacklist:
             continue
         seen.add(key)
-        out.append(norm)
+        out.append(tag)
     if opts.max_tags is not None:
         out = out[: opts.max_tags]
     if trigger:
@@ -225,10 +239,75 @@ def build_caption(tags: TagSet, options: CaptionOptions | None = None) -> str:
     return ", ".join(out)
 
 
+def split_caption(text: str) -> list[str]:
+    """The tags of a kohya caption: comma-separated, inner spaces collapsed, empty ones dropped
+    (a caption of commas only has no tags)."""
+    return [tag for tag in (" ".join(t.split()) for t in text.split(",")) if tag]
+
+
+def caption_from_text(text: str, options: CaptionOptions | None = None) -> str:
+    """A caption the user wrote (a ``.txt`` beside an imported image) under ``options``.
+
+    The user's order and spelling are kept (no reordering, no meta-tag filter: the user chose
+    them); the trigger word, blacklist, repeats and ``max_tags`` apply as for Danbooru tags.
+    A caption that already starts with the trigger word does not get it twice."""
+    return _assemble(split_caption(text), options or CaptionOptions())
+
+
+class CaptionFileError(ValueError):
+    """A caption file that cannot be read as text; ``reason`` is short (for the summary)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class CaptionText:
+    """A caption file's content as one line, and what was read leniently (``notes``)."""
+
+    text: str
+    notes: tuple[str, ...] = ()
+
+
+def _is_text(text: str) -> bool:
+    """No control characters besides line breaks and tabs (NUL, C1 controls ...): a binary file,
+    or bytes of another encoding that Latin-1 would turn into garbage."""
+    return not any(unicodedata.category(ch) == "Cc" and ch not in "\t\r\n" for ch in text)
+
+
+def load_caption(path: Path | str) -> CaptionText:
+    """A caption file as one caption line, read leniently where the meaning is clear.
+
+    - UTF-8, with or without a byte-order mark (Windows editors write one; it is not a tag).
+    - Not UTF-8 but printable as Latin-1 (an old Windows editor's file): read as Latin-1, with
+      a note. Bytes that are not printable either way (another encoding, a binary file) raise
+      :class:`CaptionFileError`: the caption is not guessed.
+    - Several lines: joined with ``", "`` as one list of tags, with a note (kohya would read
+      only the first line and silently lose the rest).
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    notes: list[str] = []
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+        if not _is_text(text):
+            raise CaptionFileError(path, "caption-not-text: neither UTF-8 nor Latin-1 text") from None
+        notes.append("read as Latin-1 (not UTF-8)")
+    if not _is_text(text):
+        raise CaptionFileError(path, "caption-not-text: holds control characters (a binary file?)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        notes.append(f"{len(lines)} lines joined with ', '")
+    return CaptionText(", ".join(lines), tuple(notes))
+
+
 def read_caption(path: Path | str) -> str:
-    """A caption file's text, stripped (kohya reads the first line the same way)."""
-    text = Path(path).read_text(encoding="utf-8")
-    return text.strip()
+    """A caption file's text as one line (see :func:`load_caption`)."""
+    return load_caption(path).text
 
 
 def write_caption(path: Path | str, text: str) -> None:

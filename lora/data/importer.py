@@ -19,10 +19,18 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable
 
-from lora.data.captions import CaptionOptions, TagSet, build_caption, read_caption
+from lora.data.captions import (
+    CaptionFileError,
+    CaptionOptions,
+    TagSet,
+    build_caption,
+    caption_from_text,
+    load_caption,
+    split_caption,
+)
 from lora.data.duplicates import has_caption
 from lora.data.images import DEFAULT_MAX_PIXELS
 from lora.data.manifest import DatasetPaths, dataset_lock, load_rows
@@ -57,15 +65,30 @@ def _danbooru_tags(tags: TagSet) -> dict[str, str]:
     }
 
 
+#: Largest id a manifest can hold (its ``post_id`` column is a signed 64-bit integer).
+MAX_POST_ID = 2**63 - 1
+
+
 @dataclass
 class FolderScan:
-    """What :func:`scan_folder` found, and what it passed over (for the summary)."""
+    """What :func:`scan_folder` found, and what it passed over (for the summary).
+
+    ``skipped``: files and metadata entries not imported, ``{"path", "reason"}`` with the path
+    as the user knows it (under the folder given to ``--from``). They are not manifest rows:
+    once the user fixes them, the next import brings them in. ``lenient``: ``(path, note)`` for
+    captions read leniently (several lines joined, Latin-1).
+    """
 
     candidates: list[Candidate] = field(default_factory=list)
-    missing: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    lenient: list[tuple[str, str]] = field(default_factory=list)
     hidden_skipped: int = 0
     symlinks_refused: list[str] = field(default_factory=list)
     empty_folders: list[str] = field(default_factory=list)
+
+    def skip(self, path: str, reason: str) -> None:
+        log.warning("skipped %s: %s", path, reason)
+        self.skipped.append({"path": path, "reason": reason})
 
     def notes(self) -> list[str]:
         """One line per thing passed over, for the summary the user reads."""
@@ -73,13 +96,19 @@ class FolderScan:
         if self.hidden_skipped:
             notes.append(f"skipped {self.hidden_skipped} hidden file(s) or folder(s) (names starting with '.')")
         if self.symlinks_refused:
-            shown = ", ".join(self.symlinks_refused[:3]) + (" ..." if len(self.symlinks_refused) > 3 else "")
             notes.append(f"refused {len(self.symlinks_refused)} symlink(s) leading out of the source folder "
-                         f"({shown}); pass --follow-symlinks to import them")
+                         f"({_shown(self.symlinks_refused)}); pass --follow-symlinks to import them")
         if self.empty_folders:
-            shown = ", ".join(self.empty_folders[:3]) + (" ..." if len(self.empty_folders) > 3 else "")
-            notes.append(f"{len(self.empty_folders)} empty folder(s): {shown}")
+            notes.append(f"{len(self.empty_folders)} empty folder(s): {_shown(self.empty_folders)}")
+        by_note: dict[str, list[str]] = {}
+        for path, note in self.lenient:
+            by_note.setdefault(note, []).append(path)
+        notes += [f"caption {note}: {_shown(paths, 5)}" for note, paths in by_note.items()]
         return notes
+
+
+def _shown(items: list[str], limit: int = 3) -> str:
+    return ", ".join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -131,33 +160,78 @@ def _image_files(root: Path, scan: FolderScan, follow_symlinks: bool) -> list[Pa
     return sorted(files)
 
 
-def _load_metadata(root: Path) -> list[dict[str, Any]] | None:
+def _climbs_out(name: str) -> bool:
+    """An absolute path (POSIX or Windows spelling) or one with a ``..`` part."""
+    return any(p.is_absolute() or p.anchor or ".." in p.parts for p in (PurePosixPath(name), PureWindowsPath(name)))
+
+
+def _load_metadata(root: Path, shown: Path) -> list[tuple[int, Any]] | None:
+    """``(index, entry)`` of ``metadata.json``'s ``training_data`` (None: no such file, or one of
+    another tool). Refused with one line (FolderImportError), before any work: a file that is
+    not JSON, and any entry whose ``file`` or ``style`` is absolute or climbs out with ``..``
+    (what else would such an entry be for). Entries that are wrong in another way are returned
+    and skipped one by one (:func:`_entry_problem`)."""
     meta = root / "metadata.json"
     if not meta.exists():
         return None
+    where = shown / "metadata.json"
     try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FolderImportError(f"{meta} is not valid JSON: {exc}") from exc
+        data = json.loads(meta.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FolderImportError(f"{where} is not valid JSON: {exc}") from exc
     entries = data.get("training_data") if isinstance(data, dict) else None
     if entries is None:
         return None  # some other metadata.json: treat the folder as plain images
     if not isinstance(entries, list):
-        raise FolderImportError(f"{meta}: 'training_data' must be a list")
+        raise FolderImportError(f"{where}: 'training_data' must be a list")
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-            raise FolderImportError(f"{meta}: training_data[{i}] needs a 'file' string")
-    return entries
+        for key in ("file", "style"):
+            value = entry.get(key) if isinstance(entry, dict) else None
+            if isinstance(value, str) and _climbs_out(value):
+                raise FolderImportError(
+                    f"{where}: training_data[{i}] {key} {value!r} leads out of the source folder; "
+                    "nothing was imported")
+    return list(enumerate(entries))
+
+
+def _post_id(raw: Any) -> int | None:
+    """``danbooru_id`` as a manifest post id (None: absent); ValueError names what is wrong."""
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, str) and raw.strip().isdigit():
+        raw = int(raw.strip())
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ValueError(f"bad-danbooru-id: {raw!r} is not a number")
+    if not 1 <= raw <= MAX_POST_ID:
+        raise ValueError(f"bad-danbooru-id: {raw} is not between 1 and {MAX_POST_ID}")
+    return raw
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """Why a ``metadata.json`` entry cannot be imported (its type), or None."""
+    if not isinstance(entry, dict):
+        return "bad-entry: not an object"
+    if not isinstance(entry.get("file"), str) or not entry["file"].strip():
+        return "bad-entry: 'file' must be a file name"
+    if entry.get("style") is not None and not isinstance(entry["style"], str):
+        return "bad-entry: 'style' must be a string"
+    tags = entry.get("tags")
+    if tags is not None and not isinstance(tags, str) and not (
+            isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        return "bad-entry: 'tags' must be a string or a list of strings"
+    try:
+        _post_id(entry.get("danbooru_id"))
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _resolve(root: Path, entry: dict[str, Any], follow_symlinks: bool = False) -> Path | None:
-    """The file a metadata.json entry names, never outside the source folder: ``..`` is always
-    refused, a symlink out of it only without ``follow_symlinks``."""
+    """The file a metadata.json entry names (its ``..`` and absolute names were refused
+    already); a symlink out of the source folder only with ``follow_symlinks``."""
     name = entry["file"]
     style = str(entry.get("style") or "")
     for candidate in (root / name, root / style / name, root / style / Path(name).name):
-        if not _inside(Path(os.path.normpath(candidate)), root):
-            continue  # a path that climbs out of the source folder
         if not follow_symlinks and not _inside(candidate.resolve(), root):
             continue  # a symlink out of the source folder
         if candidate.is_file():
@@ -172,64 +246,94 @@ def scan_folder(
     caption: CaptionOptions,
     follow_symlinks: bool = False,
 ) -> FolderScan:
-    """Candidates for every image in ``source``, and rows for metadata entries whose file is
-    missing. Old-downloader entries use style → query, tags → caption, danbooru_id → id."""
-    root = source.resolve()
+    """Candidates for every image in ``source``; entries and files that cannot be imported
+    are skipped into ``FolderScan.skipped``. Old-downloader entries use style → query,
+    tags → caption, danbooru_id → id."""
+    shown = Path(source).expanduser()
+    root = shown.resolve()
     scan = FolderScan()
-    candidates = scan.candidates
-    missing = scan.missing
     claimed: set[Path] = set()
     used_ids: set[str] = set()
-    entries = _load_metadata(root)
-    for entry in entries or []:
-        style = str(entry.get("style") or query or "import")
-        raw_id = entry.get("danbooru_id")
-        post_id = int(raw_id) if isinstance(raw_id, int) or (isinstance(raw_id, str) and raw_id.isdigit()) else None
-        path = _resolve(root, entry, follow_symlinks)
-        tags = entry.get("tags") or ""
-        tagset = TagSet.from_tag_string(tags if isinstance(tags, (str, list)) else str(tags))
-        fields: dict[str, Any] = {"post_id": post_id, "query": style, "source": f"file:{entry['file']}",
-                                  **_danbooru_tags(tagset)}
-        if path is None:
-            if post_id is not None:
-                missing.append(make_row(str(post_id), "rejected", fields, reason="file-not-found"))
-            else:
-                log.warning("metadata.json entry %s: file not found, skipped", entry["file"])
+    entries = _load_metadata(root, shown)
+    for index, entry in entries or []:
+        cand = _metadata_candidate(root, entry, query, caption, follow_symlinks)
+        if isinstance(cand, str):
+            scan.skip(f"{shown / 'metadata.json'}: training_data[{index}]"
+                      + (f" ({entry['file']})" if isinstance(entry, dict) and isinstance(entry.get("file"), str) else ""),
+                      cand)
             continue
-        claimed.add(path.resolve())
-        md5 = file_digest(path, "md5")
-        cand_id = str(post_id) if post_id is not None else f"local-{md5[:16]}"
-        if cand_id in used_ids:
-            cand_id = f"local-{md5[:16]}-" + hashlib.sha1(entry["file"].encode()).hexdigest()[:8]
-        used_ids.add(cand_id)
-        fields["md5"] = md5
-        fields["file_ext"] = path.suffix.lstrip(".").lower()
-        fields["file_size"] = path.stat().st_size
-        candidates.append(Candidate(
-            id=cand_id, query=style, md5=md5, fields=fields, source_path=str(path),
-            caption=build_caption(tagset, caption),
-        ))
+        claimed.add(Path(cand.source_path).resolve())
+        if cand.id in used_ids:
+            cand.id = f"local-{cand.md5[:16]}-" + hashlib.sha1(entry["file"].encode()).hexdigest()[:8]
+        used_ids.add(cand.id)
+        scan.candidates.append(cand)
     for path in _image_files(root, scan, follow_symlinks):
         if path.resolve() in claimed:
             continue
         rel = path.relative_to(root)
         name = query or (rel.parts[0] if entries is not None and len(rel.parts) > 1 else "import")
+        text = _sidecar_caption(path, shown / rel.with_suffix(".txt"), caption, scan)
+        if text is None:
+            continue
         md5 = file_digest(path, "md5")
         cand_id = f"local-{md5[:16]}"
         if cand_id in used_ids:  # a byte-identical copy: its own row, recorded as a duplicate
             cand_id += "-" + hashlib.sha1(rel.as_posix().encode()).hexdigest()[:8]
         used_ids.add(cand_id)
-        sidecar = path.with_suffix(".txt")
-        text = read_caption(sidecar) if sidecar.is_file() else ""
+        tags = split_caption(text)
+        if caption.trigger_word and tags[:1] == [caption.trigger_word]:
+            tags = tags[1:]
         fields = {"query": name, "md5": md5, "source": f"file:{rel.as_posix()}",
-                  "file_ext": path.suffix.lstrip(".").lower(), "file_size": path.stat().st_size}
-        if text:
-            fields.update(_danbooru_tags(TagSet.from_tag_string(text)))
-        candidates.append(Candidate(
-            id=cand_id, query=name, md5=md5, fields=fields, source_path=str(path),
-            caption=text,
+                  "file_ext": path.suffix.lstrip(".").lower(), "file_size": path.stat().st_size,
+                  **_danbooru_tags(TagSet(general=tags))}
+        scan.candidates.append(Candidate(
+            id=cand_id, query=name, md5=md5, fields=fields, source_path=str(path), caption=text,
         ))
     return scan
+
+
+def _metadata_candidate(
+    root: Path, entry: Any, query: str | None, caption: CaptionOptions, follow_symlinks: bool,
+) -> Candidate | str:
+    """The candidate for one ``metadata.json`` entry, or why it is skipped."""
+    problem = _entry_problem(entry)
+    if problem:
+        return problem
+    path = _resolve(root, entry, follow_symlinks)
+    if path is None:
+        return "file-not-found"
+    post_id = _post_id(entry.get("danbooru_id"))
+    style = entry.get("style") or query or "import"
+    tagset = TagSet.from_tag_string(entry.get("tags") or "")
+    md5 = file_digest(path, "md5")
+    fields: dict[str, Any] = {
+        "post_id": post_id, "query": style, "source": f"file:{entry['file']}", "md5": md5,
+        "file_ext": path.suffix.lstrip(".").lower(), "file_size": path.stat().st_size,
+        **_danbooru_tags(tagset),
+    }
+    return Candidate(
+        id=str(post_id) if post_id is not None else f"local-{md5[:16]}", query=style, md5=md5,
+        fields=fields, source_path=str(path), caption=build_caption(tagset, caption),
+    )
+
+
+def _sidecar_caption(image: Path, shown: Path, options: CaptionOptions, scan: FolderScan) -> str | None:
+    """The caption for ``image`` from its ``.txt`` (with the caption options applied), ``""``
+    without one; None when the ``.txt`` cannot be read: the image is skipped, not imported
+    uncaptioned (its caption would be lost without a word)."""
+    sidecar = image.with_suffix(".txt")
+    if not sidecar.is_file():
+        return caption_from_text("", options)
+    try:
+        loaded = load_caption(sidecar)
+    except CaptionFileError as exc:
+        scan.skip(str(shown), exc.reason)
+        return None
+    except OSError as exc:
+        scan.skip(str(shown), f"caption-unreadable: {exc.strerror or exc}")
+        return None
+    scan.lenient += [(str(shown), note) for note in loaded.notes]
+    return caption_from_text(loaded.text, options)
 
 
 def import_folder(
@@ -272,15 +376,15 @@ def import_folder(
         options_caption = replace(options_caption, trigger_word=trigger_word)
     options = PrepareOptions(min_side=min_side, caption=options_caption, radius=radius, max_pixels=max_pixels)
     scan = scan_folder(source, query=query, caption=options_caption, follow_symlinks=follow_symlinks)
-    if not scan.candidates and not scan.missing:
-        passed = "; ".join(scan.notes())
+    if not scan.candidates:
+        passed = "; ".join(scan.notes() + [f"skipped {s['path']}: {s['reason']}" for s in scan.skipped[:3]])
         raise FolderImportError(
             f"--from {source}: no images to import (looked for {', '.join(sorted(IMPORT_EXTS))})"
             + (f"; {passed}" if passed else "")
         )
     paths.ensure()
-    summary = RefreshSummary(dataset=name, notes=scan.notes())
-    rows = list(scan.missing)
+    summary = RefreshSummary(dataset=name, notes=scan.notes(), skipped=list(scan.skipped))
+    rows: list[dict[str, Any]] = []
     with dataset_lock(paths, timeout=lock_timeout):
         recover(paths)
         existing = load_rows(paths)

@@ -13,6 +13,9 @@ from lora.data.manifest import reason_kind
 
 __all__ = ["RefreshSummary"]
 
+#: Skipped entries the table shows one per line (``--json`` lists them all).
+_SKIPPED_SHOWN = 20
+
 
 @dataclass
 class RefreshSummary:
@@ -43,6 +46,10 @@ class RefreshSummary:
     replaced: int = 0
     #: Things passed over that are not manifest rows (hidden files, refused symlinks ...).
     notes: list[str] = field(default_factory=list)
+    #: Files and entries not imported, ``{"path", "reason"}`` (the user's path): a caption that
+    #: is not text, a metadata entry of the wrong shape or naming a missing file. They are not
+    #: manifest rows, so the next run picks them up once they are fixed.
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     def add_rows(self, rows: Iterable[dict[str, Any]]) -> None:
         """Count committed rows (each row once)."""
@@ -112,6 +119,11 @@ class RefreshSummary:
         if self.exhausted:
             lines.append(f"  no older posts left for: {', '.join(sorted(self.exhausted))}")
         lines += [f"  note: {note}" for note in self.notes]
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} (not imported; fix and run again):")
+            lines += [f"    {s['path']}: {s['reason']}" for s in self.skipped[:_SKIPPED_SHOWN]]
+            if len(self.skipped) > _SKIPPED_SHOWN:
+                lines.append(f"    ... and {len(self.skipped) - _SKIPPED_SHOWN} more (--json lists all)")
         lines.append(
             f"  version: {self.version or 'none (nothing new kept)'}; "
             f"the data set holds {self.total_kept} images"

@@ -50,7 +50,7 @@ def test_import_plain_folder_dedups_captions_and_versions(workspace, tmp_path, i
     assert len(load_manifest(paths)) == 5
 
 
-def test_import_old_downloader_layout(workspace, tmp_path, img):
+def test_import_old_downloader_layout(workspace, tmp_path, img, capsys):
     src = tmp_path / "old"
     img.save(src / "sketch" / "img_001.png", 10)
     img.save(src / "sketch" / "img_002.png", 11)
@@ -75,7 +75,9 @@ def test_import_old_downloader_layout(workspace, tmp_path, img):
     df = load_manifest(paths).set_index("id")
     assert df.loc["5001", "query"] == "sketch" and df.loc["5003", "query"] == "landscape"
     assert df.loc["5001", "post_id"] == 5001
-    assert df.loc["5004", "status"] == "rejected" and df.loc["5004", "reason"] == "file-not-found"
+    # a listed file that is missing is skipped, not recorded: it comes in once it is there
+    assert "5004" not in df.index
+    assert "training_data[3] (gone.png): file-not-found" in capsys.readouterr().out
     assert (df.status == "kept").sum() == 4  # three listed + the unlisted extra.png
     extra = df[df.source == "file:landscape/extra.png"]
     assert extra["query"].item() == "landscape"
