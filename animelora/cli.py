@@ -100,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from animelora.commands.paths import preflight
+
+    problem = preflight(args)  # every name and path checked before any work (exit 2)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ from lora.analysis.ladder import resolve_compare
 from lora.config import TrainConfig, resolve_config
 from lora.data.manifest import DatasetPaths
 from lora.data.versions import latest_version, read_version
+from lora.inputs import check_pipeline_inputs
 from lora.runpaths import RunPaths
 from lora.train import plan_total_steps
 from tasks.artifacts import ProgressReporter, artifact_key
@@ -238,9 +239,10 @@ def train_lora(
     logger = get_run_logger()
     if gpus < 1:
         raise ValueError(f"gpus: expected 1 or more, got {gpus}")
+    run_name = run_name or default_run_name(preset, dataset)
+    check_pipeline_inputs(workspace=workspace, dataset=dataset, run_name=run_name, repo_id=repo_id)
     ws = Path(workspace).expanduser().resolve()
     dataset_dir = ws / "datasets" / dataset
-    run_name = run_name or default_run_name(preset, dataset)
     run = RunPaths.of(ws, run_name)
     run_dir = run.root
 

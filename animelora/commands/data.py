@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Any, Callable
 
+from .paths import add_path
+
 __all__ = ["register"]
 
 _RATINGS = {"g", "s", "q", "e", "general", "sensitive", "safe", "questionable", "explicit"}
@@ -36,28 +38,11 @@ def _csv(value: str | None) -> list[str]:
 
 
 def _progress_bar(desc: str, quiet: bool = False) -> tuple[Callable[[dict[str, Any]], None], Callable[[], None]]:
-    """A tqdm bar fed by ``on_progress`` events; one bar per round (the total changes)."""
-    from tqdm import tqdm
+    """Progress fed by ``on_progress`` events: a bar on a terminal, plain lines elsewhere."""
+    from .progress import CountProgress
 
-    state: dict[str, Any] = {"bar": None, "key": None}
-
-    def on_progress(event: dict[str, Any]) -> None:
-        key = (event.get("round"), event.get("total"))
-        if state["key"] != key:
-            if state["bar"] is not None:
-                state["bar"].close()
-            round_no = event.get("round")
-            label = f"{desc} (round {round_no})" if round_no and round_no > 1 else desc
-            state["bar"] = tqdm(total=event.get("total"), desc=label, unit="img",
-                                disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
-            state["key"] = key
-        state["bar"].update(1)
-
-    def close() -> None:
-        if state["bar"] is not None:
-            state["bar"].close()
-
-    return on_progress, close
+    progress = CountProgress(desc, quiet=quiet)
+    return progress, progress.close
 
 
 def _caption_options(args: argparse.Namespace):
@@ -191,8 +176,8 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workspace", default="workspace", help="workspace folder (default: ./workspace)")
-    parser.add_argument("--dataset", default="anime", help="data set name (default: anime)")
+    add_path(parser, "--workspace", role="workspace", default="workspace", help="workspace folder (default: ./workspace)")
+    add_path(parser, "--dataset", role="dataset_name", default="anime", help="data set name (default: anime)")
     parser.add_argument("--min-side", type=int, default=512,
                         help="drop images whose short side is under this (default 512; never upscaled)")
     parser.add_argument("--trigger-word", default=None, help="written first in every caption")
@@ -259,7 +244,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Hidden files are skipped and symlinks out of the folder refused (both are reported); "
         "a folder inside the data set itself is refused.",
     )
-    imp.add_argument("--from", dest="source", required=True, help="folder to import")
+    add_path(imp, "--from", role="input", dest="source", required=True, help="folder to import")
     imp.add_argument("--query", default=None, help="query name recorded for plain images (default: import)")
     imp.add_argument("--follow-symlinks", action="store_true",
                      help="also import files and folders that symlinks lead to outside the source "

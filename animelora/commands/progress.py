@@ -17,6 +17,8 @@ from typing import Any, Callable, TextIO
 
 #: The logger the trainer reports validation losses on (``extra={"validation_loss": ...}``).
 VALIDATION_LOGGER = "lora.train.validation"
+#: Libraries that log through handlers of their own (not the root logger's).
+LIBRARY_LOGGERS = ("transformers", "diffusers")
 
 
 def format_duration(seconds: float | None) -> str:
@@ -40,6 +42,19 @@ class _ValidationListener(logging.Handler):
             self._sink(float(value))
 
 
+def _libraries_with_own_handler() -> list[logging.Logger]:
+    """Library loggers that already write to the console themselves. One without such a
+    handler yet is left alone: redirecting it would print its lines twice once the library adds
+    its own handler."""
+    found = []
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if any(type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stderr, sys.stdout)
+               for h in logger.handlers):
+            found.append(logger)
+    return found
+
+
 class TrainProgress:
     """Call with each ``on_progress`` dict; ``close()`` at the end (also a context manager).
 
@@ -60,6 +75,7 @@ class TrainProgress:
         self.validation: float | None = None
         self.bar: Any = None
         self._printed_validation: float | None = None
+        self._printed_step: int | None = None
         self._listener = _ValidationListener(self._on_validation)
         logger = logging.getLogger(VALIDATION_LOGGER)
         self._saved_level = logger.level
@@ -80,12 +96,15 @@ class TrainProgress:
         self.last = info
         if self.interactive:
             self._draw(step, total)
-        elif step == total or step % self.line_every == 0 or step == 1:
+        elif step != total and (step % self.line_every == 0 or step == 1):
             self._print_line()
+        # the last step's line waits for close(): the run's final validation comes after it,
+        # and one line should show both
 
     def _print_line(self) -> None:
         print(self.line(), file=self.stream, flush=True)
         self._printed_validation = self.validation
+        self._printed_step = int(self.last.get("step") or 0)
 
     # -- derived values ---------------------------------------------------------------------
     def steps_per_second(self) -> float | None:
@@ -135,21 +154,24 @@ class TrainProgress:
         self.bar.update(max(0, step - self.bar.n))
 
     def logging_above_bar(self):
-        """While training: log lines are printed above the bar instead of through it."""
+        """While training: log lines, the libraries' own included, are printed above the bar
+        instead of through it (transformers and diffusers log through their own handlers)."""
         if not self.interactive:
             from contextlib import nullcontext
 
             return nullcontext()
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        return logging_redirect_tqdm()
+        return logging_redirect_tqdm(loggers=[logging.root, *_libraries_with_own_handler()])
 
     def close(self) -> None:
         logger = logging.getLogger(VALIDATION_LOGGER)
         logger.removeHandler(self._listener)
         logger.setLevel(self._saved_level)
-        if not self.interactive and self.last and self.validation != self._printed_validation:
-            self._print_line()  # the run's final validation comes after its last step
+        if not self.interactive and self.last and (
+                self._printed_step != int(self.last.get("step") or 0)
+                or self.validation != self._printed_validation):
+            self._print_line()  # the last step, with the final validation that came after it
         if self.bar is not None:
             self.bar.set_postfix_str(self.postfix(), refresh=True)
             self.bar.close()
@@ -160,3 +182,82 @@ class TrainProgress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class CountProgress:
+    """Progress of ``fetch`` and ``import``: call with each ``on_progress`` event (one per image,
+    with ``total`` and ``round``), ``close()`` at the end.
+
+    On a terminal a tqdm bar per round (the total changes between rounds). Anywhere else (a
+    pipe, a log file, a Prefect worker) plain lines: the first image, one every ``every_s``
+    seconds and the round's last, each with the rate and an ETA, so a log shows the work moving
+    without a line per image."""
+
+    def __init__(self, desc: str, *, quiet: bool = False, stream: TextIO | None = None,
+                 interactive: bool | None = None, every_s: float = 15.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.desc = desc
+        self.quiet = quiet
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.interactive = bool(isatty and isatty()) if interactive is None else interactive
+        self.every_s = every_s
+        self.clock = clock
+        self.bar: Any = None
+        self._key: tuple[Any, Any] | None = None
+        self._label = desc
+        self._total: int | None = None
+        self._done = 0
+        self._started = 0.0
+        self._last_line: float | None = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        key = (event.get("round"), event.get("total"))
+        if key != self._key:
+            self._new_round(event)
+            self._key = key
+        self._done += 1
+        if self.interactive:
+            self.bar.update(1)
+            return
+        now = self.clock()
+        if (self._last_line is None or self._done == self._total
+                or now - self._last_line >= self.every_s):
+            print(self.line(now), file=self.stream, flush=True)
+            self._last_line = now
+
+    def _new_round(self, event: dict[str, Any]) -> None:
+        self.close()
+        round_no = event.get("round")
+        self._label = f"{self.desc} (round {round_no})" if round_no and round_no > 1 else self.desc
+        total = event.get("total")
+        self._total = int(total) if isinstance(total, (int, float)) else None
+        self._done = 0
+        self._started = self.clock()
+        self._last_line = None
+        if self.interactive:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self._total, desc=self._label, unit="img", file=self.stream)
+
+    def line(self, now: float) -> str:
+        """``downloading: 30/300 img (10%), 2.1 img/s, eta 2:08``."""
+        elapsed = now - self._started
+        rate = self._done / elapsed if elapsed > 0 else None
+        text = f"{self._label}: {self._done}"
+        if self._total:
+            text += f"/{self._total} img ({self._done / self._total:.0%})"
+        else:
+            text += " img"
+        if rate:
+            text += f", {rate:.1f} img/s"
+            if self._total:
+                text += f", eta {format_duration((self._total - self._done) / rate)}"
+        return text
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

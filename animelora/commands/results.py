@@ -13,6 +13,8 @@ from typing import Any
 
 from lora.runpaths import LOG_FILE, SAMPLES_GRID, SAMPLES_JSON, RunPaths
 
+from .paths import add_path
+
 
 def _fail(message: str, code: int = 1) -> int:
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
@@ -180,15 +182,13 @@ def _publish(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not run.is_dir():
         return _fail(f"{run}: run folder not found", 2)
-    if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
-        return _fail(f"--repo-id must look like USER/NAME, got {args.repo_id!r}", 2)
     try:
         if not run.is_dir():
             raise PublishArgumentError(f"--run {run}: run folder not found")
         result = publish(run, args.repo_id, private=args.private, endpoint=args.endpoint,
                          dry_run=args.dry_run, trigger_word=args.trigger_word,
                          license=args.license, base_model=args.base_model,
-                         allow_test_model=args.allow_test_model)
+                         allow_test_model=args.allow_test_model, card=args.card)
     except PublishArgumentError as exc:
         return _fail(str(exc), 2)
     except PublishError as exc:
@@ -207,12 +207,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "analyze", help="loss metrics, verdict and comparison of training logs",
         description="Initial/min/final loss, improvement %, spikes, a smoothed trend and a "
                     f"verdict for each {LOG_FILE} (or run folder), and a comparison.")
-    p.add_argument("logs", nargs="+", metavar="LOG_OR_RUN",
+    add_path(p, "logs", role="input", nargs="+", metavar="LOG_OR_RUN",
                    help=f"a {LOG_FILE} or a run folder")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
     p.add_argument("--spike-threshold", type=float, default=30.0, metavar="PCT",
                    help="epoch-to-epoch jump that counts as a spike (default 30%%)")
-    p.add_argument("--plot", metavar="OUT.png",
+    add_path(p, "--plot", role="output_png", metavar="OUT.png",
                    help="write a loss-curve PNG (a comparison plot for several runs)")
     p.add_argument("--rescore", action="store_true",
                    help="re-score each run folder's exported LoRA (and the base model) on the "
@@ -225,12 +225,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sample", help="base model vs LoRA images at fixed prompts and seeds",
         description="Render the base model and the run's LoRA (and other runs' LoRAs) at the "
                     f"same prompts and seeds; writes images, {SAMPLES_GRID} and {SAMPLES_JSON}.")
-    p.add_argument("--run", required=True, help="the run folder (holds lora/)")
-    p.add_argument("--compare", action="append", default=[], metavar="RUN",
+    add_path(p, "--run", role="existing_run", required=True, help="the run folder (holds lora/)")
+    add_path(p, "--compare", role="existing_run", action="append", default=[], metavar="RUN",
                    help="another run folder to add as a column (repeatable)")
-    p.add_argument("--model", help="base model: tiny, a Hub id or a path "
+    add_path(p, "--model", role="input", help="base model: tiny, a Hub id or a path "
                                    "(default: the run's config.json 'model')")
-    p.add_argument("--prompts", metavar="FILE",
+    add_path(p, "--prompts", role="input", metavar="FILE",
                    help="prompts file: one per line (# comments) or a JSON list")
     p.add_argument("--negative-prompt", default=None,
                    help="negative prompt for every image (default: lowres, bad anatomy, ...)")
@@ -246,9 +246,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    choices=("euler_a", "dpm++", "euler", "ddim"),
                    help="sampler (default euler_a, as in AUTOMATIC1111's default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--lcm-lora", metavar="PATH",
+    add_path(p, "--lcm-lora", role="input", metavar="PATH",
                    help="local LCM-LoRA weights for fast few-step sampling")
-    p.add_argument("--out", help="output folder (default RUN/samples): new, empty, or an earlier "
+    add_path(p, "--out", role="output_dir", help="output folder (default RUN/samples): new, empty, or an earlier "
                                  "samples folder, which is replaced; any other folder or a file is refused")
     p.add_argument("--trigger-word",
                    help="put first in each default prompt (default: the trigger word recorded "
@@ -261,8 +261,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "sample images, metrics and the loss plot) and upload it. Unless --private, "
                     "the repo and everything in it is public. Checkpoints, caches, config.json "
                     "and the data set never leave the machine. The token comes from HF_TOKEN.")
-    p.add_argument("--run", required=True, help="the run folder")
-    p.add_argument("--repo-id", required=True, metavar="USER/NAME",
+    add_path(p, "--run", role="existing_run", required=True, help="the run folder")
+    add_path(p, "--repo-id", role="repo_id", required=True, metavar="USER/NAME",
                    help="the Hub model repo to create or update, e.g. you/anime-lora")
     p.add_argument("--private", action="store_true",
                    help="create the repo as private (default: public, visible to everyone)")
@@ -279,6 +279,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--license", default=None,
                    help="a Hub license identifier such as creativeml-openrail-m (default), "
                         "openrail++, cc-by-nc-4.0, mit or other; checked before staging")
+    add_path(p, "--card", role="input", metavar="FILE",
+             help="your own model card (markdown) to upload as the repo's README instead of the "
+                  "generated one; publish never replaces a card you edited inside RUN/hub/")
     p.add_argument("--allow-test-model", action="store_true",
                    help="upload a run trained on the tiny test model (--model tiny) anyway; "
                         "refused otherwise, as such a LoRA is of no use")

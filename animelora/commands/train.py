@@ -18,6 +18,8 @@ from typing import Any
 
 from lora.runpaths import KEPT_LORA_PREFIX, RunPaths
 
+from .paths import add_path
+
 EXIT_COMPLETE = 0
 EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
@@ -37,6 +39,13 @@ def _parse_set(items: list[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             value = raw
         out[key] = value
+    from lora.config import TrainConfig
+
+    from .settings import unknown_settings
+
+    problem = unknown_settings(out, TrainConfig.model_fields)
+    if problem:
+        raise ValueError(problem)
     return out
 
 
@@ -116,7 +125,8 @@ def _handler(args: argparse.Namespace) -> int:
     budget = args.time_budget_minutes * 60 if args.time_budget_minutes is not None else None
     progress = None if quiet else TrainProgress()
     try:
-        if not quiet:
+        # a finished run trains no step (unless --extend): its start line would be untrue
+        if not quiet and (args.extend or RunPaths(Path(args.run_dir)).finished_step() is None):
             print(describe_schedule(cfg, make_plan(cfg), run_name), file=sys.stderr, flush=True)
         with progress.logging_above_bar() if progress is not None else nullcontext():
             result = train(cfg, Path(args.run_dir), stop_at_step=args.stop_at_step,
@@ -172,18 +182,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(time budget / --stop-at-step / Ctrl-C or SIGTERM; re-run the same command to continue), "
         "2 bad config or data set, 1 runtime failure, 130 / 143 a second Ctrl-C / SIGTERM.",
     )
-    parser.add_argument("--dataset", required=True,
+    add_path(parser, "--dataset", role="dataset_dir", required=True,
                         help="data-set folder (with versions/, or any folder of images with .txt captions)")
-    parser.add_argument("--run-dir", required=True,
+    add_path(parser, "--run-dir", role="run_dir", required=True,
                         help="run folder: created for a new run, resumed from its latest checkpoint otherwise")
     parser.add_argument("--preset", default=None,
                         help="phase1.5, phase2a (default), phase2a-l2 or phase2b (README: Presets)")
-    parser.add_argument("--model", default=None,
+    add_path(parser, "--model", role="input", default=None,
                         help="base model: a Hub id (default stable-diffusion-v1-5/stable-diffusion-v1-5, "
                              "downloaded once, about 4 GB), a diffusers folder, a .safetensors "
                              "checkpoint, or 'tiny' (a small random-weight model for trying things "
                              "out; its LoRAs are useless)")
-    parser.add_argument("--config", default=None, help="JSON or TOML file of training settings")
+    add_path(parser, "--config", role="input", default=None, help="JSON or TOML file of training settings")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="any training setting by its config name, e.g. --set lr_scheduler=cosine (repeatable)")
     parser.add_argument("--max-steps", type=int, default=None,
@@ -199,7 +209,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="training resolution, a multiple of 16 (default 512; the tiny model's own size for tiny)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (preset default)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (preset default)")
-    parser.add_argument("--run-name", default=None,
+    add_path(parser, "--run-name", role="run_name", default=None,
                         help="name of the run in logs, the card and the kohya file (default: the run folder's name)")
     parser.add_argument("--checkpoint-every-steps", type=int, default=None,
                         help="write a checkpoint every N steps (default: by time only)")

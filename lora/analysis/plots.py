@@ -39,11 +39,31 @@ def _validation_x(analysis: RunAnalysis) -> list[float]:
     return xs
 
 
+#: The PNG text chunk that proves a plot is animelora's (lora/owned.py: a file the user names
+#: is only ever replaced when the project wrote it).
+PNG_SIGNATURE = {"Software": "animelora"}
+
+
+def is_animelora_png(path: Path | str) -> bool:
+    """Whether ``path`` is a PNG this module wrote (it carries :data:`PNG_SIGNATURE`)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            text = getattr(img, "text", {}) or {}
+            return img.format == "PNG" and all(text.get(k) == v for k, v in PNG_SIGNATURE.items())
+    except Exception:  # noqa: BLE001 - not an image, unreadable: not ours
+        return False
+
+
 def save_figure(fig: Figure, out_png: Path | str) -> Path:
-    """Render ``fig`` to PNG atomically (temporary file in the same folder, then rename)."""
+    """Render ``fig`` to PNG atomically (temporary file in the same folder, then rename).
+
+    The PNG carries :data:`PNG_SIGNATURE`, so a later command can tell it from a user's image.
+    """
     def render(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=100, bbox_inches="tight")
+            fig.savefig(fh, format="png", dpi=100, bbox_inches="tight", metadata=dict(PNG_SIGNATURE))
 
     return atomic_write(Path(out_png), render, fsync=False)  # no fsync: plots are rebuilt at will
 

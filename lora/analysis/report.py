@@ -10,8 +10,12 @@ from lora.analysis.compare import Comparison, fmt
 from lora.analysis.metrics import RunAnalysis
 from lora.analysis.plots import plot_comparison, plot_loss
 from lora.fsutil import atomic_write_text
-from lora.runpaths import RunPaths
+from lora.owned import FolderKind, build_folder
+from lora.runpaths import COMPARISON_PLOT, LADDER_PLOT, LOSS_PLOT, METRICS_FILE, REPORT_FILE, RunPaths
 
+#: ``report/``: rebuilt whole by every report; ``legacy``: what it held before it had a ledger.
+REPORT_FOLDER = FolderKind("the run's report folder", legacy=(
+    METRICS_FILE, REPORT_FILE, LOSS_PLOT, COMPARISON_PLOT, LADDER_PLOT))
 
 def json_safe(value: Any) -> Any:
     """NaN and infinity become null so the JSON is valid for any reader."""
@@ -68,10 +72,19 @@ def write_report(
 
     ``gate``: the paired comparison the publish gate decides on (lora/gate.py);
     ``ladder``: the guide's ladder of runs on this data set (lora/analysis/ladder.py).
-    Returns the path of ``report.md``. Each file is replaced atomically.
+    Returns the path of ``report.md``. The folder is rebuilt whole and swapped in (lora/owned.py):
+    it is replaced only while it holds nothing but an earlier report's unchanged files, so a
+    note the user put there, or a report.md they edited, stops it with one line instead.
     """
     paths = RunPaths(run_dir)
-    paths.report.mkdir(parents=True, exist_ok=True)
+    with build_folder(paths.report, REPORT_FOLDER) as tmp:
+        _write_report_files(tmp, paths, analysis, comparison, gate, ladder)
+    return paths.report_md
+
+
+def _write_report_files(out: Path, paths: RunPaths, analysis: RunAnalysis, comparison: Comparison | None,
+                        gate: dict[str, Any] | None, ladder: Any) -> None:
+    """The report's files, written into ``out`` (the folder that becomes ``paths.report``)."""
     metrics: dict[str, Any] = analysis.to_dict()
     if comparison is not None:
         metrics["comparison"] = comparison.to_dict()
@@ -79,8 +92,8 @@ def write_report(
         metrics["gate_comparison"] = gate
     if ladder is not None:
         metrics["ladder"] = ladder.to_dict()
-    write_text_atomic(paths.metrics, json.dumps(json_safe(metrics), indent=2) + "\n")
-    plot_loss(analysis, paths.loss_plot)
+    write_text_atomic(out / paths.metrics.name, json.dumps(json_safe(metrics), indent=2) + "\n")
+    plot_loss(analysis, out / paths.loss_plot.name)
 
     parts = [f"# Training report: {analysis.name}", "", f"**Verdict:** {analysis.verdict}", ""]
     settings = {k: v for k, v in analysis.settings.items() if v is not None}
@@ -97,16 +110,16 @@ def write_report(
                      f"{fmt(row.get('time_seconds'))} |")
     parts += ["", "## Loss curve", "", f"![loss curve]({paths.loss_plot.name})", ""]
     if comparison is not None:
-        plot_comparison(list(comparison.analyses), paths.comparison_plot)
+        plot_comparison(list(comparison.analyses), out / paths.comparison_plot.name)
         parts += ["## Comparison", "", comparison.to_markdown(), "",
                   f"![comparison]({paths.comparison_plot.name})", ""]
     if ladder is not None and ladder.rungs:
         from lora.analysis.ladder import plot_ladder
 
-        plot_ladder(ladder, paths.ladder_plot)
+        plot_ladder(ladder, out / paths.ladder_plot.name)
         parts += ["## The guide's ladder on this data set", "", ladder.to_markdown(), "",
                   f"![ladder]({paths.ladder_plot.name})", ""]
-    return write_text_atomic(paths.report_md, "\n".join(parts))
+    write_text_atomic(out / paths.report_md.name, "\n".join(parts))
 
 
 __all__ = ["json_safe", "metrics_markdown", "write_report", "write_text_atomic"]

@@ -176,7 +176,10 @@ def gather(run_dir: Path, trigger_word: str | None = None, base_model: str | Non
     dataset = cfg.get("dataset") if isinstance(cfg.get("dataset"), str) else None
     version = log.get("dataset_version") or cfg.get("dataset_version")
     version = str(version) if version else None
-    lora_files = [p for p in paths.lora_files() if not p.is_symlink()]
+    # The two files the trainer exports under this run's name, never every *.safetensors in
+    # lora/: a user's other LoRA dropped there must not reach a public repo.
+    lora_files = [p for p in (paths.diffusers_weights, paths.kohya_weights(run_name))
+                  if p.is_file() and not p.is_symlink()]
     trigger = (trigger_word or cfg.get("trigger_word") or log.get("trigger_word")
                or kohya_trigger_phrase(lora_files))
     record = _version_record(run_dir, dataset, version)

@@ -8,6 +8,7 @@ failure becomes one :class:`PublishError` line; the staged folder stays for a re
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from dataclasses import dataclass, field
@@ -188,6 +189,7 @@ def publish(
     license: str | None = None,
     base_model: str | None = None,
     allow_test_model: bool = False,
+    card: Path | str | None = None,
 ) -> PublishResult:
     """Stage ``run_dir/hub/`` and (unless ``dry_run``) upload it to ``repo_id``.
 
@@ -210,12 +212,15 @@ def publish(
     try:
         kwargs = {"license": license} if license else {}
         hub_dir = stage_run(run_dir, repo_id=repo_id, trigger_word=trigger_word,
-                            base_model=base_model, **kwargs)
+                            base_model=base_model, card=card, **kwargs)
     except StageArgumentError as exc:
         raise PublishArgumentError(str(exc)) from None
     except StageError as exc:
         raise PublishError(str(exc)) from None
-    files = staged_files(hub_dir)
+    try:
+        files = staged_files(hub_dir)
+    except StageError as exc:
+        raise PublishError(str(exc)) from None
     run_name = run_dir.name
     result = PublishResult(
         repo_id=repo_id, staged_dir=hub_dir, files=files, endpoint=endpoint_url,
@@ -244,8 +249,10 @@ def publish(
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         step = "upload_folder"
+        # Exactly the staged files (the ledger), never whatever else is in the folder.
         info = api.upload_folder(folder_path=str(hub_dir), repo_id=repo_id, repo_type="model",
-                                 commit_message=result.commit_message)
+                                 commit_message=result.commit_message,
+                                 allow_patterns=[glob.escape(f.path) for f in files])
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         message = explain(exc, repo_id=repo_id, endpoint=endpoint_url, step=step, token=secret)
         log.debug("publish failed: %s", message)

@@ -208,7 +208,7 @@ def test_write_report(tmp_path, guide_log, epoch_log):
     assert metrics["comparison"]["best"] == "phase2a"
     assert (run / "report" / "loss_curve.png").read_bytes().startswith(PNG_MAGIC)
     assert sorted(p.name for p in (run / "report").iterdir()) == [
-        "comparison.png", "loss_curve.png", "metrics.json", "report.md"]
+        ".animelora.json", "comparison.png", "loss_curve.png", "metrics.json", "report.md"]
 
 
 def test_metrics_json_is_valid_even_with_nan(tmp_path):

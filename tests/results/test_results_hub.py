@@ -52,12 +52,59 @@ def test_staging_is_an_allow_list(run_copy):
     assert "source" not in metrics and metrics["validation"]["final_loss"] == pytest.approx(0.44)
 
 
-def test_restaging_replaces_the_folder_whole(run_copy):
+def test_restaging_replaces_only_what_staging_wrote(run_copy):
     hub = stage_run(run_copy, repo_id=REPO)
-    (hub / "stale.bin").write_bytes(b"old")
-    stage_run(run_copy, repo_id=REPO)
-    assert not (hub / "stale.bin").exists()
+    card = (hub / "README.md").read_text()
+    assert stage_run(run_copy, repo_id=REPO) == hub  # its own, unchanged files: replaced
+    assert (hub / "README.md").read_text() == card
     assert not [p for p in run_copy.iterdir() if p.name.startswith(".hub")]
+
+
+@pytest.mark.parametrize("change", ["edited card", "note", "sub-folder"])
+def test_restaging_never_deletes_what_the_user_put_in_hub(run_copy, change):
+    """Issue 23 case 1: a hand-edited card, notes and a sub-folder were deleted without a word."""
+    from lora.hub.stage import StageArgumentError
+
+    hub = stage_run(run_copy, repo_id=REPO)
+    if change == "edited card":
+        (hub / "README.md").write_text("# my own words\n")
+    elif change == "note":
+        (hub / "notes.txt").write_text("mine")
+    else:
+        (hub / "extra").mkdir()
+        (hub / "extra" / "a.txt").write_text("mine")
+    before = {p.relative_to(hub).as_posix(): p.read_bytes() for p in hub.rglob("*") if p.is_file()}
+    with pytest.raises(StageArgumentError, match="did not write or that were changed") as info:
+        stage_run(run_copy, repo_id=REPO)
+    assert "--card" in str(info.value)
+    assert {p.relative_to(hub).as_posix(): p.read_bytes() for p in hub.rglob("*") if p.is_file()} == before
+    assert not [p for p in run_copy.iterdir() if p.name.startswith(".hub")]
+
+
+def test_an_own_card_is_staged_with_card(run_copy, tmp_path):
+    mine = tmp_path / "card.md"
+    mine.write_text("# my card\n")
+    hub = stage_run(run_copy, repo_id=REPO, card=mine)
+    assert (hub / "README.md").read_text() == "# my card\n"
+
+
+def test_a_private_lora_in_lora_folder_is_never_staged(run_copy):
+    """Issue 23 case 2: every *.safetensors in lora/ used to go into a public upload plan."""
+    private = run_copy / "lora" / "my-private-style.safetensors"
+    private.write_bytes((run_copy / "lora" / "tiny-a.safetensors").read_bytes())
+    hub = stage_run(run_copy, repo_id=REPO)
+    names = [f.path for f in staged_files(hub)]
+    assert "my-private-style.safetensors" not in names and not (hub / private.name).exists()
+    assert {"pytorch_lora_weights.safetensors", "tiny-a.safetensors"} <= set(names)
+
+
+def test_upload_plan_is_the_ledger_not_the_folder(run_copy):
+    hub = stage_run(run_copy, repo_id=REPO)
+    names = {f.path for f in staged_files(hub)}
+    assert ".animelora.json" not in names and "README.md" in names
+    (hub / "README.md").write_text("changed after staging")
+    with pytest.raises(Exception, match="changed since it was staged"):
+        staged_files(hub)
 
 
 def test_staging_without_lora_files_fails(tmp_path):
