@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
 import warnings
-from typing import Sequence
+from typing import Any, Sequence, TextIO
 
 # Modules that expose ``register(subparsers)``; a module that is missing is skipped so a
 # partial install still gives a working CLI.
@@ -48,6 +49,9 @@ def quiet_third_party() -> None:
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     os.environ["DIFFUSERS_VERBOSITY"] = "error"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    # diffusers' bars ("Loading pipeline components...") have no switch of their own before
+    # diffusers is imported; tqdm reads TQDM_DISABLE as the default of every bar it draws
+    os.environ["TQDM_DISABLE"] = "1"
     os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
@@ -61,6 +65,37 @@ def quiet_third_party() -> None:
     hub = sys.modules.get("huggingface_hub.utils")
     if hub is not None:
         hub.disable_progress_bars()
+
+
+#: (logger, text) of library warnings about nothing the project uses: transformers warns that
+#: image processors (which only the unused safety checker needs) fall back without torchvision.
+IRRELEVANT_WARNINGS = (("transformers.utils.import_utils", "requires torchvision"),)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def drop_irrelevant_warnings() -> None:
+    """Filter :data:`IRRELEVANT_WARNINGS` out for good, with or without ``-q``: they say nothing
+    a user can act on and would land between the training progress lines."""
+    for name, text in IRRELEVANT_WARNINGS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMessages(text))
+
+
+def _add_quiet_everywhere(sub: argparse._SubParsersAction) -> None:
+    """``-q`` after any sub-command too (``animelora analyze -q ...``), as ``train`` has it."""
+    for name, parser in sub.choices.items():
+        if not any("-q" in action.option_strings for action in parser._actions):
+            parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                                help=f"the same as animelora -q {name} ...: only warnings and errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,10 +119,62 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    _add_quiet_everywhere(sub)
     return parser
 
 
+class _Watched:
+    """A stream that passes everything on and remembers whether anything was written and the
+    last ``error:`` line (the commands' and argparse's one-line errors)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.wrote = False
+        self.error: str | None = None
+
+    def write(self, text: str) -> int:
+        self.wrote = self.wrote or bool(text)
+        for line in text.splitlines():
+            head, sep, rest = line.partition("error: ")
+            if sep and (not head or head.endswith(": ")):  # "error: x" or "animelora train: error: x"
+                self.error = rest.strip()
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    # "--js", "--jso": argparse takes unambiguous prefixes of a flag
+    return any(len(a) >= 4 and "--json".startswith(a) for a in argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. With ``--json``, stdout holds one JSON object even when the command
+    fails: ``{"status": "error", "exit_code": N, "error": "..."}`` where it printed none, so a
+    script reading stdout never gets an empty string."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not _wants_json(argv):
+        return _run(argv)
+    out, err = _Watched(sys.stdout), _Watched(sys.stderr)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
+    code: int | str | None = 1
+    try:
+        code = _run(argv)
+        return code
+    except SystemExit as exc:  # argparse's usage errors (2); --help and --version exit 0
+        code = exc.code
+        raise
+    finally:
+        sys.stdout, sys.stderr = saved
+        if code not in (0, None) and not out.wrote:
+            print(json.dumps({"status": "error", "exit_code": code if isinstance(code, int) else 1,
+                              "error": err.error or ("interrupted" if code == 130 else "failed (see stderr)")}))
+
+
+def _run(argv: Sequence[str]) -> int:
+    drop_irrelevant_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False) and not args.verbose
