@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lora.fsutil import make_temp_dir, swap_dir
+from lora.owned import FolderKind, NotOursError, check_replaceable, record_files
 from lora.runpaths import DIFFUSERS_WEIGHTS, SAMPLES_DIR, SAMPLES_GRID, SAMPLES_JSON, RunPaths
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,10 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "1girl, solo, upper body, smile, cherry blossoms, anime style, best quality",
     "1boy, city street at night, neon lights, anime style, masterpiece",
 )
-DEFAULT_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, "
-                           "extra digit, fewer digits, cropped, worst quality, low quality, "
-                           "jpeg artifacts, signature, watermark, blurry")
+#: Within the 77 tokens the CLIP text encoder reads, even with the tiny model's small
+#: vocabulary (67 there, about 30 with SD1.5's): a longer default was cut silently.
+DEFAULT_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, worst quality, "
+                           "low quality, jpeg artifacts, signature, watermark, blurry")
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1)
 DEFAULT_STEPS = 20
 TINY_STEPS = 4
@@ -158,27 +160,10 @@ def _device(device: str) -> str:
     return device
 
 
-def _own_listing(folder: Path) -> set[str] | None:
-    """The files a samples folder of ours may hold (relative names), or None if it is not ours.
-
-    Ours: it has the marker, or (written before the marker existed) a samples.json of this
-    module's shape. Its image files are the ones samples.json lists.
-    """
-    meta_path = folder / SAMPLES_JSON
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
-    except (OSError, ValueError):
-        meta = None
-    shaped = (isinstance(meta, dict) and isinstance(meta.get("images"), list)
-              and isinstance(meta.get("columns"), list))
-    if not (folder / OUT_MARKER).is_file() and not shaped:
-        return None
-    allowed = {OUT_MARKER, SAMPLES_JSON, SAMPLES_GRID, "images"}
-    if shaped:
-        allowed |= {r["file"] for r in meta["images"] if isinstance(r, dict) and isinstance(r.get("file"), str)}
-    else:
-        allowed |= {f"images/{p.name}" for p in (folder / "images").glob("*.png")}
-    return allowed
+#: A samples folder (lora/owned.py): rebuilt whole, so it may hold only what sampling wrote.
+#: ``legacy``: what sampling wrote before folders had a ledger (its marker file included).
+SAMPLES_FOLDER = FolderKind("a samples folder", legacy=(
+    OUT_MARKER, SAMPLES_JSON, SAMPLES_GRID, "images/*.png"))
 
 
 def check_out_dir(out_dir: Path | str, run_dirs: Sequence[Path] = ()) -> Path:
@@ -200,17 +185,10 @@ def check_out_dir(out_dir: Path | str, run_dirs: Sequence[Path] = ()) -> Path:
         if out == run or out in run.parents:
             raise SampleUsageError(f"output folder {out} is (or holds) the run folder {run}; name a new "
                                    f"sub-folder such as {RunPaths(run).samples}")
-    if out.is_dir() and any(out.iterdir()):
-        allowed = _own_listing(out)
-        if allowed is None:
-            raise SampleUsageError(f"output folder {out} is not empty and was not written by animelora sample; "
-                                   "name a new or empty folder (nothing was changed)")
-        foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                         if str(p.relative_to(out)) not in allowed or (p.is_symlink()))
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise SampleUsageError(f"output folder {out} holds files animelora sample did not write ({shown}); "
-                                   "move them away or name another folder (nothing was changed)")
+    try:
+        check_replaceable(out, SAMPLES_FOLDER, hint="or name another folder")
+    except NotOursError as exc:
+        raise SampleUsageError(str(exc)) from None
     return out
 
 
@@ -321,6 +299,43 @@ def _run_lora_files(runs: Sequence[Path]) -> list[Path]:
     return RunPaths(runs[0]).lora_files()
 
 
+def long_prompts(tokenizer: Any, prompts: Sequence[str], negative_prompt: str | None) -> list[str]:
+    """One line for each prompt longer than the text encoder reads (77 CLIP tokens for SD1.5),
+    naming what it will ignore. Why: the pipeline cuts such a prompt silently (the negative
+    prompt) or with a multi-line warning, and the images then ignore the tags at the end."""
+    limit = int(tokenizer.model_max_length)
+    labelled = [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
+    labelled += [("negative prompt", negative_prompt)] if negative_prompt else []
+    lines = []
+    for label, text in labelled:
+        ids = tokenizer(text, truncation=False, verbose=False).input_ids
+        if len(ids) > limit:
+            ignored = " ".join(tokenizer.decode(ids[limit - 1:], skip_special_tokens=True).split())
+            shown = ignored if len(ignored) <= 60 else ignored[:57] + "..."
+            lines.append(f"{label} is {len(ids)} CLIP tokens, over the {limit} the text encoder "
+                         f"reads: \"{shown}\" is ignored; shorten it")
+    return lines
+
+
+#: diffusers' own warning about a cut prompt (several lines, the cut text in tokens).
+_DIFFUSERS_TRUNCATION = "was truncated because CLIP can only handle"
+
+
+def _drop_diffusers_truncation(record: logging.LogRecord) -> bool:
+    return _DIFFUSERS_TRUNCATION not in record.getMessage()
+
+
+def _warn_long_prompts(pipe: Any, prompts: Sequence[str], negative_prompt: str | None) -> None:
+    """Say once, in one line per prompt, what the text encoder will not read (instead of
+    diffusers' warning at every batch)."""
+    lines = long_prompts(pipe.tokenizer, prompts, negative_prompt)
+    for line in lines:
+        log.warning(line)
+    pipeline_log = logging.getLogger(type(pipe).__module__)
+    if lines and _drop_diffusers_truncation not in pipeline_log.filters:
+        pipeline_log.addFilter(_drop_diffusers_truncation)
+
+
 def generate_samples(
     base_model: str,
     run_dirs: Sequence[Path | str] | Path | str,
@@ -393,6 +408,7 @@ def generate_samples(
     dtype = torch.float16 if dev.startswith("cuda") else torch.float32
     pipe = load_pipeline(base_model, dtype=dtype, device=dev)
     _set_scheduler(pipe, scheduler)
+    _warn_long_prompts(pipe, prompts, negative_prompt)
     adapters = [f"run{i}" for i in range(len(runs))]
     for adapter, weight in zip(adapters, weights):
         try:
@@ -461,6 +477,7 @@ def generate_samples(
         }
         (tmp / SAMPLES_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / OUT_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
+        record_files(tmp)  # the ledger: the next run may replace exactly these files
         check_out_dir(out, runs)  # nothing of anyone else's arrived while rendering
         swap_dir(tmp, out)
     except BaseException:

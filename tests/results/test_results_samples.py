@@ -140,7 +140,7 @@ def test_cli_sample_out_never_deletes_what_it_did_not_write(lora_runs, tmp_path,
     (mine / "notes.txt").write_text("keep me\n")
     (mine / "sub" / "photo.png").write_bytes(b"not really a png")
     assert main(_sample_cli(run, mine, tmp_path)) == 2
-    assert "not empty and was not written by animelora sample" in _one_error_line(capsys)
+    assert "holds files animelora did not write" in _one_error_line(capsys)
     assert (mine / "notes.txt").read_text() == "keep me\n" and (mine / "sub" / "photo.png").is_file()
     # a file: refused, untouched
     a_file = tmp_path / "grid.png"
