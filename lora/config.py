@@ -17,6 +17,8 @@ from typing import Any, Literal, Mapping
 import pydantic
 from pydantic import Field, field_validator, model_validator
 
+from lora.model.tiny import TINY_RESOLUTION
+
 #: The blog guide's Phase 1.5 / Phase 2A settings (README: Presets). Anything not named keeps its default.
 PRESETS: dict[str, dict[str, Any]] = {
     "phase1.5": {
@@ -40,8 +42,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 DEFAULT_PRESET = "phase2a"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-#: Fallback when lora.model is not importable; the model layer's constant wins.
-_TINY_RESOLUTION_FALLBACK = 64
 
 #: Fields that may change between segments of one run without changing what is trained.
 RESUME_TOLERANT_FIELDS = frozenset({
@@ -54,14 +54,6 @@ RESUME_TOLERANT_FIELDS = frozenset({
 
 class ConfigError(ValueError):
     """A bad training configuration; the message is one line naming the field."""
-
-
-def _tiny_resolution() -> int:
-    try:
-        from lora.model import TINY_RESOLUTION
-    except Exception:  # noqa: BLE001 - the constant is a convenience, not a requirement
-        return _TINY_RESOLUTION_FALLBACK
-    return int(TINY_RESOLUTION)
 
 
 class TrainConfig(pydantic.BaseModel, extra="forbid"):
@@ -167,7 +159,7 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     def _tiny_default_resolution(cls, data: Any) -> Any:
         """The tiny model trains at its own small size unless a resolution was asked for."""
         if isinstance(data, Mapping) and data.get("model") == "tiny" and "resolution" not in data:
-            data = {**data, "resolution": _tiny_resolution()}
+            data = {**data, "resolution": TINY_RESOLUTION}
         return data
 
     @field_validator("resolution")

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lora.data.split import SPLITS, fill_manifest_splits, load_settings
 from lora.fsutil import atomic_write
 
 __all__ = [
@@ -42,7 +43,10 @@ __all__ = [
 ]
 
 #: The statuses a row can have. "failed" rows (download errors) may be retried by a later refresh.
-STATUSES = ("kept", "duplicate", "rejected", "failed")
+#: "removed": an image taken out of the data set after it was kept (``animelora dataset remove``,
+#: or its file found missing); its file, if still there, stays for the versions that list it, and
+#: a refresh does not fetch it again until ``animelora dataset restore``.
+STATUSES = ("kept", "duplicate", "rejected", "failed", "removed")
 
 SCHEMA = pa.schema(
     [
@@ -276,8 +280,6 @@ def save_rows(paths: DatasetPaths, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def _record_splits(paths: DatasetPaths, rows: list[dict[str, Any]]) -> None:
-    from lora.data.split import fill_manifest_splits, load_settings  # split.py imports this module
-
     if any(r.get("status") == "kept" and not r.get("split") for r in rows):
         paths.root.mkdir(parents=True, exist_ok=True)
         fill_manifest_splits(rows, load_settings(paths.root))
@@ -298,3 +300,19 @@ def upsert_rows(
         else:
             out[i] = row
     return out
+
+
+def manifest_splits(root: Path | str) -> dict[str, str] | None:
+    """``{file: side}`` of the kept rows of a data set's manifest, or None without a manifest.
+
+    Rows without a recorded side (a manifest written before the column existed) are assigned
+    in memory by the same rule a refresh records them with.
+    """
+    paths = DatasetPaths(Path(root))
+    if not paths.manifest.exists():
+        return None
+    rows = load_rows(paths)
+    if any(r.get("status") == "kept" and r.get("split") not in SPLITS for r in rows):
+        # read only: the next refresh or import records the sides (with the data set's salt)
+        fill_manifest_splits(rows, load_settings(paths.root, create=False))
+    return {r["file"]: r["split"] for r in rows if r.get("status") == "kept" and r.get("file")}

@@ -50,7 +50,7 @@ MIN_IMAGES_TO_HOLD_OUT = 5
 __all__ = [
     "SPLIT_FILE", "DEFAULT_FRACTION", "VALIDATION", "TRAIN", "SplitError", "SplitSettings",
     "load_settings", "rank", "held_out_target", "assign_batch", "fill_manifest_splits",
-    "manifest_splits", "folder_splits",
+    "folder_splits",
 ]
 
 
@@ -173,24 +173,6 @@ def fill_manifest_splits(rows: Sequence[dict[str, Any]], settings: SplitSettings
             row["split"] = sides.get(row["id"], assigned.get(row["id"], TRAIN))
         assigned.update(sides)
     return len(todo)
-
-
-def manifest_splits(root: Path | str) -> dict[str, str] | None:
-    """``{file: side}`` of the kept rows of a data set's manifest, or None without a manifest.
-
-    Rows without a recorded side (a manifest written before the column existed) are assigned
-    in memory by the same rule a refresh records them with.
-    """
-    from lora.data.manifest import DatasetPaths, load_rows
-
-    paths = DatasetPaths(Path(root))
-    if not paths.manifest.exists():
-        return None
-    rows = load_rows(paths)
-    if any(r.get("status") == "kept" and r.get("split") not in SPLITS for r in rows):
-        # read only: the next refresh or import records the sides (with the data set's salt)
-        fill_manifest_splits(rows, load_settings(paths.root, create=False))
-    return {r["file"]: r["split"] for r in rows if r.get("status") == "kept" and r.get("file")}
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from .metadata import (  # noqa: E402
     infer_trigger_word,
     model_hashes,
     save_torch_dtype,
-    training_metadata,
+    tag_frequency,
 )
 from .lora_layers import (  # noqa: E402
     DEFAULT_TARGET_MODULES,
@@ -59,7 +59,7 @@ __all__ += [
     "infer_trigger_word",
     "model_hashes",
     "save_torch_dtype",
-    "training_metadata",
+    "tag_frequency",
     "DIFFUSERS_WEIGHT_NAME",
     "export_diffusers",
     "export_kohya",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lora.data import split as data_split
 from lora.data import versions as data_versions
-from lora.data.manifest import DatasetPaths
+from lora.data.manifest import DatasetPaths, manifest_splits
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,10 @@ def read_dataset(dataset_dir: Path | str, version: str | None = None) -> tuple[s
             files = data["files"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise DatasetError(f"{path}: not a data-set version file ({exc.__class__.__name__}: {exc})") from None
-        if not isinstance(files, list):
-            raise DatasetError(f"{path}: 'files' must be a list of paths")
+        try:  # every listed path inside the data set, before anything is read
+            data_versions.check_files(path, root, files)
+        except data_versions.VersionError as exc:
+            raise DatasetError(str(exc)) from None
         for rel in files:
             image = root / str(rel)
             if not image.is_file():
@@ -131,7 +133,7 @@ def dataset_sides(root: Path | str, items: list[Item], fraction: float | None = 
     """
     root = Path(root)
     names = [i.name for i in items]
-    sides = data_split.manifest_splits(root) or {}
+    sides = manifest_splits(root) or {}
     missing = [n for n in names if n not in sides]
     if missing:
         sides = {**sides, **data_split.folder_splits(root, missing, fraction, record=False)}

@@ -37,6 +37,7 @@ from .batching import epoch_steps
 from .cache import ENCODE_BATCH, build_cache, encode_prompts, train_cache_root
 from .distributed import AgreedFlag, any_process, is_main_launched_process, launched_rank
 from .errors import NonFiniteLossError, TrainingError
+from .export import training_metadata
 from .host import host_threads_for
 from .interrupt import StopSignals
 from .log import TrainingLog
@@ -242,7 +243,7 @@ class _Trainer:
     def export(self, run: RunState) -> list[Path]:
         """Write both LoRA formats into ``run_dir/lora`` (temporary folder, then rename);
         the main process writes, the others wait for it."""
-        from lora.model import export_diffusers, export_kohya, save_torch_dtype, training_metadata
+        from lora.model import export_diffusers, export_kohya, save_torch_dtype
 
         cfg = self.cfg
         if not self.is_main:

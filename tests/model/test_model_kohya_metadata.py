@@ -19,8 +19,8 @@ from lora.model import (
     load_pipeline,
     lora_parameters,
     model_hashes,
-    training_metadata,
 )
+from lora.train.export import training_metadata
 
 RANK, ALPHA = 4, 8.0
 

@@ -98,7 +98,7 @@ def test_old_runs_and_old_manifests_keep_their_split(tmp_path):
     paths.root.mkdir()
     table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "split"} for r in rows])
     pq.write_table(table, str(paths.manifest))
-    from lora.data.split import manifest_splits
+    from lora.data.manifest import manifest_splits
 
     in_memory = manifest_splits(paths.root)
     assert sum(v == VALIDATION for v in in_memory.values()) == 3
