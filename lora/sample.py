@@ -310,11 +310,20 @@ def long_prompts(tokenizer: Any, prompts: Sequence[str], negative_prompt: str | 
     for label, text in labelled:
         ids = tokenizer(text, truncation=False, verbose=False).input_ids
         if len(ids) > limit:
-            ignored = " ".join(tokenizer.decode(ids[limit - 1:], skip_special_tokens=True).split())
-            shown = ignored if len(ignored) <= 60 else ignored[:57] + "..."
+            ignored = _ignored_text(tokenizer, text, ids, limit)
+            shown = ignored if len(ignored) <= 60 else "..." + ignored[-57:]
             lines.append(f"{label} is {len(ids)} CLIP tokens, over the {limit} the text encoder "
                          f"reads: \"{shown}\" is ignored; shorten it")
     return lines
+
+
+def _ignored_text(tokenizer: Any, text: str, ids: Sequence[int], limit: int) -> str:
+    """The part of ``text`` past the ``limit`` tokens (start and end tokens count), as written."""
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, truncation=False, verbose=False,
+                            return_offsets_mapping=True)["offset_mapping"]
+        return text[offsets[limit - 1][0]:].strip()
+    return " ".join(tokenizer.decode(ids[limit - 1:], skip_special_tokens=True).split())
 
 
 #: diffusers' own warning about a cut prompt (several lines, the cut text in tokens).
