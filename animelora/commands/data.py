@@ -3,6 +3,7 @@
     animelora fetch --tags "1girl solo" --limit 100 --workspace workspace --dataset anime
     animelora fetch --query sketch_aesthetic=sketch --query soft_focus_landscape=landscape ...
     animelora import --from old_downloads/ --workspace workspace --dataset anime
+    animelora dataset check --workspace workspace --dataset anime   (also repair, remove, restore)
 
 Danbooru credentials come only from DANBOORU_LOGIN / DANBOORU_API_KEY, never from arguments
 (they would end up in shell history and process lists).
@@ -175,9 +176,14 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--workspace`` and ``--dataset``, the same for every command that writes a data set."""
     add_path(parser, "--workspace", role="workspace", default="workspace", help="workspace folder (default: ./workspace)")
     add_path(parser, "--dataset", role="dataset_name", default="anime", help="data set name (default: anime)")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    add_dataset_arguments(parser)
     parser.add_argument("--min-side", type=int, default=512,
                         help="drop images whose short side is under this (default 512; never upscaled)")
     parser.add_argument("--trigger-word", default=None, help="written first in every caption")
@@ -251,3 +257,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "folder (refused by default)")
     _add_common(imp)
     imp.set_defaults(func=_import)
+
+    from .dataset import register as register_dataset  # check/repair/remove/restore of what these make
+
+    register_dataset(sub)

@@ -8,6 +8,7 @@ best copy is kept (:mod:`lora.data.duplicates`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,21 @@ from lora.data.manifest import (
 )
 from lora.data.staging import discard, pending_path
 from lora.data.state import QueryCursor, load_state, save_state
-from lora.data.versions import latest_version, list_versions, next_version, write_version
+from lora.data.versions import (
+    VersionError,
+    latest_version,
+    list_versions,
+    next_version,
+    read_version,
+    write_version,
+)
 
-__all__ = ["CommitResult", "commit", "finalize_version", "recover"]
+__all__ = ["CommitResult", "commit", "drop_missing_files", "finalize_version", "recover", "write_kept_version"]
+
+log = logging.getLogger(__name__)
+
+#: Reason of a kept row whose image was found missing (deleted by hand) when a version was due.
+FILE_MISSING = "file-missing"
 
 
 @dataclass
@@ -41,6 +54,8 @@ class CommitResult:
     total_kept: int
     version: str | None
     replaced: list[dict[str, Any]] = field(default_factory=list)
+    #: Kept rows whose image was missing (deleted by hand): marked removed, in no new version.
+    dropped: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _pending_version(paths: DatasetPaths, rows: Iterable[dict[str, Any]]) -> str:
@@ -151,7 +166,9 @@ def commit(
             save_rows(paths, all_rows)
         for row in batch:
             discard(pending_path(paths, row["id"]))
+        kept_before = {r["id"] for r in all_rows if r["status"] == "kept"}
         written = finalize_version(paths, queries=queries, rows=all_rows) if finalize else None
+        dropped = [r for r in all_rows if r["id"] in kept_before and r["status"] == "removed"]
         if cursors:
             state = load_state(paths)
             state.queries.update(cursors)
@@ -164,6 +181,7 @@ def commit(
             total_kept=kept_total,
             version=written,
             replaced=replaced,
+            dropped=dropped,
         )
 
 
@@ -205,15 +223,36 @@ def _move_in(prepared: Path, images: Path, name: str) -> bool:
     return dest.exists() and dest.with_suffix(".txt").exists()
 
 
+def drop_missing_files(paths: DatasetPaths, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mark kept rows whose image is gone (deleted by hand) as removed, reason ``file-missing``,
+    and save the manifest; returns them. ``rows`` is updated in place.
+
+    Why: a version must never list a file that is not there (training refuses such a version),
+    and the row says what happened instead of the image silently vanishing. Call it under the
+    data-set lock."""
+    dropped = []
+    for i, row in enumerate(rows):
+        if row["status"] == "kept" and not (paths.root / row["file"]).is_file():
+            rows[i] = dict(row, status="removed", reason=FILE_MISSING)
+            dropped.append(rows[i])
+    if dropped:
+        save_rows(paths, rows)
+        log.warning("data set %s: %d kept image(s) missing from images/ (deleted by hand?) are left out "
+                    "of the new version and marked removed (%s): %s", paths.name, len(dropped), FILE_MISSING,
+                    ", ".join(r["file"] for r in dropped[:5]) + (" ..." if len(dropped) > 5 else ""))
+    return dropped
+
+
 def finalize_version(
     paths: DatasetPaths,
     *,
     queries: dict[str, str] | None = None,
-    rows: Sequence[dict[str, Any]] | None = None,
+    rows: list[dict[str, Any]] | None = None,
 ) -> str | None:
     """Write the version that committed kept rows are waiting for; None when none is waiting.
 
-    The version lists every kept file of the data set (manifest order). Call it under the
+    The version lists every kept file of the data set (manifest order) that is there; a kept
+    image deleted by hand is dropped first (:func:`drop_missing_files`). Call it under the
     data-set lock (``commit`` and ``recover`` do).
     """
     rows = load_rows(paths) if rows is None else rows
@@ -227,20 +266,48 @@ def finalize_version(
     if latest is not None and int(version[1:]) <= int(latest[1:]):
         # Cannot happen under the lock; refuse rather than write an out-of-order version.
         raise RuntimeError(f"data set {paths.name!r}: pending version {version} is not after {latest}")
+    drop_missing_files(paths, rows)
+    write_kept_version(paths, version, rows, queries=queries,
+                       extra={"added": sum(1 for r in rows if r["status"] == "kept" and r.get("version_added") == version)})
+    return version
+
+
+def write_kept_version(
+    paths: DatasetPaths,
+    version: str,
+    rows: Sequence[dict[str, Any]],
+    *,
+    queries: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``version`` listing the kept rows (manifest order): the one place a version is
+    made from the manifest (commits, repairs, removals). Its queries are those of the kept
+    images, named by the fetch cursors, the previous version or ``queries``."""
     kept = [r for r in rows if r["status"] == "kept"]
-    state = load_state(paths)
-    all_queries = {name: c.tags for name, c in state.queries.items()}
+    all_queries = _previous_queries(paths)
+    all_queries.update({name: c.tags for name, c in load_state(paths).queries.items()})
     all_queries.update(queries or {})
     used = {r.get("query") for r in kept}
-    write_version(
+    return write_version(
         paths,
         version,
         post_ids=[r["id"] for r in kept],
         files=[r["file"] for r in kept],
         queries={k: v for k, v in sorted(all_queries.items()) if k in used} or dict(sorted(all_queries.items())),
-        extra={"added": sum(1 for r in kept if r.get("version_added") == version)},
+        extra=extra,
     )
-    return version
+
+
+def _previous_queries(paths: DatasetPaths) -> dict[str, str]:
+    """The latest readable version's queries (an import's ``local:`` queries live only there)."""
+    for name in reversed(list_versions(paths)):
+        try:
+            queries = read_version(paths, name).get("queries")
+        except VersionError:
+            continue
+        if isinstance(queries, dict):
+            return {str(k): str(v) for k, v in queries.items()}
+    return {}
 
 
 def recover(paths: DatasetPaths) -> dict[str, int]:

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, Iterable
 
 from lora.data.captions import (
@@ -38,6 +38,7 @@ from lora.data.candidates import Candidate, KnownRows, make_row
 from lora.data.commit import commit, recover
 from lora.data.prepare import PrepareOptions, ProgressCallback, prepare_local
 from lora.data.summary import RefreshSummary
+from lora.data.versions import leaves_folder
 from lora.fsutil import file_digest
 
 __all__ = ["FolderImportError", "FolderScan", "import_folder", "scan_folder", "IMPORT_EXTS"]
@@ -160,11 +161,6 @@ def _image_files(root: Path, scan: FolderScan, follow_symlinks: bool) -> list[Pa
     return sorted(files)
 
 
-def _climbs_out(name: str) -> bool:
-    """An absolute path (POSIX or Windows spelling) or one with a ``..`` part."""
-    return any(p.is_absolute() or p.anchor or ".." in p.parts for p in (PurePosixPath(name), PureWindowsPath(name)))
-
-
 def _load_metadata(root: Path, shown: Path) -> list[tuple[int, Any]] | None:
     """``(index, entry)`` of ``metadata.json``'s ``training_data`` (None: no such file, or one of
     another tool). Refused with one line (FolderImportError), before any work: a file that is
@@ -187,7 +183,7 @@ def _load_metadata(root: Path, shown: Path) -> list[tuple[int, Any]] | None:
     for i, entry in enumerate(entries):
         for key in ("file", "style"):
             value = entry.get(key) if isinstance(entry, dict) else None
-            if isinstance(value, str) and _climbs_out(value):
+            if isinstance(value, str) and leaves_folder(value):
                 raise FolderImportError(
                     f"{where}: training_data[{i}] {key} {value!r} leads out of the source folder; "
                     "nothing was imported")
@@ -408,6 +404,11 @@ def import_folder(
         result = commit(paths, rows, None, radius=radius, queries=queries, finalize=True)
     summary.add_rows(result.rows)
     summary.replaced += len(result.replaced)
+    if result.dropped:
+        summary.notes.append(
+            f"{len(result.dropped)} image(s) missing from the data set's images/ (deleted by hand?) are "
+            f"not in the new version and marked removed: {_shown([r['id'] for r in result.dropped], 5)} "
+            "('animelora dataset restore' brings one back)")
     summary.rounds = 1
     summary.version = result.version
     summary.total_kept = result.total_kept

@@ -8,12 +8,16 @@ name. The contract (docs/architecture.md)::
      "post_ids": [...], "files": ["images/123.png", ...], "count": N}
 
 ``files`` are relative to the data-set folder; captions are the same stem with ``.txt``.
+A version is read only after every file it lists is checked to stay inside the data set
+(:func:`check_files`): a hand-edited or hostile ``../../etc/passwd`` is refused with one line
+naming the version file and the entry, before anything is read or trained.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Sequence
 
 from lora.data.manifest import DatasetPaths, now_utc
@@ -28,6 +32,8 @@ __all__ = [
     "read_version",
     "write_version",
     "version_files",
+    "check_files",
+    "leaves_folder",
 ]
 
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -69,18 +75,45 @@ def next_version(paths: DatasetPaths) -> str:
 
 
 def read_version(paths: DatasetPaths, version: str | None = None) -> dict[str, Any]:
-    """The version's JSON (the latest when ``version`` is None)."""
+    """The version's JSON (the latest when ``version`` is None), its ``files`` checked."""
     version = version or latest_version(paths)
     if version is None:
         raise VersionError(f"data set {paths.name!r} has no versions yet")
     _number(version)
     path = paths.versions / f"{version}.json"
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise VersionError(f"data set {paths.name!r} has no version {version!r} ({path})") from None
-    except json.JSONDecodeError as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VersionError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise VersionError(f"{path}: not a data-set version (expected a JSON object)")
+    check_files(path, paths.root, data.get("files"))
+    return data
+
+
+def leaves_folder(rel: str) -> bool:
+    """An absolute path (POSIX or Windows spelling, drive letters too) or one with ``..``:
+    a name from a file (a version, metadata.json) that could lead out of its folder."""
+    return any(p.is_absolute() or p.anchor or ".." in p.parts for p in (PurePosixPath(rel), PureWindowsPath(rel)))
+
+
+def check_files(version_file: Path, root: Path, files: Any) -> list[str]:
+    """``files`` of a version if each is a path inside the data-set folder ``root``; else a
+    VersionError naming ``version_file`` and the entry. Symlinks are followed: an entry that
+    resolves out of the data set is refused like a ``..`` (training would read it)."""
+    if not isinstance(files, list):
+        raise VersionError(f"{version_file}: 'files' must be a list of paths")
+    real_root = os.path.realpath(root)
+    for i, rel in enumerate(files):
+        if not isinstance(rel, str) or not rel.strip():
+            raise VersionError(f"{version_file}: files[{i}] {rel!r} is not a path")
+        real = os.path.realpath(os.path.join(real_root, rel))
+        if leaves_folder(rel) or os.path.commonpath([real_root, real]) != real_root:
+            raise VersionError(f"{version_file}: files[{i}] {rel!r} lies outside the data set {root} "
+                               "(a version lists files relative to, and inside, its data-set folder)")
+    return files
 
 
 def version_files(paths: DatasetPaths, version: str | None = None) -> list[Path]:
@@ -105,9 +138,7 @@ def write_version(
     number = _number(version)
     if len(post_ids) != len(files):
         raise VersionError(f"version {version}: {len(post_ids)} post ids but {len(files)} files")
-    for rel in files:
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise VersionError(f"version {version}: file {rel!r} must be relative to the data set")
+    check_files(paths.versions / f"{version}.json", paths.root, list(files))
     paths.versions.mkdir(parents=True, exist_ok=True)
     target = paths.versions / f"{version}.json"
     if target.exists():
