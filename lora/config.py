@@ -43,17 +43,89 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRESET = "phase2a"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
-#: Fields that may change between segments of one run without changing what is trained.
+#: Fields that may change between segments of one run without changing what is trained: the
+#: speed options, where the run keeps its files and checkpoints, the length of the run and the
+#: output's tensor type. Everything else is the run's recipe (:func:`recipe`).
 RESUME_TOLERANT_FIELDS = frozenset({
     "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
-    "cache_dir", "compile", "cuda_graphs", "channels_last", "attention", "cudnn_benchmark",
-    "fused_qkv", "overlap_steps", "compiled_channels_last", "low_memory", "save_dtype", "compile_scope",
-    "half_norms",
+    "cache_dir", "save_dtype", "speed",
 })
 
 
 class ConfigError(ValueError):
     """A bad training configuration; the message is one line naming the field."""
+
+
+Switch = Literal["auto", "on", "off"]
+
+
+class SpeedOptions(pydantic.BaseModel, extra="forbid", allow_inf_nan=False):
+    """How fast a run trains and in how much memory; nothing here changes what is trained.
+
+    Why apart from the recipe (:class:`TrainConfig`): a run may change these between segments
+    (a resumed run on another card, a fast path that failed there), the checkpoints record the
+    recipe without them, and a speed change never counts as "a different run". The switches'
+    meaning and their measured effect: lora/train/speed/ and bench/README.md.
+    """
+
+    # fit a consumer card (8 GB) at batch 4: gradient checkpointing on, compile off unless set
+    # "on", expandable allocator segments (2.84 GiB held on an H200: bench/README.md)
+    low_memory: bool = False
+    # recompute activations in the backward pass instead of keeping them (same gradients)
+    gradient_checkpointing: bool = False
+    # CUDA fast path (lora/train/speed/); "auto" = on for a CUDA device, off on CPU
+    compile: Switch = "auto"
+    # what compile compiles: "unet" (and "auto") = the whole UNet, once per bucket shape;
+    # "blocks" = each repeated resnet/transformer block with dynamic height/width, one compile
+    # for every shape: experimental, PyTorch 2.11's inductor fails on it and the trainer then
+    # continues without compile (bench/README.md, "many buckets")
+    compile_scope: Literal["auto", "unet", "blocks"] = "auto"
+    cuda_graphs: Switch = "auto"
+    channels_last: Switch = "auto"
+    # scaled-dot-product attention kernel: "auto" = the fast path's measured choice on CUDA
+    # (bench/README.md), PyTorch's own choice elsewhere; "default" = always PyTorch's choice
+    attention: Literal["auto", "default", "cudnn", "flash", "efficient", "math"] = "auto"
+    # cuDNN tries its convolution algorithms once per shape and keeps the fastest
+    cudnn_benchmark: Switch = "auto"
+    # q/k/v (and cross-attention k/v) projections of each attention layer, LoRA included, as one
+    # matrix product each instead of three (lora/train/speed/fused_qkv.py); weights are stored as before
+    fused_qkv: Switch = "auto"
+    # queue step n+1 before reading step n's loss, so the GPU never waits for the host's
+    # bookkeeping; losses, progress and a NaN check arrive one step later (nothing is saved
+    # in between)
+    overlap_steps: Switch = "auto"
+    # inside the compiled UNet keep activations channels-last from convolution to convolution
+    # (inductor's layout optimisation, which its own heuristics skip for UNets because of their
+    # skip-connection convolutions), so no layout copies run around each convolution
+    compiled_channels_last: Switch = "auto"
+    # the UNet's group/layer norms read and write bf16/fp16 activations under autocast
+    # (statistics still in fp32) instead of autocast's fp32 outputs, so the eager step does not
+    # cast every activation to fp32 and back (lora/train/speed/half_norms.py)
+    half_norms: Switch = "auto"
+
+
+#: The speed options' names: also accepted flat (``compile=off``), as every config before them
+#: wrote them, and as ``speed.compile=off``.
+SPEED_FIELDS = frozenset(SpeedOptions.model_fields)
+
+
+def nest_speed_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with flat speed settings (``compile``, ``speed.compile``) moved into ``speed``.
+
+    Why: config.json files of existing runs, presets, config files and ``--set name=value``
+    name them flat; they load unchanged. A flat name wins over the same name inside ``speed``
+    (it is the later, more specific setting: ``--set`` over a config file)."""
+    out = dict(values)
+    speed = out.get("speed")
+    if isinstance(speed, SpeedOptions):
+        speed = speed.model_dump()
+    if speed is not None and not isinstance(speed, Mapping):
+        return out  # not an object: pydantic names the field
+    moved = {key.removeprefix("speed."): out.pop(key) for key in list(out)
+             if key in SPEED_FIELDS or key.startswith("speed.")}
+    if speed is not None or moved:
+        out["speed"] = {**(speed or {}), **moved}
+    return out
 
 
 class TrainConfig(pydantic.BaseModel, extra="forbid"):
@@ -98,42 +170,11 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     caption_shuffle: bool = False
     keep_tokens: int = Field(default=1, ge=0)
 
-    # speed / memory
+    # precision of the frozen weights and the forward (LoRA weights always train in fp32)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    gradient_checkpointing: bool = False
-    # fit a consumer card (8 GB) at batch 4: gradient checkpointing on, compile and CUDA graphs
-    # off unless set "on", expandable allocator segments (2.84 GiB held on an H200: bench/README.md)
-    low_memory: bool = False
-    # CUDA fast path (lora/train/fastpath.py); "auto" = on for a CUDA device, off on CPU.
-    # None of these changes what is trained, so a run may switch them between segments.
-    compile: Literal["auto", "on", "off"] = "auto"
-    # what compile compiles: "unet" (and "auto") = the whole UNet, once per bucket shape;
-    # "blocks" = each repeated resnet/transformer block with dynamic height/width, one compile
-    # for every shape: experimental, PyTorch 2.11's inductor fails on it and the trainer then
-    # continues without compile (bench/README.md, "many buckets")
-    compile_scope: Literal["auto", "unet", "blocks"] = "auto"
-    cuda_graphs: Literal["auto", "on", "off"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
-    # scaled-dot-product attention kernel: "auto" = the fast path's measured choice on CUDA
-    # (bench/README.md), PyTorch's own choice elsewhere; "default" = always PyTorch's choice
-    attention: Literal["auto", "default", "cudnn", "flash", "efficient", "math"] = "auto"
-    # cuDNN tries its convolution algorithms once per shape and keeps the fastest
-    cudnn_benchmark: Literal["auto", "on", "off"] = "auto"
-    # q/k/v (and cross-attention k/v) projections of each attention layer, LoRA included, as one
-    # matrix product each instead of three (lora/train/fused_qkv.py); weights are stored as before
-    fused_qkv: Literal["auto", "on", "off"] = "auto"
-    # queue step n+1 before reading step n's loss, so the GPU never waits for the host's
-    # bookkeeping; losses, progress and a NaN check arrive one step later (nothing is saved
-    # in between)
-    overlap_steps: Literal["auto", "on", "off"] = "auto"
-    # inside the compiled UNet keep activations channels-last from convolution to convolution
-    # (inductor's layout optimisation, which its own heuristics skip for UNets because of their
-    # skip-connection convolutions), so no layout copies run around each convolution
-    compiled_channels_last: Literal["auto", "on", "off"] = "auto"
-    # the UNet's group/layer norms read and write bf16/fp16 activations under autocast
-    # (statistics still in fp32) instead of autocast's fp32 outputs, so the eager step does not
-    # cast every activation to fp32 and back (lora/train/half_norms.py)
-    half_norms: Literal["auto", "on", "off"] = "auto"
+    # how fast and in how much memory: lora.config.SpeedOptions (``--set compile=off`` and
+    # ``--set speed.compile=off`` both set it); none of it changes what is trained
+    speed: SpeedOptions = Field(default_factory=lambda: SpeedOptions())
     seed: int = Field(default=42, ge=0)
 
     # validation: the held-out images belong to the data set (lora/data/split.py);
@@ -153,6 +194,12 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     # output: tensor type of the kohya/A1111/ComfyUI file (fp16 = the usual shared size, half
     # of fp32; training itself is unchanged, so a run may switch it between segments)
     save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_speed_settings(cls, data: Any) -> Any:
+        """Flat speed settings (every config before :class:`SpeedOptions`) load unchanged."""
+        return nest_speed_options(data) if isinstance(data, Mapping) else data
 
     @model_validator(mode="before")
     @classmethod
@@ -271,6 +318,8 @@ def resolve_config(
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Fields whose values differ, ignoring the ones a resumed segment may change."""
+    """Fields whose values differ, ignoring the ones a resumed segment may change (flat speed
+    settings of an older config included)."""
+    old, new = nest_speed_options(old), nest_speed_options(new)
     keys = (set(old) | set(new)) - RESUME_TOLERANT_FIELDS
     return sorted(k for k in keys if old.get(k) != new.get(k))

@@ -55,7 +55,7 @@ def training_metadata(
         "ss_min_snr_gamma": cfg.min_snr_gamma or 0,
         "ss_noise_offset": cfg.noise_offset,
         "ss_mixed_precision": mixed_precision,
-        "ss_gradient_checkpointing": cfg.gradient_checkpointing or cfg.low_memory,
+        "ss_gradient_checkpointing": cfg.speed.gradient_checkpointing or cfg.speed.low_memory,
         "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.optimizer == "adamw8bit" else "torch.optim.AdamW",
         "ss_seed": cfg.seed,
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",

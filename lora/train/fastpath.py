@@ -125,23 +125,25 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     cuda = torch.device(device).type == "cuda"
     # low_memory: a compile's kernels and per-shape graphs cost ~0.5-1 GiB more than they save
     long_enough = total_steps is None or total_steps >= COMPILE_MIN_STEPS_PER_SHAPE * max(1, shapes)
-    compile_on = _switch(cfg.compile, "compile", cuda and not cfg.low_memory and long_enough)
-    channels_last = _switch(cfg.channels_last, "channels_last", cuda)
-    cudnn_benchmark = _switch(cfg.cudnn_benchmark, "cudnn_benchmark", cuda)
+    compile_on = _switch(cfg.speed.compile, "compile", cuda and not cfg.speed.low_memory and long_enough)
+    channels_last = _switch(cfg.speed.channels_last, "channels_last", cuda)
+    cudnn_benchmark = _switch(cfg.speed.cudnn_benchmark, "cudnn_benchmark", cuda)
     # LoRA dropout draws a mask per projection: the fused product cannot share one input
-    fused_qkv = _switch(cfg.fused_qkv, "fused_qkv", cuda and cfg.lora_dropout == 0)
+    fused_qkv = _switch(cfg.speed.fused_qkv, "fused_qkv", cuda and cfg.lora_dropout == 0)
     if fused_qkv and cfg.lora_dropout > 0:
         raise ConfigError("invalid training config: fused_qkv: on is not possible with lora_dropout > 0 "
                           "(each projection draws its own dropout mask)")
-    overlap_steps = _switch(cfg.overlap_steps, "overlap_steps", cuda)
-    compiled_cl = _switch(cfg.compiled_channels_last, "compiled_channels_last", cuda and compile_on)
+    overlap_steps = _switch(cfg.speed.overlap_steps, "overlap_steps", cuda)
+    compiled_cl = _switch(cfg.speed.compiled_channels_last, "compiled_channels_last", cuda and compile_on)
     if compiled_cl and not compile_on:
         raise ConfigError("invalid training config: compiled_channels_last: on needs compile (it is a "
                           "layout choice of the compiled UNet); compile is off here")
     # auto: off for a compiled UNet, which fuses autocast's casts around the norms itself
-    half_norms = _switch(cfg.half_norms, "half_norms", cuda and not compile_on)
-    attention = cfg.attention if cfg.attention != "auto" else (AUTO_CUDA_ATTENTION if cuda else "default")
-    compile_blocks = compile_on and cfg.compile_scope == "blocks"
+    half_norms = _switch(cfg.speed.half_norms, "half_norms", cuda and not compile_on)
+    attention = cfg.speed.attention
+    if attention == "auto":
+        attention = AUTO_CUDA_ATTENTION if cuda else "default"
+    compile_blocks = compile_on and cfg.speed.compile_scope == "blocks"
     blockers = []
     if not cuda:
         blockers.append("needs a CUDA device")
@@ -153,7 +155,7 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     # (measured on an H200: 91.5 images/s, as bf16, bench/README.md "half norms"); so does
     # low_memory: with checkpointing, 5 bucket shapes held 3.2 GiB for 70 images/s against
     # 2.6 GiB for 12.5 without graphs (bench/README.md "ninth session")
-    graphs = _switch(cfg.cuda_graphs, "cuda_graphs", not blockers)
+    graphs = _switch(cfg.speed.cuda_graphs, "cuda_graphs", not blockers)
     if graphs and blockers:
         raise ConfigError(f"invalid training config: cuda_graphs: on is not possible here: {'; '.join(blockers)}")
     return FastOptions(compile=compile_on, cuda_graphs=graphs, channels_last=channels_last,
@@ -169,8 +171,8 @@ def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, t
     if opts.compile:
         parts.append("compile=blocks (experimental: one compile for all bucket shapes)" if opts.compile_blocks
                      else f"compile=unet (one compile per bucket shape: {shapes})")
-    elif cfg.compile == "auto":
-        why = ("low_memory" if cfg.low_memory
+    elif cfg.speed.compile == "auto":
+        why = ("low_memory" if cfg.speed.low_memory
                else f"{total_steps} steps over {shapes} bucket shape(s) are too few to pay back a compile "
                     f"per shape (< {COMPILE_MIN_STEPS_PER_SHAPE} steps a shape)")
         parts.append(f"compile off ({why})")
@@ -186,8 +188,8 @@ def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, t
     for name in ("channels_last", "fused_qkv", "overlap_steps", "half_norms"):
         if getattr(opts, name):
             parts.append(name.replace("_", "-"))
-    if cfg.low_memory or cfg.gradient_checkpointing:
-        parts.append("gradient checkpointing" + (" (low_memory)" if cfg.low_memory else ""))
+    if cfg.speed.low_memory or cfg.speed.gradient_checkpointing:
+        parts.append("gradient checkpointing" + (" (low_memory)" if cfg.speed.low_memory else ""))
     return "fast path: " + ", ".join(parts)
 
 

@@ -98,7 +98,7 @@ class _Trainer:
             raise TrainingError(f"launched as {launched} processes but accelerate formed a group of "
                                 f"{self.accelerator.num_processes}; start with `accelerate launch` or torchrun")
         self.device = self.accelerator.device
-        if cfg.low_memory:
+        if cfg.speed.low_memory:
             from .fastpath import use_expandable_segments
 
             use_expandable_segments()  # before the first model tensor reaches the card
@@ -113,7 +113,7 @@ class _Trainer:
         self.text_encoder = comps.text_encoder
         self.live_text = cfg.caption_shuffle or cfg.train_text_encoder
         #: held-out images per UNet call when validating (smaller after an out-of-memory error)
-        self.val_images_per_call = 1 if cfg.low_memory else IMAGES_PER_CALL
+        self.val_images_per_call = 1 if cfg.speed.low_memory else IMAGES_PER_CALL
 
         cache_root = train_cache_root(plan.dataset_dir, cfg.cache_dir)
         if torch.cuda.is_available():
@@ -123,7 +123,7 @@ class _Trainer:
         common = dict(root=cache_root, model_id=comps.model_id, vae=comps.vae,
                       text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                       resolution=cfg.resolution, device=self.device,
-                      encode_batch=1 if cfg.low_memory else ENCODE_BATCH)
+                      encode_batch=1 if cfg.speed.low_memory else ENCODE_BATCH)
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         with self.accelerator.main_process_first():  # one process encodes, the others read the cache
@@ -159,7 +159,7 @@ class _Trainer:
                     self.trainable[f"text_encoder.{name}"] = p
                     te_params.append(p)
             groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
-            if cfg.gradient_checkpointing or cfg.low_memory:
+            if cfg.speed.gradient_checkpointing or cfg.speed.low_memory:
                 enable = getattr(self.text_encoder, "activation_checkpointing_enable", None) or \
                     self.text_encoder.gradient_checkpointing_enable
                 enable()

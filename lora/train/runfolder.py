@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from lora.config import PRESETS, RESUME_TOLERANT_FIELDS, ConfigError, TrainConfig, config_differences, make_config
+from lora.config import (PRESETS, RESUME_TOLERANT_FIELDS, ConfigError, TrainConfig, config_differences, make_config,
+                         nest_speed_options)
 from lora.runpaths import LOCK_FILE, RunPaths
 
 from . import checkpoint as ckpt
@@ -152,6 +153,7 @@ def _upgrade(old: dict[str, Any], cfg: TrainConfig, schema: int) -> tuple[dict[s
     Fields that no longer exist are dropped.
     """
     defaults = _json_defaults()
+    old = nest_speed_options(old)  # flat speed settings, as every config before SpeedOptions has them
     current = cfg.model_dump(mode="json")
     preset = PRESETS.get(cfg.preset, {})
     completed = {k: v for k, v in old.items() if k in defaults}

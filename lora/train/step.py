@@ -83,7 +83,7 @@ def setup_lora_unet(cfg: TrainConfig, unet, device, dtype: torch.dtype) -> dict[
         keep_activation_dtype(unet)
     cast_training_params(unet, dtype=torch.float32)  # only the trainable (LoRA) weights
     trainable = {f"unet.{name}": p for name, p in unet.named_parameters() if p.requires_grad}
-    if cfg.gradient_checkpointing or cfg.low_memory:
+    if cfg.speed.gradient_checkpointing or cfg.speed.low_memory:
         unet.enable_gradient_checkpointing()
     unet.train()
     return trainable

@@ -56,3 +56,34 @@ def test_bad_field_is_named_in_one_line(override, message):
 def test_unknown_preset_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="phase1.5, phase2a, phase2a-l2, phase2b"):
         resolve_config("phase3", {})
+
+
+def test_speed_options_are_one_nested_object_that_old_flat_settings_still_set(tmp_path):
+    from lora.config import SPEED_FIELDS, SpeedOptions
+
+    nested = resolve_config("phase2a", {"speed": {"compile": "off", "low_memory": True}})
+    flat = resolve_config("phase2a", {"compile": "off", "low_memory": True})  # --set compile=off, presets
+    dotted = resolve_config("phase2a", {"speed.compile": "off", "speed.low_memory": True})
+    assert nested.speed == flat.speed == dotted.speed == SpeedOptions(compile="off", low_memory=True)
+    assert not SPEED_FIELDS & set(TrainConfig.model_fields)  # the recipe holds none of them
+    # a config file of an earlier version (flat) and --set over it: the later, flat one wins
+    old_file = tmp_path / "old.json"
+    old_file.write_text(json.dumps({"speed": {"cuda_graphs": "off"}, "half_norms": "on"}))
+    cfg = resolve_config("phase2a", {"half_norms": "off"}, old_file)
+    assert (cfg.speed.cuda_graphs, cfg.speed.half_norms) == ("off", "off")
+    assert TrainConfig(**cfg.model_dump(mode="json")) == cfg  # the Prefect task's JSON round trip
+    with pytest.raises(ConfigError, match="speed.compile: Input should be 'auto', 'on' or 'off'"):
+        resolve_config("phase2a", {"compile": "yes"})
+    with pytest.raises(ConfigError, match="speed.turbo: unknown setting"):
+        resolve_config("phase2a", {"speed.turbo": True})
+
+
+def test_a_speed_change_between_segments_is_not_a_settings_change():
+    from lora.config import config_differences
+
+    # config.json of a run made before SpeedOptions: flat switches beside the recipe
+    old_flat = resolve_config("phase2a", {}).model_dump(mode="json")
+    old_flat.update(old_flat.pop("speed"), compile="on", low_memory=False)
+    new = resolve_config("phase2a", {"compile": "off", "low_memory": True, "cuda_graphs": "off"})
+    assert config_differences(old_flat, new.model_dump(mode="json")) == []
+    assert config_differences(old_flat, resolve_config("phase2a", {"seed": 7}).model_dump(mode="json")) == ["seed"]
