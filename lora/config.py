@@ -41,6 +41,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 DEFAULT_PRESET = "phase2a"
+#: Upper bounds of the numeric settings: far beyond any real run, so they only stop values that
+#: would fail later (a rank of 1e9 allocates the LoRA factors, an infinite learning rate trains
+#: NaNs) or a typo of several orders of magnitude. SD1.5's widest projection has 1280 features:
+#: a LoRA rank above 1024 is no longer low-rank.
+MAX_LORA_RANK = 1024
+MAX_LEARNING_RATE = 1.0
+MAX_BATCH = 1024
+MAX_STEPS = 10**8
+MAX_IMAGES = 10**7
+MAX_MINUTES = 10**6
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 #: Fields that may change between segments of one run without changing what is trained: the
@@ -128,8 +138,13 @@ def nest_speed_options(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class TrainConfig(pydantic.BaseModel, extra="forbid"):
-    """Every knob of a training run. Field docs are what ``--set key=value`` accepts."""
+class TrainConfig(pydantic.BaseModel, extra="forbid", allow_inf_nan=False):
+    """Every knob of a training run. Field docs are what ``--set key=value`` accepts.
+
+    Numbers are finite and within bounds (:data:`MAX_LORA_RANK` and its neighbours): a value that no run
+    could use (``learning_rate=inf``, ``lora_rank=1e9``) is refused here, naming the field,
+    instead of failing after the model and the caches were loaded.
+    """
 
     # what and where
     preset: str = DEFAULT_PRESET
@@ -138,58 +153,58 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     dataset: str | None = None
     dataset_version: str | None = None
     cache_dir: str | None = None  # default: lora.train.cache.train_cache_root (never the data set)
-    target_dataset_size: int | None = Field(default=None, gt=0)
+    target_dataset_size: int | None = Field(default=None, gt=0, le=MAX_IMAGES)
 
     # schedule
-    epochs: int = Field(default=20, gt=0)
-    max_steps: int | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=4, gt=0)
-    gradient_accumulation: int = Field(default=1, ge=1)
-    learning_rate: float = Field(default=5e-5, gt=0)
-    text_encoder_lr: float | None = Field(default=None, gt=0)
+    epochs: int = Field(default=20, gt=0, le=MAX_STEPS)
+    max_steps: int | None = Field(default=None, gt=0, le=MAX_STEPS)
+    batch_size: int = Field(default=4, gt=0, le=MAX_BATCH)
+    gradient_accumulation: int = Field(default=1, ge=1, le=MAX_BATCH)
+    learning_rate: float = Field(default=5e-5, gt=0, le=MAX_LEARNING_RATE)
+    text_encoder_lr: float | None = Field(default=None, gt=0, le=MAX_LEARNING_RATE)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(default=0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    weight_decay: float = Field(default=1e-2, ge=0)
+    weight_decay: float = Field(default=1e-2, ge=0, le=1)
     max_grad_norm: float | None = Field(default=None, gt=0)
 
     # LoRA
-    lora_rank: int = Field(default=16, gt=0)
-    lora_alpha: float = Field(default=64, gt=0)
+    lora_rank: int = Field(default=16, gt=0, le=MAX_LORA_RANK)
+    lora_alpha: float = Field(default=64, gt=0, le=4 * MAX_LORA_RANK)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     train_text_encoder: bool = False
 
     # loss and noise
-    min_snr_gamma: float | None = Field(default=None, gt=0)
-    noise_offset: float = Field(default=0.0, ge=0)
+    min_snr_gamma: float | None = Field(default=None, gt=0, le=1000)
+    noise_offset: float = Field(default=0.0, ge=0, le=1)
 
     # data
     resolution: int = Field(default=512, ge=32, le=4096)
     flip: bool = False
     caption_shuffle: bool = False
-    keep_tokens: int = Field(default=1, ge=0)
+    keep_tokens: int = Field(default=1, ge=0, le=1000)
 
     # precision of the frozen weights and the forward (LoRA weights always train in fp32)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     # how fast and in how much memory: lora.config.SpeedOptions (``--set compile=off`` and
     # ``--set speed.compile=off`` both set it); none of it changes what is trained
     speed: SpeedOptions = Field(default_factory=lambda: SpeedOptions())
-    seed: int = Field(default=42, ge=0)
+    seed: int = Field(default=42, ge=0, le=2**63 - 1)
 
     # validation: the held-out images belong to the data set (lora/data/split.py);
     # validation_fraction is the held-out share of a data set whose split file a run creates,
     # validation_count / validation_max cap how many of the held-out images a run scores
     validation_fraction: float = Field(default=0.1, ge=0, lt=1)
-    validation_count: int | None = Field(default=None, ge=0)
-    validation_max: int = Field(default=50, ge=0)
+    validation_count: int | None = Field(default=None, ge=0, le=MAX_IMAGES)
+    validation_max: int = Field(default=50, ge=0, le=MAX_IMAGES)
     validation_timesteps: list[int] = Field(default_factory=lambda: [100, 300, 500, 700, 900])
-    validate_every_steps: int | None = Field(default=None, gt=0)  # None: at each epoch end
+    validate_every_steps: int | None = Field(default=None, gt=0, le=MAX_STEPS)  # None: at each epoch end
 
     # checkpoints
-    checkpoint_every_steps: int | None = Field(default=None, gt=0)
-    checkpoint_every_minutes: float | None = Field(default=10.0, gt=0)
-    keep_checkpoints: int = Field(default=3, ge=1)
+    checkpoint_every_steps: int | None = Field(default=None, gt=0, le=MAX_STEPS)
+    checkpoint_every_minutes: float | None = Field(default=10.0, gt=0, le=MAX_MINUTES)
+    keep_checkpoints: int = Field(default=3, ge=1, le=1000)
 
     # output: tensor type of the kohya/A1111/ComfyUI file (fp16 = the usual shared size, half
     # of fp32; training itself is unchanged, so a run may switch it between segments)
@@ -245,6 +260,7 @@ _MESSAGES = {
     "less_than": "must be < {lt}",
     "less_than_equal": "must be <= {le}",
     "extra_forbidden": "unknown setting",
+    "finite_number": "must be a finite number",
 }
 
 

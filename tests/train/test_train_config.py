@@ -87,3 +87,35 @@ def test_a_speed_change_between_segments_is_not_a_settings_change():
     new = resolve_config("phase2a", {"compile": "off", "low_memory": True, "cuda_graphs": "off"})
     assert config_differences(old_flat, new.model_dump(mode="json")) == []
     assert config_differences(old_flat, resolve_config("phase2a", {"seed": 7}).model_dump(mode="json")) == ["seed"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"learning_rate": float("inf")}, "learning_rate: must be a finite number"),
+    ({"learning_rate": float("nan")}, "learning_rate: must be a finite number"),
+    ({"text_encoder_lr": 1e6}, "text_encoder_lr: must be <= 1"),
+    ({"lora_rank": 1e9}, "lora_rank: must be <= 1024"),  # --set lora_rank=1e9
+    ({"lora_alpha": float("inf")}, "lora_alpha: must be a finite number"),
+    ({"max_grad_norm": float("nan")}, "max_grad_norm: must be a finite number"),
+    ({"batch_size": 10**6}, "batch_size: must be <= 1024"),
+    ({"epochs": 10**12}, "epochs: must be <= 100000000"),
+    ({"checkpoint_every_minutes": float("inf")}, "checkpoint_every_minutes: must be a finite number"),
+    ({"noise_offset": -0.1}, "noise_offset: must be >= 0"),
+    ({"validation_fraction": float("nan")}, "validation_fraction: must be a finite number"),
+])
+def test_non_finite_and_absurd_numbers_are_refused_naming_the_field(override, message):
+    with pytest.raises(ConfigError) as info:
+        resolve_config("phase2a", override)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_cli_refuses_an_infinite_learning_rate_with_exit_2(tmp_path, capsys):
+    from animelora.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    code = main(["train", "--dataset", str(data), "--run-dir", str(tmp_path / "run"),
+                 "--set", "learning_rate=Infinity", "--set", "lora_rank=1e9"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: invalid training config:")
+    assert "learning_rate: must be a finite number" in err and "lora_rank: must be <= 1024" in err
+    assert not (tmp_path / "run").exists()
