@@ -118,3 +118,36 @@ def test_grouping_a_million_hashes_is_fast():
     elapsed = time.perf_counter() - start
     assert (labels[500_000:510_000] == np.arange(10_000)).all()
     assert elapsed < 10.0
+
+
+def _clustered_hashes(n: int, seed: int) -> np.ndarray:
+    """Random hashes plus clusters that share whole blocks (long runs of equal pair keys in the
+    tables) with members at distance 1..6 of a centre, chains of near copies and exact copies."""
+    rng = np.random.default_rng(seed)
+    h = rng.integers(0, 2**64, size=n, dtype=np.uint64)
+    for c in range(8):
+        centre = h[c]
+        size = 150
+        # the top 22 bits (blocks 0 and 1 at radius 4) stay, a few low bits flip
+        flips = rng.integers(1, 7, size=size)
+        members = np.full(size, centre, dtype=np.uint64)
+        for k in range(size):
+            for bit in rng.choice(42, size=int(flips[k]), replace=False):
+                members[k] ^= np.uint64(1) << np.uint64(int(bit))
+        start = 100 + c * size
+        h[start : start + size] = members
+    h[-30:] = h[200]  # exact copies
+    return h
+
+
+@pytest.mark.parametrize("radius", [3, 4, 5])
+def test_grouping_equals_brute_force_with_clusters_and_small_buckets(monkeypatch, radius):
+    import lora.data.dedup as dedup
+
+    hashes = _clustered_hashes(4_000, seed=radius)
+    expected = naive_group(hashes, radius)
+    monkeypatch.setattr(dedup, "_BUCKET", 64)  # 4,000 hashes: tables re-sort 32 buckets each
+    for threads in (1, 2):
+        monkeypatch.setattr(dedup, "_THREADS", threads)
+        np.testing.assert_array_equal(group_near_duplicates(hashes, radius), expected)
+    assert (expected != np.arange(hashes.size)).sum() > 300
