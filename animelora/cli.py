@@ -19,9 +19,11 @@ from typing import Any, Sequence, TextIO
 # partial install still gives a working CLI.
 COMMAND_MODULES = (
     "animelora.commands.data",
+    "animelora.commands.tag",
     "animelora.commands.train",
     "animelora.commands.results",
     "animelora.commands.ops",
+    "animelora.commands.sweep",
 )
 
 

@@ -223,6 +223,8 @@ class CountProgress:
             self.bar.update(1)
             return
         now = self.clock()
+        if self._done == 1:
+            self._started = now  # the rate counts from the first image, not from the set-up
         if (self._last_line is None or self._done == self._total
                 or now - self._last_line >= self.every_s):
             print(self.line(now), file=self.stream, flush=True)
@@ -235,7 +237,7 @@ class CountProgress:
         total = event.get("total")
         self._total = int(total) if isinstance(total, (int, float)) else None
         self._done = 0
-        self._started = self.clock()
+        self._started = 0.0
         self._last_line = None
         if self.interactive:
             from tqdm import tqdm
@@ -245,7 +247,7 @@ class CountProgress:
     def line(self, now: float) -> str:
         """``downloading: 30/300 img (10%), 2.1 img/s, eta 2:08``."""
         elapsed = now - self._started
-        rate = self._done / elapsed if elapsed > 0 else None
+        rate = (self._done - 1) / elapsed if elapsed > 0 and self._done > 1 else None
         text = f"{self._label}: {self._done}"
         if self._total:
             text += f"/{self._total} img ({self._done / self._total:.0%})"
