@@ -1,10 +1,11 @@
 """`animelora train`: train or resume a LoRA run in a run folder.
 
 Exit codes: 0 the run is complete (LoRA files written); 3 stopped early and resumable
-(time budget, --stop-at-step, or a first Ctrl-C / SIGTERM: the current step is finished and
-a checkpoint written) — re-run the same command to continue; 2 bad arguments, config or data
-set, or a run folder that cannot take this run (a file, another trainer in it, another run's
-settings, a finished run without --extend); 1 runtime failure (model cannot load, out of
+(time budget or a first Ctrl-C / SIGTERM: the current step is finished and a checkpoint
+written — re-run the same command to continue; --stop-at-step N: re-run without it, or with a
+later step); 2 bad arguments, config or data set, a --stop-at-step the run has already
+reached (re-running could never progress), or a run folder that cannot take this run (a file,
+another trainer in it, another run's settings, a finished run without --extend); 1 runtime failure (model cannot load, out of
 memory, ...); 130 / 143 a second Ctrl-C / SIGTERM, which stops at once without a checkpoint.
 """
 from __future__ import annotations
@@ -167,8 +168,10 @@ def _handler(args: argparse.Namespace) -> int:
         _emit(args, payload, [f"interrupted at step {result.global_step}/{result.total_steps}: {saved}, "
                               "re-run the same command to continue"])
         return EXIT_STOPPED_EARLY
+    how = ("re-run without --stop-at-step, or with a later step, to continue"
+           if result.stopped_reason == "step-target" else "re-run the same command to continue")
     _emit(args, payload, [f"stopped at step {result.global_step}/{result.total_steps} "
-                          f"({result.stopped_reason}); re-run the same command to continue"])
+                          f"({result.stopped_reason}); {how}"])
     return EXIT_STOPPED_EARLY
 
 
@@ -179,8 +182,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train an SD1.5 LoRA on a data set, or resume the run in --run-dir from its latest "
         "checkpoint. Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and exits 3; "
         "a second one stops at once without a checkpoint. Exit codes: 0 complete, 3 stopped early "
-        "(time budget / --stop-at-step / Ctrl-C or SIGTERM; re-run the same command to continue), "
-        "2 bad config or data set, 1 runtime failure, 130 / 143 a second Ctrl-C / SIGTERM.",
+        "(time budget / Ctrl-C or SIGTERM: re-run the same command to continue; --stop-at-step: "
+        "re-run without it or with a later step), 2 bad config or data set (or a --stop-at-step "
+        "the run has already reached), 1 runtime failure, 130 / 143 a second Ctrl-C / SIGTERM.",
     )
     add_path(parser, "--dataset", role="dataset_dir", required=True,
                         help="data-set folder (with versions/, or any folder of images with .txt captions)")

@@ -338,8 +338,12 @@ def _train_segment(
     files = settle_finished_run(run_dir, run_name, total, done_step, extend=extend)
     if files is not None:  # finished at exactly this many steps: nothing to do
         return TrainResult(done_step, total, True, "complete", run_dir, files)
-    if stop_at_step is not None and done_step >= stop_at_step and done_step < total:
-        return TrainResult(done_step, total, False, "step-target", run_dir, [])
+    if stop_at_step is not None and done_step >= stop_at_step:
+        # a stop step the run has already reached: this segment (and every re-run of it) would
+        # train nothing, so it is a bad limit, not "stopped early" (exit 3 means re-run and progress)
+        raise ConfigError(f"the run in {run_dir} is already at step {done_step} of {total}, at or past its "
+                          f"stop step {stop_at_step} (--stop-at-step): nothing to train; leave it out or "
+                          "give a later step to continue")
 
     stats = SegmentStats()
     trainer = _Trainer(cfg, run_dir, plan, on_progress if main else None)

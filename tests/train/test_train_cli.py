@@ -29,7 +29,7 @@ def test_stopped_early_exits_3_and_rerun_completes_with_0(tmp_path, dataset, cap
     assert main(_base(dataset, run, "--stop-at-step", "2", "--set", "lr_scheduler=\"cosine\"",
                       "--set", "validation_timesteps=[500]")) == 3
     out = capsys.readouterr().out
-    assert "stopped at step 2/4 (step-target); re-run the same command to continue" in out
+    assert "stopped at step 2/4 (step-target); re-run without --stop-at-step, or with a later step" in out
     assert main(_base(dataset, run, "--set", "lr_scheduler=cosine", "--set", "validation_timesteps=[500]",
                       "--time-budget-minutes", "0.0001")) == 3
     assert "(time-budget)" in capsys.readouterr().out

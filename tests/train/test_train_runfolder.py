@@ -187,3 +187,18 @@ def test_missing_field_takes_the_value_of_the_old_behaviour(tmp_path, tiny_cfg, 
     (run / "config.json").write_text(json.dumps({"schema_version": 99, "config": old}))
     with pytest.raises(runfolder.RunFolderError, match="newer animelora"):
         runfolder.pin_config(tiny_cfg(), run)
+
+
+def test_stop_at_step_exits_3_only_while_re_running_makes_progress(tmp_path, dataset, capsys):
+    run = tmp_path / "run"
+    assert main(_base(dataset, run, "--stop-at-step", "2")) == 3
+    assert "stopped at step 2/4 (step-target); re-run without --stop-at-step" in capsys.readouterr().out
+    # the same command again: already there, nothing to train -> not "stopped early" (was 3, forever)
+    for stop in ("2", "1"):
+        assert main(_base(dataset, run, "--stop-at-step", stop)) == 2
+        line = _one_error_line(capsys)
+        assert "already at step 2 of 4, at or past its stop step" in line and "leave it out" in line
+    assert main(_base(dataset, run, "--stop-at-step", "3")) == 3
+    capsys.readouterr()
+    assert main(_base(dataset, run)) == 0
+    assert "run complete at step 4/4" in capsys.readouterr().out
