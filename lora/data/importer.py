@@ -268,7 +268,8 @@ def scan_folder(
             continue
         rel = path.relative_to(root)
         name = query or (rel.parts[0] if entries is not None and len(rel.parts) > 1 else "import")
-        text = _sidecar_caption(path, shown / rel.with_suffix(".txt"), caption, scan)
+        text = _sidecar_caption(path, shown / rel.with_suffix(".txt"), caption, scan,
+                                outside_ok=follow_symlinks, root=root)
         if text is None:
             continue
         md5 = file_digest(path, "md5")
@@ -313,13 +314,19 @@ def _metadata_candidate(
     )
 
 
-def _sidecar_caption(image: Path, shown: Path, options: CaptionOptions, scan: FolderScan) -> str | None:
+def _sidecar_caption(image: Path, shown: Path, options: CaptionOptions, scan: FolderScan, *,
+                     outside_ok: bool, root: Path) -> str | None:
     """The caption for ``image`` from its ``.txt`` (with the caption options applied), ``""``
     without one; None when the ``.txt`` cannot be read: the image is skipped, not imported
-    uncaptioned (its caption would be lost without a word)."""
+    uncaptioned (its caption would be lost without a word). A ``.txt`` that is a symlink out
+    of the source folder is refused like an image symlink (it could copy any readable file
+    into a caption)."""
     sidecar = image.with_suffix(".txt")
     if not sidecar.is_file():
         return caption_from_text("", options)
+    if not outside_ok and not _inside(sidecar.resolve(), root):
+        scan.skip(str(shown), "caption-symlink-out-of-source: pass --follow-symlinks to read it")
+        return None
     try:
         loaded = load_caption(sidecar)
     except CaptionFileError as exc:

@@ -225,6 +225,8 @@ class Refresh:
                 if plan.target_size is None or kept_now >= plan.target_size or not collection.candidates:
                     break
             summary.version = steps.finalize()
+            if summary.version is not None:  # a kept image deleted by hand is left out of it
+                kept_now = sum(1 for r in load_rows(self.paths) if r["status"] == "kept")
             summary.total_kept = kept_now
             summary.exhausted = sorted(exhausted)
         summary.elapsed_s = round(time.monotonic() - started, 3)

@@ -149,3 +149,46 @@ def test_a_version_that_is_not_json_is_reported_and_repair_supersedes_it(importe
     assert _dataset("repair", workspace=workspace) == 0
     assert read_version(paths)["version"] == "v0003" and _files_exist(paths)
     assert _dataset("check", workspace=workspace) == 0
+
+
+def test_a_fetch_does_not_bring_a_removed_post_back_until_it_is_restored(booru_factory, workspace, capsys, monkeypatch):
+    from lora.testing.fakebooru import generate_posts
+
+    monkeypatch.delenv("DANBOORU_LOGIN", raising=False)
+    monkeypatch.delenv("DANBOORU_API_KEY", raising=False)
+    server = booru_factory(generate_posts(4, seed=7, traps=False))
+    fetch = ["fetch", "--booru-url", server.url, "--workspace", str(workspace), "--dataset", "d",
+             "--requests-per-second", "10", "--ratings", "g,s,q,e", "--tags", "status:any", "--json"]
+    assert cli(fetch) == 0 and json.loads(capsys.readouterr().out)["total_kept"] == 4
+    paths = DatasetPaths.of(workspace, "d")
+    row = load_manifest(paths).iloc[0]
+    (paths.root / row.file).unlink()                     # deleted by hand ...
+    assert _dataset("repair", workspace=workspace) == 0  # ... and recorded
+    capsys.readouterr()
+    assert cli(fetch) == 0
+    assert json.loads(capsys.readouterr().out)["total_kept"] == 3 and read_version(paths)["count"] == 3
+
+    assert _dataset("restore", row.id, workspace=workspace) == 0
+    capsys.readouterr()
+    assert cli(fetch) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kept"] == 1 and summary["total_kept"] == 4
+    assert (paths.root / row.file).is_file() and _files_exist(paths) and read_version(paths)["count"] == 4
+
+
+def test_a_fetch_after_a_hand_deletion_writes_a_version_of_files_that_are_there(booru_factory, workspace, capsys, monkeypatch):
+    from lora.testing.fakebooru import generate_posts
+
+    monkeypatch.delenv("DANBOORU_LOGIN", raising=False)
+    monkeypatch.delenv("DANBOORU_API_KEY", raising=False)
+    server = booru_factory(generate_posts(6, seed=8, traps=False))
+    fetch = ["fetch", "--booru-url", server.url, "--workspace", str(workspace), "--dataset", "d",
+             "--requests-per-second", "10", "--ratings", "g,s,q,e", "--tags", "status:any", "--json"]
+    assert cli([*fetch, "--limit", "4"]) == 0
+    capsys.readouterr()
+    paths = DatasetPaths.of(workspace, "d")
+    (paths.root / load_manifest(paths).file.iloc[0]).unlink()
+    assert cli(fetch) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kept"] == 2 and summary["total_kept"] == 5
+    assert read_version(paths)["count"] == 5 and _files_exist(paths)

@@ -182,3 +182,17 @@ def test_metadata_path_out_of_the_source_folder_is_refused_before_any_work(works
         assert rc == 2 and err.count("\n") == 1, err
         assert "metadata.json" in err and "training_data[1]" in err and bad in err
         assert not (workspace / "datasets" / "d").exists()
+
+
+def test_a_caption_symlink_out_of_the_source_folder_is_not_read(workspace, tmp_path, img, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("api key 12345\n", encoding="utf-8")
+    src = tmp_path / "mine"
+    img.save(src / "a.png", 1)
+    (src / "a.txt").symlink_to(secret)
+    img.save(src / "b.png", 2)
+    assert _import(src, workspace, "--json") == 0
+    summary = _json_summary(capsys)
+    assert summary["kept"] == 1 and "a.png" not in _captions(workspace)
+    assert [Path(s["path"]).name for s in summary["skipped"]] == ["a.txt"]
+    assert "12345" not in json.dumps(summary)
