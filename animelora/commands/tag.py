@@ -29,7 +29,7 @@ def _error(message: str, code: int) -> int:
 
 def _tag(args: argparse.Namespace) -> int:
     from lora.data.captions import CaptionOptions
-    from lora.data.tagger import Tagger, TaggerError, TaggerUnavailable, tag_folder
+    from lora.data.tagger import Tagger, TaggerDownloadError, TaggerError, TaggerUnavailable, tag_folder
 
     from .progress import CountProgress
 
@@ -47,7 +47,7 @@ def _tag(args: argparse.Namespace) -> int:
                         character_threshold=args.character_threshold, batch_size=args.batch_size)
         summary = tag_folder(folder, tagger, overwrite=args.overwrite, caption=caption,
                              on_progress=progress)
-    except TaggerUnavailable as exc:
+    except (TaggerUnavailable, TaggerDownloadError) as exc:  # runtime: the command itself was right
         return _error(str(exc), 1)
     except TaggerError as exc:
         return _error(str(exc), 2)

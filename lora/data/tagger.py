@@ -29,7 +29,7 @@ from lora.data.captions import CaptionOptions, TagSet, build_caption, write_capt
 
 __all__ = [
     "DEFAULT_MODEL", "DEFAULT_GENERAL_THRESHOLD", "DEFAULT_CHARACTER_THRESHOLD", "MODEL_FILE",
-    "TAGS_FILE", "TaggerError", "TaggerUnavailable", "TagRow", "Tagger", "TagSummary",
+    "TAGS_FILE", "TaggerError", "TaggerUnavailable", "TaggerDownloadError", "TagRow", "Tagger", "TagSummary",
     "read_tag_rows", "resolve_model", "preprocess", "tag_folder",
 ]
 
@@ -54,6 +54,10 @@ class TaggerError(ValueError):
 
 class TaggerUnavailable(TaggerError):
     """onnxruntime is not installed: the message names the extra that brings it."""
+
+
+class TaggerDownloadError(TaggerError):
+    """The Hub could not be reached (offline, a server error): a runtime failure, not bad input."""
 
 
 @dataclass(frozen=True)
@@ -107,15 +111,20 @@ def resolve_model(model: str | Path, *, revision: str | None = None) -> tuple[Pa
         raise TaggerError(f"--model {model}: not a folder with {MODEL_FILE} and {TAGS_FILE}, "
                           "nor a Hub repo id (owner/name)")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     try:
         return tuple(Path(hf_hub_download(str(model), name, revision=revision))  # type: ignore[return-value]
                      for name in (MODEL_FILE, TAGS_FILE))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+    except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as exc:
+        # no such repo or file: the id is wrong (exit 2); anything else: the Hub was not reached
+        wrong_id = (isinstance(exc, (RepositoryNotFoundError, EntryNotFoundError))
+                    and not isinstance(exc, LocalEntryNotFoundError))  # offline: not in the cache
         detail = " ".join(str(exc).split())[:200]
-        raise TaggerError(f"--model {model}: cannot download {MODEL_FILE} and {TAGS_FILE} from the "
-                          f"Hub ({type(exc).__name__}: {detail})") from None
+        raise (TaggerError if wrong_id else TaggerDownloadError)(
+            f"--model {model}: cannot download {MODEL_FILE} and {TAGS_FILE} from the Hub "
+            f"({type(exc).__name__}: {detail})") from None
 
 
 def preprocess(image: Image.Image, side: int) -> np.ndarray:

@@ -83,6 +83,9 @@ def test_quiet_after_the_command_silences_diffusers_loading_bars(trained):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "re-scored on" in done.stdout
     assert done.stderr == "", done.stderr[-2000:]  # no "Loading pipeline components" bar
+    # re-scoring scores the same single held-out image: the advice is a larger data set, not
+    # --rescore again
+    assert "add images" in done.stdout and "with --rescore" not in done.stdout
 
 
 def test_count_progress_off_a_terminal_prints_periodic_lines():
