@@ -1,9 +1,12 @@
 """Danbooru client: query building, cursor paging, auth, rate limit, retries, `Post`,
 skip reasons and verified atomic downloads. Prefect-free."""
 from lora.booru.client import (
+    DEFAULT_CONNECTIONS_PER_HOST,
+    DEFAULT_DOWNLOAD_WORKERS,
     DEFAULT_MAX_DOWNLOAD_BYTES,
     DEFAULT_URL,
     DanbooruClient,
+    FileJob,
     default_user_agent,
     normalize_host,
 )
@@ -13,7 +16,8 @@ from lora.booru.posts import IMAGE_EXTS, MalformedPost, Post, PostFormatError, s
 from lora.booru.query import METATAGS, build_query, count_user_tags, is_metatag, normalize_rating
 
 __all__ = [
-    "DEFAULT_MAX_DOWNLOAD_BYTES", "DEFAULT_URL", "DanbooruClient", "normalize_host",
+    "DEFAULT_CONNECTIONS_PER_HOST", "DEFAULT_DOWNLOAD_WORKERS", "DEFAULT_MAX_DOWNLOAD_BYTES",
+    "DEFAULT_URL", "DanbooruClient", "FileJob", "normalize_host",
     "MalformedPost", "PostFormatError", "default_user_agent", "Credentials", "BooruError",
     "BooruAuthError", "BooruQueryError", "DownloadError", "IMAGE_EXTS", "Post", "skip_reason",
     "METATAGS", "build_query", "count_user_tags", "is_metatag", "normalize_rating",

@@ -4,7 +4,9 @@ Why it looks like this (Danbooru's documented API behaviour):
 - Offset pages are capped (HTTP 410 past page 1000) and skip or repeat posts while uploads
   arrive, so listing walks `page=b<id>` / `page=a<id>` cursors and keeps a seen-id set.
 - Danbooru allows at most 10 requests/s and asks for ~1/s; API calls go through one limiter.
-  Image downloads come from the CDN and are not throttled by it.
+  Image downloads come from the CDN and are not throttled by it: a fetch downloads a few files
+  at once (:meth:`DanbooruClient.download_many`), with at most a few connections to one file
+  host in the whole process, however many clients (the flow's parallel shards) there are.
 - The API key travels only as HTTP Basic auth on API requests, never in URLs, logs, reprs or
   errors, and never to the CDN host.
 - A read timeout bounds only the wait for the next byte, so a file server that trickles bytes
@@ -18,11 +20,13 @@ import hashlib
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, NamedTuple, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -60,6 +64,30 @@ DEADLINE_MIN_RATE = 64 * 1024
 #: A download slower than STALL_MIN_RATE bytes/s for stall_timeout seconds is given up.
 DEFAULT_STALL_TIMEOUT_S = 30.0
 STALL_MIN_RATE = 1024
+#: Files a fetch downloads at once, and the most connections to one file host at any time in
+#: this process (shared by every client: the flow runs download shards side by side).
+DEFAULT_DOWNLOAD_WORKERS = 4
+DEFAULT_CONNECTIONS_PER_HOST = 4
+
+K = TypeVar("K")
+
+_HOST_SLOTS: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+_HOST_SLOTS_LOCK = threading.Lock()
+
+
+def _host_slots(host: str, limit: int) -> threading.BoundedSemaphore:
+    """The process-wide semaphore of ``host`` for clients with this per-host ``limit``."""
+    with _HOST_SLOTS_LOCK:
+        return _HOST_SLOTS.setdefault((host, limit), threading.BoundedSemaphore(limit))
+
+
+class FileJob(NamedTuple, Generic[K]):
+    """One file for :meth:`DanbooruClient.download_many`: ``key`` comes back with its result."""
+
+    key: K
+    post: Post
+    dest: Path
+    md5: str | None = None
 #: File hosts of the real Danbooru family: images come from its CDN (cdn.donmai.us) and older
 #: mirrors on the same domain. A booru on one of these domains may serve files from any of them.
 KNOWN_FILE_DOMAINS = ("donmai.us",)
@@ -153,6 +181,7 @@ class DanbooruClient:
         file_deadline: float | None = None,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
         stall_min_rate: float = STALL_MIN_RATE,
+        max_connections_per_host: int = DEFAULT_CONNECTIONS_PER_HOST,
     ) -> None:
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url: expected an http(s) URL, got {base_url!r}")
@@ -172,6 +201,8 @@ class DanbooruClient:
             raise ValueError(f"max_download_bytes: must be positive, got {max_download_bytes!r}")
         if file_deadline is not None and not file_deadline > 0:
             raise ValueError(f"file_deadline: must be positive seconds, got {file_deadline!r}")
+        if max_connections_per_host < 1:
+            raise ValueError(f"max_connections_per_host: must be >= 1, got {max_connections_per_host!r}")
         if not stall_timeout > 0 or stall_min_rate < 0:
             raise ValueError(f"stall_timeout must be positive and stall_min_rate >= 0, got "
                              f"{stall_timeout!r} and {stall_min_rate!r}")
@@ -188,6 +219,9 @@ class DanbooruClient:
         self.file_deadline = None if file_deadline is None else float(file_deadline)
         self.stall_timeout = float(stall_timeout)
         self.stall_min_rate = float(stall_min_rate)
+        self.max_connections_per_host = int(max_connections_per_host)
+        self._active: set[Deadline] = set()  # downloads in progress, cut by abort_downloads()
+        self._active_lock = threading.Lock()
         self._limiter = RateLimiter(rps)
         self._api = requests.Session()
         self._api.headers.update({"User-Agent": self.user_agent, "Accept": "application/json"})
@@ -196,8 +230,9 @@ class DanbooruClient:
         # Downloads go to the CDN: a separate session without credentials.
         self._files = requests.Session()
         self._files.headers.update({"User-Agent": self.user_agent})
+        pool = max(10, self.max_connections_per_host)
         for prefix in ("http://", "https://"):
-            self._files.mount(prefix, GuardedAdapter())
+            self._files.mount(prefix, GuardedAdapter(pool_maxsize=pool))
 
     def __repr__(self) -> str:
         who = self.credentials.login if self.credentials else "anonymous"
@@ -433,6 +468,7 @@ class DanbooruClient:
         md5: str | None = None,
         retries: int = 3,
         max_bytes: int | None = None,
+        stop: threading.Event | None = None,
     ) -> Path:
         """Fetch a file to `dest` atomically, verifying its md5 (a Post's md5 by default).
 
@@ -451,6 +487,10 @@ class DanbooruClient:
         (reason ``deadline-exceeded``), and a transfer slower than ``stall_min_rate`` bytes/s
         for ``stall_timeout`` seconds is given up (``stalled``, retried while the deadline
         leaves time). The caller records such a file as failed, to be tried again later.
+
+        At most ``max_connections_per_host`` downloads from one host run at once in this process
+        (the deadline starts once this one has its turn); a set ``stop`` gives up the wait
+        (reason ``cancelled``).
         """
         declared = 0
         if isinstance(post_or_url, Post):
@@ -472,7 +512,11 @@ class DanbooruClient:
         dest.parent.mkdir(parents=True, exist_ok=True)
         want = md5.lower() if md5 else None
         failure = DownloadError("connection-error")
-        with Deadline(self.deadline_for(declared)) as deadline:
+        host = (urlsplit(url).hostname or "").lower()
+        with self._file_host_slot(host, stop), Deadline(self.deadline_for(declared)) as deadline, \
+                self._tracked(deadline):
+            if stop is not None and stop.is_set():
+                deadline.expire()  # stopped between taking the slot and being tracked
             for attempt in range(max(0, retries) + 1):
                 try:
                     self._download_once(url, dest, want, limit, deadline)
@@ -492,6 +536,55 @@ class DanbooruClient:
                                 url, exc.reason, delay, attempt + 1, retries)
                     time.sleep(delay)
         raise DownloadError(failure.reason, f"download of {url} failed: {failure}")
+
+    def download_many(self, jobs: Iterable[FileJob[K]], *, workers: int = DEFAULT_DOWNLOAD_WORKERS,
+                      retries: int = 3) -> Iterator[tuple[K, Path | DownloadError]]:
+        """Download ``jobs`` on ``workers`` threads; yield ``(key, dest or its DownloadError)``
+        as each one ends.
+
+        Completion order, so a slow file holds nothing up: a caller that needs a fixed order
+        (the manifest's) puts results back by key. Each download keeps every limit of
+        :meth:`download`. Other exceptions propagate; leaving the loop early (an exception, a
+        break, Ctrl-C) cuts the downloads in progress and drops those not started.
+        """
+        if workers < 1:
+            raise ValueError(f"workers: must be >= 1, got {workers!r}")
+        stop = threading.Event()
+
+        def run(job: FileJob[K]) -> Path | DownloadError:
+            try:
+                return self.download(job.post, job.dest, md5=job.md5, retries=retries, stop=stop)
+            except DownloadError as exc:
+                return exc
+
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download")
+        futures: dict[Future[Path | DownloadError], K] = {}
+        try:
+            for job in jobs:
+                futures[pool.submit(run, job)] = job.key
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield futures[future], future.result()
+        finally:
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            self.abort_downloads()
+            pool.shutdown(wait=True)
+
+    def abort_downloads(self) -> None:
+        """Cut every download of this client in progress (they fail as ``deadline-exceeded``)."""
+        with self._active_lock:
+            active = list(self._active)
+        for deadline in active:
+            deadline.expire()
+
+    def _file_host_slot(self, host: str, stop: threading.Event | None) -> "_Slot":
+        return _Slot(_host_slots(host, self.max_connections_per_host), stop)
+
+    def _tracked(self, deadline: Deadline) -> "_Tracked":
+        return _Tracked(self._active, self._active_lock, deadline)
 
     def _open_file(self, url: str, deadline: Deadline) -> requests.Response:
         """GET a file URL, following redirects one hop at a time so each hop's target is checked."""
@@ -597,3 +690,33 @@ def _deadline_error(deadline: Deadline, detail: str) -> DownloadError:
 def _stall_error(window: float, min_rate: float, received: int) -> DownloadError:
     return DownloadError("stalled", f"less than {min_rate:g} bytes/s for {window:g} s "
                                     f"({received} bytes received)")
+
+
+class _Slot:
+    """Holds one of a file host's connection slots; waiting ends early when ``stop`` is set."""
+
+    def __init__(self, slots: threading.BoundedSemaphore, stop: threading.Event | None) -> None:
+        self._slots, self._stop = slots, stop
+
+    def __enter__(self) -> None:
+        while not self._slots.acquire(timeout=0.2):
+            if self._stop is not None and self._stop.is_set():
+                raise DownloadError("cancelled", "the fetch stopped before this download began")
+
+    def __exit__(self, *exc: object) -> None:
+        self._slots.release()
+
+
+class _Tracked:
+    """Keeps a running download's deadline in its client's set, so it can be cut."""
+
+    def __init__(self, active: set[Deadline], lock: threading.Lock, deadline: Deadline) -> None:
+        self._active, self._lock, self._deadline = active, lock, deadline
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._active.add(self._deadline)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._active.discard(self._deadline)

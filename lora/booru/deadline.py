@@ -68,6 +68,10 @@ class Deadline:
         with self._lock:
             self._sock = None
 
+    def expire(self) -> None:
+        """End the download now, as if the time were up."""
+        self._fire()
+
     def _fire(self) -> None:
         with self._lock:
             self._fired = True

@@ -4,6 +4,10 @@ Everything lands in ``.staging/`` (see :mod:`lora.data.staging`); nothing enters
 until the commit step. A download that breaks a limit (oversized, a foreign host or scheme)
 is recorded as ``rejected`` so it is never fetched again; other download errors are ``failed``
 and retried by a later refresh.
+
+Files download a few at a time (:meth:`DanbooruClient.download_many`) while this thread prepares
+the ones that arrived; rows come back in the candidates' order whatever the download order, so
+the commit (and the manifest) does not depend on which server answered first.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from lora.booru import DanbooruClient, DownloadError
+from lora.booru import DEFAULT_DOWNLOAD_WORKERS, DanbooruClient, DownloadError, FileJob
 from lora.data.candidates import Candidate, make_row
 from lora.data.captions import CaptionOptions, TagSet, build_caption, write_caption
 from lora.data.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
@@ -103,61 +107,80 @@ def download_and_prepare(
     candidates: Sequence[Candidate],
     options: PrepareOptions = PrepareOptions(),
     on_progress: ProgressCallback | None = None,
+    workers: int = DEFAULT_DOWNLOAD_WORKERS,
 ) -> list[dict[str, Any]]:
     """Download (or read, for local files), prepare and caption each candidate in ``.staging/``.
 
-    Returns one row per candidate: ``kept`` (provisionally: :func:`commit` still checks phash),
-    ``rejected`` (bad image, with the reason) or ``failed`` (download error, with the reason). A
-    candidate finished by an interrupted earlier run is re-used without a download.
+    Returns one row per candidate, in the candidates' order: ``kept`` (provisionally:
+    :func:`commit` still checks phash), ``rejected`` (bad image, with the reason) or ``failed``
+    (download error, with the reason). A candidate finished by an interrupted earlier run is
+    re-used without a download. ``workers`` files download at once; ``on_progress`` hears of
+    each candidate as it finishes.
     """
     paths.ensure()
     download_dir = staging_dir(paths, "download")
-    out: list[dict[str, Any]] = []
-    total = len(candidates)
-    for done, candidate in enumerate(candidates, start=1):
-        row = read_pending(paths, candidate)
-        if row is None:
-            row = _process(client, paths, candidate, options, download_dir)
-            if row["status"] != "failed":
-                write_pending(paths, row)
-        out.append(row)
+    rows: list[dict[str, Any] | None] = [None] * len(candidates)
+    done = 0
+
+    def finish(i: int, row: dict[str, Any], fresh: bool) -> None:
+        nonlocal done
+        if fresh and row["status"] != "failed":
+            write_pending(paths, row)
+        rows[i] = row
+        done += 1
         if on_progress is not None:
+            candidate = candidates[i]
             on_progress({
-                "stage": "download", "done": done, "total": total, "id": candidate.id,
+                "stage": "download", "done": done, "total": len(candidates), "id": candidate.id,
                 "query": candidate.query, "status": row["status"], "reason": row.get("reason"),
             })
-    return out
+
+    jobs: list[FileJob[int]] = []
+    for i, candidate in enumerate(candidates):
+        row = read_pending(paths, candidate)
+        if row is not None:
+            finish(i, row, fresh=False)
+        elif candidate.source_path is not None:
+            finish(i, _prepare_one(paths, candidate, Path(candidate.source_path), options,
+                                   _next_attempt(candidate)), fresh=True)
+        elif client is None or candidate.post is None:
+            raise ValueError(f"candidate {candidate.id} has neither a post to download nor a local file")
+        else:
+            ext = (candidate.post.file_ext or "bin").lower()
+            jobs.append(FileJob(i, candidate.post, download_dir / f"{candidate.id}.{ext}", candidate.md5))
+    if jobs:
+        assert client is not None
+        for i, result in client.download_many(jobs, workers=workers):
+            finish(i, _after_download(paths, candidates[i], result, options), fresh=True)
+    return [row for row in rows if row is not None]
 
 
-def _process(
-    client: DanbooruClient | None,
-    paths: DatasetPaths,
-    candidate: Candidate,
-    options: PrepareOptions,
-    download_dir: Path,
-) -> dict[str, Any]:
+def _next_attempt(candidate: Candidate) -> dict[str, Any]:
     fields = dict(candidate.fields)
     fields["attempts"] = int(fields.get("attempts") or 0) + 1
-    if candidate.source_path is not None:
-        return _prepare_one(paths, candidate, Path(candidate.source_path), options, fields)
-    if client is None or candidate.post is None:
-        raise ValueError(f"candidate {candidate.id} has neither a post to download nor a local file")
-    ext = (candidate.post.file_ext or "bin").lower()
-    dest = download_dir / f"{candidate.id}.{ext}"
-    try:
-        client.download(candidate.post, dest, md5=candidate.md5)
-    except DownloadError as exc:
-        reason = getattr(exc, "reason", None) or "download-failed"
+    return fields
+
+
+def _after_download(
+    paths: DatasetPaths,
+    candidate: Candidate,
+    result: Path | DownloadError,
+    options: PrepareOptions,
+) -> dict[str, Any]:
+    """The row of a downloaded candidate: prepared from its file, or its download error."""
+    fields = _next_attempt(candidate)
+    if isinstance(result, DownloadError):
+        reason = result.reason or "download-failed"
         if reason.split(":", 1)[0] in FINAL_DOWNLOAD_REASONS:
-            log.warning("post %s: not downloaded (%s): %s", candidate.id, reason, exc)
+            log.warning("post %s: not downloaded (%s): %s", candidate.id, reason, result)
             return make_row(candidate.id, "rejected", fields, reason=reason)
         log.info("post %s: download failed (%s)", candidate.id, reason)
         return make_row(candidate.id, "failed", fields, reason=reason)
     try:
-        return _prepare_one(paths, candidate, dest, options, fields)
+        return _prepare_one(paths, candidate, result, options, fields)
     finally:
         try:
-            dest.unlink()
+            result.unlink()
         except FileNotFoundError:
             pass
 

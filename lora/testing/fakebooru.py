@@ -548,6 +548,9 @@ class FakeDanbooru:
     Slow servers: `trickle_ids` send their file one byte every `trickle_interval_s` after
     prompt headers, `trickle_header_ids` send even the status line and headers that way (a read
     timeout never fires: each byte resets it); both sets may be changed while running.
+    `file_delays` holds a post's file answer back that many seconds (to scramble the order in
+    which concurrent downloads finish); `peak_file_connections` is the most file requests
+    served at once, per Host header.
     """
 
     GOLD_TAG_LIMIT = 6
@@ -571,6 +574,7 @@ class FakeDanbooru:
         trickle_ids: set[int] | frozenset[int] | tuple[int, ...] = (),
         trickle_header_ids: set[int] | frozenset[int] | tuple[int, ...] = (),
         trickle_interval_s: float = 2.0,
+        file_delays: dict[int, float] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         seed: int = 0,
@@ -592,6 +596,9 @@ class FakeDanbooru:
         self.trickle_header_ids = set(trickle_header_ids)
         self.trickle_interval_s = float(trickle_interval_s)
         self._stopping = threading.Event()
+        self.file_delays = dict(file_delays or {})
+        self._file_connections: dict[str, int] = {}
+        self.peak_file_connections: dict[str, int] = {}
         self._seed = seed
         self._added = 0
         self._host, self._port = host, port
@@ -761,12 +768,32 @@ class FakeDanbooru:
             pass
         return sent
 
+    def file_request(self, host: str) -> "_FileRequest":
+        """Counts a file request as in progress (for ``peak_file_connections``)."""
+        return _FileRequest(self, host)
+
     def _take_flaky(self, post_id: int) -> bool:
         with self._lock:
             if post_id in self._flaky_pending:
                 self._flaky_pending.discard(post_id)
                 return True
             return False
+
+
+class _FileRequest:
+    def __init__(self, fake: FakeDanbooru, host: str) -> None:
+        self.fake, self.host = fake, host
+
+    def __enter__(self) -> None:
+        fake = self.fake
+        with fake._lock:
+            now = fake._file_connections.get(self.host, 0) + 1
+            fake._file_connections[self.host] = now
+            fake.peak_file_connections[self.host] = max(now, fake.peak_file_connections.get(self.host, 0))
+
+    def __exit__(self, *exc: object) -> None:
+        with self.fake._lock:
+            self.fake._file_connections[self.host] -= 1
 
 
 def _make_handler(fake: FakeDanbooru) -> type[BaseHTTPRequestHandler]:
@@ -798,7 +825,8 @@ def _make_handler(fake: FakeDanbooru) -> type[BaseHTTPRequestHandler]:
                         raise _HttpError(404, "That record was not found.")
                     self._json(rec, 200, post.to_json(fake.url))
                 elif path.startswith("/data/"):
-                    self._file(rec, path[len("/data/"):])
+                    with fake.file_request((self.headers.get("Host") or "").rsplit(":", 1)[0]):
+                        self._file(rec, path[len("/data/"):])
                 else:
                     raise _HttpError(404, "Not found")
             except _HttpError as err:
@@ -833,6 +861,8 @@ def _make_handler(fake: FakeDanbooru) -> type[BaseHTTPRequestHandler]:
             if post.id in fake.oversize_ids:
                 self._stream_junk(rec, fake.oversize_bytes)
                 return
+            if fake.file_delays.get(post.id):
+                fake._stopping.wait(fake.file_delays[post.id])
             if post.id in fake.trickle_header_ids:
                 rec.status = 200
                 head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(post.data)}\r\n\r\n".encode()
