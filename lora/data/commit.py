@@ -336,10 +336,12 @@ def recover(paths: DatasetPaths) -> dict[str, int]:
                 continue
             try:
                 data = json.loads(pending.read_text())
-            except (OSError, json.JSONDecodeError):
-                discard(pending)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                data = None
+            if not isinstance(data, dict):
+                discard(pending)  # not a pending row (damaged): the candidate is prepared again
                 continue
-            if data.get("file"):
+            if isinstance(data.get("file"), str) and data["file"]:
                 claimed.add(Path(data["file"]).name)
     claimed_stems = {Path(n).stem for n in claimed}
     kept_stems = {Path(n).stem for n in kept_files}

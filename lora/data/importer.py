@@ -33,12 +33,11 @@ from lora.data.captions import (
 )
 from lora.data.duplicates import has_caption
 from lora.data.images import DEFAULT_MAX_PIXELS
-from lora.data.manifest import DatasetPaths, dataset_lock, load_rows
+from lora.data.manifest import DatasetPaths, dataset_lock, leaves_folder, load_rows
 from lora.data.candidates import Candidate, KnownRows, make_row
 from lora.data.commit import commit, recover
 from lora.data.prepare import PrepareOptions, ProgressCallback, prepare_local
 from lora.data.summary import RefreshSummary
-from lora.data.versions import leaves_folder
 from lora.fsutil import file_digest
 
 __all__ = ["FolderImportError", "FolderScan", "import_folder", "scan_folder", "IMPORT_EXTS"]

@@ -16,7 +16,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
@@ -40,6 +40,7 @@ __all__ = [
     "new_row",
     "now_utc",
     "reason_kind",
+    "leaves_folder",
 ]
 
 #: The statuses a row can have. "failed" rows (download errors) may be retried by a later refresh.
@@ -229,6 +230,22 @@ def _check_row(row: dict[str, Any]) -> None:
         )
     if row["status"] == "kept" and not row.get("file"):
         raise ManifestError(f"manifest row {row['id']!r} is kept but names no file")
+    _check_file(row, where="manifest")
+
+
+def leaves_folder(rel: str) -> bool:
+    """An absolute path (POSIX or Windows spelling, drive letters too) or one with ``..``:
+    a name from a file (a version, the manifest, metadata.json) that could lead out of its
+    folder."""
+    return any(p.is_absolute() or p.anchor or ".." in p.parts for p in (PurePosixPath(rel), PureWindowsPath(rel)))
+
+
+def _check_file(row: dict[str, Any], where: str) -> None:
+    """A row's ``file`` must be a path inside the data set (training and every step read it)."""
+    file = row.get("file")
+    if file is not None and (not isinstance(file, str) or leaves_folder(file)):
+        raise ManifestError(f"{where}: row {row.get('id')!r} names file {file!r} outside the data set "
+                            "(files are relative to, and inside, the data-set folder)")
 
 
 def load_rows(paths: DatasetPaths) -> list[dict[str, Any]]:
@@ -249,6 +266,7 @@ def load_rows(paths: DatasetPaths) -> list[dict[str, Any]]:
     for row in rows:
         for name in COLUMNS:
             row.setdefault(name, None)
+        _check_file(row, where=str(paths.manifest))
     return rows
 
 

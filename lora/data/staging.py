@@ -37,8 +37,10 @@ def read_pending(paths: DatasetPaths, candidate: Candidate) -> dict[str, Any] | 
     path = pending_path(paths, candidate.id)
     try:
         raw = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    if not isinstance(raw, dict):
+        return None  # not one of ours: prepared again
     if raw.get("md5") != candidate.md5 or raw.get("status") not in ("kept", "rejected"):
         return None
     if raw["status"] == "kept":

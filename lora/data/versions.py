@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, Sequence
 
-from lora.data.manifest import DatasetPaths, now_utc
+from lora.data.manifest import DatasetPaths, leaves_folder, now_utc
 from lora.fsutil import atomic_write_json
 
 __all__ = [
@@ -91,12 +91,6 @@ def read_version(paths: DatasetPaths, version: str | None = None) -> dict[str, A
         raise VersionError(f"{path}: not a data-set version (expected a JSON object)")
     check_files(path, paths.root, data.get("files"))
     return data
-
-
-def leaves_folder(rel: str) -> bool:
-    """An absolute path (POSIX or Windows spelling, drive letters too) or one with ``..``:
-    a name from a file (a version, metadata.json) that could lead out of its folder."""
-    return any(p.is_absolute() or p.anchor or ".." in p.parts for p in (PurePosixPath(rel), PureWindowsPath(rel)))
 
 
 def check_files(version_file: Path, root: Path, files: Any) -> list[str]:
