@@ -149,6 +149,9 @@ def _version_findings(paths: DatasetPaths, kept: Sequence[Row], has_manifest: bo
     listed file that is gone, or (with a manifest) a list that is not the kept images."""
     latest = latest_version(paths)
     if latest is None:
+        if has_manifest and kept:
+            return None, [Finding("version-out-of-date", str(paths.versions),
+                                  f"{len(kept)} kept image(s), no version lists them")]
         return None, []
     where = str(paths.versions / f"{latest}.json")
     try:
@@ -241,7 +244,7 @@ def repair_dataset(paths: DatasetPaths, *, lock_timeout: float = 0.0) -> EditRes
     _need_manifest(paths)
     with dataset_lock(paths, timeout=lock_timeout):
         rows = load_rows(paths)
-        finalize_version(paths, rows=rows)
+        pending = finalize_version(paths, rows=rows)
         report = check_dataset(paths, rows)
         index = {r["id"]: i for i, r in enumerate(rows)}
         changed: list[dict[str, str]] = []
@@ -260,7 +263,8 @@ def repair_dataset(paths: DatasetPaths, *, lock_timeout: float = 0.0) -> EditRes
                 rows[i] = dict(row, caption=_take_caption(paths, row))
                 changed.append(_change(row, "caption recorded"))
         if not changed and report.ok:
-            return _result(paths, rows, None, [], ["nothing to repair"])
+            note = f"wrote {pending}, the version its kept images were waiting for" if pending else "nothing to repair"
+            return _result(paths, rows, pending, [], [note])
         if changed:
             save_rows(paths, rows)
         notes = [f"superseded {f.path}: {f.detail}" for f in report.findings if f.kind == "version-unreadable"]
