@@ -1,0 +1,26 @@
+"""Sweeps: train candidate recipes rung by rung, prune the clearly worse, name the best.
+
+Public API (the command line and the ``sweep`` flow use only this)::
+
+    build_spec(name, preset=, base=, grid=, candidates=, rungs=) -> SweepSpec
+    run_sweep(spec, workspace, train_many=train_in_process, stop_after_rungs=None) -> SweepResult
+
+State and report live in ``<workspace>/sweeps/<name>/`` (lora/sweep/state.py).
+"""
+from lora.sweep.prune import RungDecision, judge_rung
+from lora.sweep.report import render_report, report_rows
+from lora.sweep.runner import (
+    JobOutcome, SweepInterrupted, SweepResult, TrainJob, TrainMany, pin_dataset_version, run_sweep,
+    train_in_process,
+)
+from lora.sweep.spec import (
+    Candidate, SweepSpec, SweepSpecError, build_spec, parse_candidate, parse_grid_axis, read_spec_file,
+)
+from lora.sweep.state import SweepBusyError, SweepState, SweepStateError, sweep_dir
+
+__all__ = [
+    "Candidate", "JobOutcome", "RungDecision", "SweepBusyError", "SweepInterrupted", "SweepResult",
+    "SweepSpec", "SweepSpecError", "SweepState", "SweepStateError", "TrainJob", "TrainMany",
+    "build_spec", "judge_rung", "parse_candidate", "parse_grid_axis", "pin_dataset_version",
+    "read_spec_file", "render_report", "report_rows", "run_sweep", "sweep_dir", "train_in_process",
+]
