@@ -26,7 +26,8 @@ _NOT_PATHS = {"json", "dry_run", "private", "allow_test_model", "extend", "follo
               "checkpoint_every_minutes", "low_memory", "save_dtype", "set", "preset", "quiet",
               "device", "seeds", "steps", "resolution", "scheduler", "negative_prompt",
               "lora_scale", "guidance", "spike_threshold", "min_side", "blacklist", "max_tags",
-              "radius", "max_megapixels", "batch_size", "lr", "seed", "help", "version", "verbose"}
+              "radius", "max_megapixels", "batch_size", "lr", "seed", "help", "version", "verbose",
+              "file_timeout"}
 
 
 def _tree(path: Path) -> dict[str, str]:
