@@ -5,9 +5,10 @@ Usage: ``python bench/data.py [--quick]``. Prints machine info and a markdown ta
 - phash images/s on generated 768x512 pictures (decoded images in memory);
 - prepare_image images/s from encoded PNG (decode, flatten, hash, re-encode PNG, atomic write) and
   from RGB JPEG (decode, hash, exact byte copy);
-- near-duplicate grouping at radius 4 for 10k / 100k / 1M random hashes with ~1% planted
-  near-duplicates at distance 1..4: multi-index grouping vs naive pairwise (naive only where it
-  is expected to finish in under 60 s);
+- near-duplicate grouping at radius 4 for 10k / 100k / 1M / 10M random hashes (``--hashes``)
+  with ~1% planted near-duplicates at distance 1..4: multi-index grouping (with its time per
+  million hashes, flat when the cost is linear) vs naive pairwise (naive only where it is
+  expected to finish in under 60 s);
 - the incremental HammingIndex: build time and query time against 100k stored hashes.
 """
 from __future__ import annotations
@@ -82,11 +83,16 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images, no 1M grouping")
+    parser.add_argument("--quick", action="store_true", help="fewer images, no 1M or 10M grouping")
+    parser.add_argument("--hashes", default=None, metavar="N,N,...",
+                        help="hash counts to group (default 10k,100k,1M,10M; --quick: 10k,100k)")
     args = parser.parse_args(argv)
 
     n_images = 50 if args.quick else 200
-    sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
+    if args.hashes:
+        sizes = [int(float(v)) for v in args.hashes.split(",")]
+    else:
+        sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000, 10_000_000]
 
     cpus = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
@@ -94,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- machine: {platform.platform()}, {platform.machine()}, {platform.processor() or 'cpu'}")
     print(f"- cpus: {cpus} (usable: {usable}); python {platform.python_version()}, "
           f"numpy {np.__version__}, pillow {Image.__version__}")
-    print(f"- mode: {'quick' if args.quick else 'full'}\n")
+    print(f"- mode: {'quick' if args.quick else 'full'}; load average at start: "
+          f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}\n")
 
     rows: list[tuple[str, str, str]] = []
 
@@ -116,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         hashes = planted_hashes(n, seed=n)
         dt, labels = timed(group_near_duplicates, hashes, 4)
         groups = int((labels != np.arange(n)).sum())
-        rows.append((f"group near-duplicates, {n:,} hashes, r=4, multi-index", f"{dt:.3f} s", f"{groups:,} grouped"))
+        rows.append((f"group near-duplicates, {n:,} hashes, r=4, multi-index", f"{dt:.3f} s",
+                     f"{groups:,} grouped, {dt / n * 1e6:.2f} s per million"))
         estimate = None if naive_10k is None else naive_10k * (n / 10_000) ** 2
         if n == 10_000 or (estimate is not None and estimate < NAIVE_LIMIT_S):
             dt_naive, naive_labels = timed(naive_group, hashes, 4)
