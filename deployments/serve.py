@@ -1,7 +1,7 @@
 """Serve every deployment of the project from one process (no worker needed).
 
-`animelora serve` (or `python -m deployments.serve`) registers `train-lora/<preset>` and
-`dataset-refresh/nightly` with the Prefect API in PREFECT_API_URL and runs their flow runs
+`animelora serve` (or `python -m deployments.serve`) registers `train-lora/<preset>`,
+`sweep/phase2a-lr-rank` and `dataset-refresh/nightly` with the Prefect API in PREFECT_API_URL and runs their flow runs
 until stopped. It also makes sure the global concurrency limit `gpu` exists (tasks/gpu.py:
 ``ANIMELORA_GPU_SLOTS`` sets its size, ``ANIMELORA_GPU_LIMIT`` its name), so two trainings
 never share one GPU, and schedules the nightly refresh in ``ANIMELORA_TIMEZONE`` (UTC).
@@ -16,13 +16,14 @@ from prefect.settings import PREFECT_API_URL
 
 from deployments.common import FLOW_RUN_ENV
 from deployments.dataset_refresh import nightly_deployment
+from deployments.sweep import sweep_deployments
 from deployments.train_lora import train_lora_deployments
 from tasks.gpu import ensure_gpu_limit, gpu_slots_setting
 
 
 def all_deployments() -> list:
     """Every deployment of the project, as declared in Python (prefect.yaml is made from these)."""
-    return [*train_lora_deployments(), nightly_deployment()]
+    return [*train_lora_deployments(), *sweep_deployments(), nightly_deployment()]
 
 
 def main(limit: int | None = None) -> int:

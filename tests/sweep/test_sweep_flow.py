@@ -1,0 +1,42 @@
+"""The `sweep` flow on a real temporary Prefect server: each candidate's rung is a child flow
+run whose training holds the `gpu` limit, the sweep's table is an artifact, and the winner is
+analyzed like any run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+)
+
+from flows.sweep import sweep
+
+
+def test_sweep_flow_runs_candidates_as_child_flow_runs(prefect_api, workspace):
+    state = sweep(workspace=str(workspace), dataset="demo", name="f", model="tiny",
+                  base={"epochs": 2, "batch_size": 4, "checkpoint_every_minutes": 60},
+                  grid={"learning_rate": [1e-9, 0.05]}, rungs=[1], return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["best"] == "lr0.05" and result["best_distinguishable"] is True
+    assert [r["status"] for r in result["ranking"]] == ["complete", "pruned"]
+    assert Path(result["report"]).is_file() and result["lora_files"]
+    with get_client(sync_client=True) as client:
+        parent = state.state_details.flow_run_id
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[parent])))
+        child_tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
+    # the pruned candidate trained one rung, the winner two
+    assert sorted(r.name for r in children) == ["f-lr0.05-rung1", "f-lr0.05-rung2", "f-lr1e-09-rung1"]
+    assert all(r.state.is_completed() for r in children)
+    assert {r.name for r in child_tasks} >= {"train-segment-1"}
+    by_key = {a.key: a for a in artifacts}
+    assert by_key["sweep-f"].type == "table" and "lr1e-09" in str(by_key["sweep-f"].data)
+    assert "**Best:** lr0.05" in by_key["sweep-report-f"].data
