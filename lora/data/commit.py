@@ -36,7 +36,8 @@ from lora.data.versions import (
     write_version,
 )
 
-__all__ = ["CommitResult", "commit", "drop_missing_files", "finalize_version", "recover", "write_kept_version"]
+__all__ = ["CommitResult", "commit", "drop_missing_files", "finalize_version", "recover", "version_change",
+           "write_kept_version"]
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ class CommitResult:
     total_kept: int
     version: str | None
     replaced: list[dict[str, Any]] = field(default_factory=list)
-    #: Kept rows whose image was missing (deleted by hand): marked removed, in no new version.
-    dropped: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _pending_version(paths: DatasetPaths, rows: Iterable[dict[str, Any]]) -> str:
@@ -166,9 +165,7 @@ def commit(
             save_rows(paths, all_rows)
         for row in batch:
             discard(pending_path(paths, row["id"]))
-        kept_before = {r["id"] for r in all_rows if r["status"] == "kept"}
         written = finalize_version(paths, queries=queries, rows=all_rows) if finalize else None
-        dropped = [r for r in all_rows if r["id"] in kept_before and r["status"] == "removed"]
         if cursors:
             state = load_state(paths)
             state.queries.update(cursors)
@@ -181,7 +178,6 @@ def commit(
             total_kept=kept_total,
             version=written,
             replaced=replaced,
-            dropped=dropped,
         )
 
 
@@ -249,27 +245,42 @@ def finalize_version(
     queries: dict[str, str] | None = None,
     rows: list[dict[str, Any]] | None = None,
 ) -> str | None:
-    """Write the version that committed kept rows are waiting for; None when none is waiting.
+    """Write the version that committed kept rows are waiting for, or a new one when kept
+    images were deleted by hand; None when neither.
 
-    The version lists every kept file of the data set (manifest order) that is there; a kept
-    image deleted by hand is dropped first (:func:`drop_missing_files`). Call it under the
-    data-set lock (``commit`` and ``recover`` do).
+    The version lists every kept file of the data set (manifest order) that is there: a kept
+    image deleted by hand is marked removed first (:func:`drop_missing_files`), and a version
+    is written without it even when nothing was added, so the next fetch or import mends a
+    data set that a hand deletion left untrainable. Call it under the data-set lock
+    (``commit`` and ``recover`` do).
     """
     rows = load_rows(paths) if rows is None else rows
+    dropped = drop_missing_files(paths, rows)
     written = set(list_versions(paths))
     waiting = sorted({r["version_added"] for r in rows
                       if r["status"] == "kept" and r.get("version_added") and r["version_added"] not in written})
-    if not waiting:
+    if not waiting and not dropped:
         return None
+    changes = [version_change(r, f"removed ({FILE_MISSING})") for r in dropped]
+    if not waiting:
+        version = next_version(paths)
+        write_kept_version(paths, version, rows, queries=queries,
+                           extra={"added": 0, "reason": FILE_MISSING, "changes": changes})
+        return version
     version = waiting[-1]
     latest = latest_version(paths)
     if latest is not None and int(version[1:]) <= int(latest[1:]):
         # Cannot happen under the lock; refuse rather than write an out-of-order version.
         raise RuntimeError(f"data set {paths.name!r}: pending version {version} is not after {latest}")
-    drop_missing_files(paths, rows)
+    added = sum(1 for r in rows if r["status"] == "kept" and r.get("version_added") == version)
     write_kept_version(paths, version, rows, queries=queries,
-                       extra={"added": sum(1 for r in rows if r["status"] == "kept" and r.get("version_added") == version)})
+                       extra={"added": added, **({"changes": changes} if changes else {})})
     return version
+
+
+def version_change(row: dict[str, Any], change: str) -> dict[str, str]:
+    """One entry of a version's ``changes``: what happened to an image since the last version."""
+    return {"id": row["id"], "file": row.get("file") or "", "change": change}
 
 
 def write_kept_version(

@@ -35,9 +35,10 @@ from lora.data.duplicates import has_caption
 from lora.data.images import DEFAULT_MAX_PIXELS
 from lora.data.manifest import DatasetPaths, dataset_lock, leaves_folder, load_rows
 from lora.data.candidates import Candidate, KnownRows, make_row
-from lora.data.commit import commit, recover
+from lora.data.commit import FILE_MISSING, commit, recover
 from lora.data.prepare import PrepareOptions, ProgressCallback, prepare_local
 from lora.data.summary import RefreshSummary
+from lora.data.versions import latest_version
 from lora.fsutil import file_digest
 
 __all__ = ["FolderImportError", "FolderScan", "import_folder", "scan_folder", "IMPORT_EXTS"]
@@ -388,7 +389,9 @@ def import_folder(
     summary = RefreshSummary(dataset=name, notes=scan.notes(), skipped=list(scan.skipped))
     rows: list[dict[str, Any]] = []
     with dataset_lock(paths, timeout=lock_timeout):
-        recover(paths)
+        kept_before = {r["id"] for r in load_rows(paths) if r["status"] == "kept"}
+        latest_before = latest_version(paths)
+        recover(paths)  # also leaves out of a new version the kept images deleted by hand
         existing = load_rows(paths)
         known = KnownRows.from_rows(existing)
         kept_rows = {r["id"]: r for r in existing if r["status"] == "kept"}
@@ -408,15 +411,18 @@ def import_folder(
         rows += prepare_local(paths, todo, options, on_progress)
         queries = {q: f"local:{root}" for q in sorted({c.query for c in scan.candidates})}
         result = commit(paths, rows, None, radius=radius, queries=queries, finalize=True)
+        latest = latest_version(paths)
+        dropped = [r["id"] for r in load_rows(paths)
+                   if r["id"] in kept_before and r["status"] == "removed" and r["reason"] == FILE_MISSING]
     summary.add_rows(result.rows)
     summary.replaced += len(result.replaced)
-    if result.dropped:
+    if dropped:
         summary.notes.append(
-            f"{len(result.dropped)} image(s) missing from the data set's images/ (deleted by hand?) are "
-            f"not in the new version and marked removed: {_shown([r['id'] for r in result.dropped], 5)} "
-            "('animelora dataset restore' brings one back)")
+            f"{len(dropped)} image(s) missing from the data set's images/ (deleted by hand?) are not in "
+            f"the new version and marked removed ({FILE_MISSING}): {_shown(dropped, 5)}; "
+            "'animelora dataset restore' brings one back")
     summary.rounds = 1
-    summary.version = result.version
+    summary.version = result.version or (latest if latest != latest_before else None)
     summary.total_kept = result.total_kept
     summary.elapsed_s = round(time.monotonic() - started, 3)
     return summary

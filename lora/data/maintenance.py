@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from lora.data.captions import CaptionFileError, load_caption, write_caption
-from lora.data.commit import FILE_MISSING, finalize_version, write_kept_version
+from lora.data.commit import FILE_MISSING, finalize_version, version_change, write_kept_version
 from lora.data.manifest import DatasetPaths, dataset_lock, load_rows, save_rows
 from lora.data.versions import VersionError, latest_version, list_versions, next_version, read_version
 
@@ -214,10 +214,6 @@ def check_dataset(paths: DatasetPaths, rows: list[Row] | None = None) -> CheckRe
 # changes
 
 
-def _change(row: Row, change: str) -> dict[str, str]:
-    return {"id": row["id"], "file": row.get("file") or "", "change": change}
-
-
 def _new_version(paths: DatasetPaths, rows: list[Row], changed: list[dict[str, str]], why: str) -> str:
     """A new version of the kept rows, recording what changed since the last one and why."""
     version = next_version(paths)
@@ -238,37 +234,47 @@ def _need_manifest(paths: DatasetPaths) -> None:
 
 
 def repair_dataset(paths: DatasetPaths, *, lock_timeout: float = 0.0) -> EditResult:
-    """Record hand edits and write a new, consistent version (nothing to do: no version).
+    """Record hand edits and write one new, consistent version (nothing to do: no version).
 
-    A version a crash left unwritten is written first (as the next refresh would)."""
+    When a crash left a version unwritten, that version is the one written (as the next
+    refresh would), with the edits recorded."""
     _need_manifest(paths)
     with dataset_lock(paths, timeout=lock_timeout):
         rows = load_rows(paths)
-        pending = finalize_version(paths, rows=rows)
         report = check_dataset(paths, rows)
-        index = {r["id"]: i for i, r in enumerate(rows)}
-        changed: list[dict[str, str]] = []
-        for finding in report.findings:
-            i = index.get(finding.id) if finding.id else None
-            if i is None:
-                continue
-            row = rows[i]
-            if finding.kind in ("missing-image", "version-lists-missing"):
-                rows[i] = dict(row, status="removed", reason=FILE_MISSING)
-                changed.append(_change(row, f"removed ({FILE_MISSING})"))
-            elif finding.kind == CAPTION_NOT_TEXT:
-                rows[i] = dict(row, status="removed", reason=CAPTION_NOT_TEXT)
-                changed.append(_change(row, f"removed ({CAPTION_NOT_TEXT}: fix {finding.path} and restore it)"))
-            elif finding.kind == "caption-edited":
-                rows[i] = dict(row, caption=_take_caption(paths, row))
-                changed.append(_change(row, "caption recorded"))
-        if not changed and report.ok:
-            note = f"wrote {pending}, the version its kept images were waiting for" if pending else "nothing to repair"
-            return _result(paths, rows, pending, [], [note])
+        changed = _record_findings(paths, rows, report)
         if changed:
             save_rows(paths, rows)
+        version = finalize_version(paths, rows=rows)  # a version a crash left waiting, if any
+        if version is None and not report.ok:
+            version = _new_version(paths, rows, changed, "repair")
         notes = [f"superseded {f.path}: {f.detail}" for f in report.findings if f.kind == "version-unreadable"]
-        return _result(paths, rows, _new_version(paths, rows, changed, "repair"), changed, notes)
+        if report.ok:
+            notes.append(f"wrote {version}, the version its kept images were waiting for" if version
+                         else "nothing to repair")
+        return _result(paths, rows, version, changed, notes)
+
+
+def _record_findings(paths: DatasetPaths, rows: list[Row], report: CheckReport) -> list[dict[str, str]]:
+    """Take the check's findings into ``rows`` (in place): missing images and captions that are
+    not text are marked removed, edited captions recorded. Returns the version's changes."""
+    index = {r["id"]: i for i, r in enumerate(rows)}
+    changed: list[dict[str, str]] = []
+    for finding in report.findings:
+        i = index.get(finding.id) if finding.id else None
+        if i is None:
+            continue
+        row = rows[i]
+        if finding.kind in ("missing-image", "version-lists-missing"):
+            rows[i] = dict(row, status="removed", reason=FILE_MISSING)
+            changed.append(version_change(row, f"removed ({FILE_MISSING})"))
+        elif finding.kind == CAPTION_NOT_TEXT:
+            rows[i] = dict(row, status="removed", reason=CAPTION_NOT_TEXT)
+            changed.append(version_change(row, f"removed ({CAPTION_NOT_TEXT}: fix {finding.path} and restore it)"))
+        elif finding.kind == "caption-edited":
+            rows[i] = dict(row, caption=_take_caption(paths, row))
+            changed.append(version_change(row, "caption recorded"))
+    return changed
 
 
 def _take_caption(paths: DatasetPaths, row: Row) -> str:
@@ -324,7 +330,7 @@ def remove_images(paths: DatasetPaths, refs: Sequence[str], *, reason: str | Non
                 notes.append(f"{row['id']} was removed already ({row.get('reason')})")
                 continue
             rows[i] = dict(row, status="removed", reason=why)
-            changed.append(_change(row, f"removed ({why})"))
+            changed.append(version_change(row, f"removed ({why})"))
         if not changed:
             return _result(paths, rows, None, [], notes)
         save_rows(paths, rows)
@@ -353,7 +359,7 @@ def restore_images(paths: DatasetPaths, refs: Sequence[str], *, lock_timeout: fl
             image = paths.root / (row.get("file") or "")
             if row.get("file") and image.is_file() and _caption_ok(image):
                 rows[i] = dict(row, status="kept", reason=None)
-                changed.append(_change(row, "restored"))
+                changed.append(version_change(row, "restored"))
             else:
                 # failed with no attempts: the next fetch retries the download, the next import
                 # of its folder prepares the file again (neither treats it as seen)
