@@ -79,3 +79,17 @@ def test_a_resumed_sweep_with_other_candidates_is_refused(workspace, capsys):
     open_state(workspace, spec)
     code = main(_args(workspace, "--grid", "learning_rate=1e-4,2e-5"))
     assert code == 2 and "was started with other candidates" in capsys.readouterr().err
+
+
+def test_the_readme_spec_file_builds_five_candidates(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    toml = readme.split("# sweep.toml: the flags add to it\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "sweep.toml").write_text(toml)
+    from lora.sweep import read_spec_file
+
+    data = read_spec_file(tmp_path / "sweep.toml")
+    spec = build_spec("lr-rank", preset=data["preset"], base={**data["base"], "model": "tiny"},
+                      grid=data["grid"], candidates=data["candidates"], rungs=data["rungs"])
+    assert [c.name for c in spec.candidates] == [
+        "lr0.0001-r8", "lr0.0001-r16", "lr5e-05-r8", "lr5e-05-r16", "cosine"]
+    assert spec.rungs == (5, 10) and spec.config(spec.candidate("cosine")).warmup_steps == 500
