@@ -21,6 +21,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.train_lora import _secret
+from lora.analysis.ladder import resolve_compare
 from lora.config import DEFAULT_MODEL, TrainConfig
 from lora.inputs import check_pipeline_inputs
 from lora.runpaths import RunPaths
@@ -31,7 +33,7 @@ from lora.sweep import (
 from lora.train import plan_total_steps
 from tasks.artifacts import artifact_key
 from tasks.library_logs import forward_library_logs
-from tasks.results import analyze_run, link_lora_files
+from tasks.results import analyze_run, link_lora_files, publish_run
 from tasks.train import train_segment
 
 
@@ -118,17 +120,28 @@ def sweep(
     stop_after_rungs: int | None = None,
     segment_minutes: float = 60.0,
     gpus: int = 1,
+    compare_to: str | None = "auto",
+    publish: bool = False,
+    publish_dry_run: bool = False,
+    repo_id: str | None = None,
+    private: bool = False,
+    allow_test_model: bool = False,
+    hub_token_block: str | None = None,
+    hub_endpoint: str | None = None,
 ) -> dict[str, Any]:
     """Train ``grid`` (every combination) and ``candidates`` (a list of settings) on the data
     set's latest version, compare them at ``rungs`` (epochs; default a quarter and half of the
     longest run, then the end), stop the clearly worse, and name the best with its interval.
 
     ``base`` holds settings every candidate shares (epochs, batch_size, max_steps, ...);
-    ``stop_after_rungs`` stops after that many rungs (run again to continue).
+    ``stop_after_rungs`` stops after that many rungs (run again to continue). The winner goes
+    the way of any `train-lora` run: analyzed against ``compare_to`` ("auto": the newest finished
+    run of the guide's previous rung on this data set), and published only when asked and when
+    the gate passes (its paired interval against that run, or its base model, below 0).
     """
     forward_library_logs()
     logger = get_run_logger()
-    check_pipeline_inputs(workspace=workspace, dataset=dataset, run_name=name)
+    check_pipeline_inputs(workspace=workspace, dataset=dataset, run_name=name, repo_id=repo_id)
     ws = Path(workspace).expanduser().resolve()
     dataset_dir = ws / "datasets" / dataset
     if not dataset_dir.is_dir():
@@ -147,7 +160,15 @@ def sweep(
     if result.status == "complete" and result.best:
         best_dir = out["best_run_dir"]
         run_name = spec.run_name(spec.candidate(result.best))
-        analysis = analyze_run(best_dir, run_name, None, workspace=str(ws))
+        found = resolve_compare(ws, compare_to, preset, dataset_dir, best_dir)
+        compare_dir = str(found) if found else None
+        analysis = analyze_run(best_dir, run_name, compare_dir, workspace=str(ws))
         out["lora_files"] = link_lora_files(best_dir, run_name)
         out["verdict"] = analysis["metrics"].get("verdict")
+        token = _secret(hub_token_block, ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")) if publish else None
+        out["publish"] = publish_run(
+            best_dir, run_name, analysis["metrics"], analysis["baseline"], publish, repo_id,
+            publish_dry_run, token=token, endpoint=hub_endpoint, private=private,
+            allow_test_model=allow_test_model,
+        )
     return out

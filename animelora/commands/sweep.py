@@ -136,7 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "live candidate is compared with the rung's best on the data set's held-out images, paired "
         "image by image with a 95% interval; a candidate clearly worse (interval above 0) stops, "
         "the others resume from their checkpoints, and the end names the best with its interval. "
-        "State and report.md are in <workspace>/sweeps/<name>/; a stopped sweep continues where it "
+        "Its state and report are in <workspace>/sweeps/<name>/; a stopped sweep continues where it "
         "stopped when the same command runs again. Exit codes: 0 complete, 3 stopped early "
         "(--stop-after, Ctrl-C or SIGTERM; re-run to continue), 2 bad input or the sweep busy "
         "in another process, 1 runtime failure.",

@@ -117,7 +117,7 @@ def render_report(state: "SweepState") -> str:
     saved = ((state.result or {}).get("gpu_time") or {}).get("saved_s")
     lines += ["", f"GPU time: {_hms(spent)} of training spent"
               + (f"; pruning saved about {_hms(saved)} (each pruned candidate's remaining steps at the "
-                 "rate it trained)" if saved else "") + "."]
+                 "rate it trained, set-up left out)" if saved else "") + "."]
     return "\n".join(lines) + "\n"
 
 

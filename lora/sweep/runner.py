@@ -224,6 +224,19 @@ def _ranking(state: SweepState) -> list[dict[str, Any]]:
             for c in sorted(state.candidates.values(), key=key)]
 
 
+def _seconds_per_step(cand: CandidateState, steps: int) -> float:
+    """The candidate's training time per step without set-up (model load, the latent cache,
+    which the first candidate builds for all): from its log's segment records when they say,
+    else its whole time per step."""
+    logged = RunPaths(Path(cand.run_dir)).read_log() or {}
+    segments = [s for s in logged.get("segments") or [] if isinstance(s, Mapping)]
+    try:
+        busy = sum(float(s["wall_s"]) - float(s.get("setup_s") or 0.0) for s in segments)
+    except (KeyError, TypeError, ValueError):
+        busy = 0.0
+    return (busy if busy > 0 else cand.train_s) / steps
+
+
 def _gpu_time(state: SweepState) -> dict[str, float]:
     """Training time spent, and an estimate of the time pruning saved: each pruned candidate's
     remaining steps at the rate it trained at."""
@@ -234,7 +247,7 @@ def _gpu_time(state: SweepState) -> dict[str, float]:
             continue
         last = max(cand.rungs.values(), key=lambda r: r["step"])
         if last["step"] > 0 and last.get("total_steps"):
-            saved += cand.train_s / last["step"] * (last["total_steps"] - last["step"])
+            saved += _seconds_per_step(cand, last["step"]) * (last["total_steps"] - last["step"])
     return {"spent_s": round(spent, 1), "saved_s": round(saved, 1)}
 
 

@@ -21,12 +21,14 @@ from typing import Any, Iterator
 
 from lora.fsutil import atomic_write_json
 from lora.inputs import InputError
+from lora.runpaths import REPORT_FILE as RUN_REPORT_FILE
 from lora.runpaths import RunPaths
 from lora.sweep.spec import SweepSpec
 
 SWEEPS_DIR = "sweeps"
 STATE_FILE = "state.json"
-REPORT_FILE = "report.md"
+#: the same name as a run's report (report/report.md), so a reader finds it where they expect
+REPORT_FILE = RUN_REPORT_FILE
 LOCK_FILE = ".lock"
 SCHEMA_VERSION = 1
 

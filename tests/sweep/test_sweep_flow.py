@@ -25,6 +25,7 @@ def test_sweep_flow_runs_candidates_as_child_flow_runs(prefect_api, workspace):
     assert result["best"] == "lr0.05" and result["best_distinguishable"] is True
     assert [r["status"] for r in result["ranking"]] == ["complete", "pruned"]
     assert Path(result["report"]).is_file() and result["lora_files"]
+    assert result["publish"]["published"] is False  # not asked: the gate path ran, nothing sent
     with get_client(sync_client=True) as client:
         parent = state.state_details.flow_run_id
         children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
