@@ -10,7 +10,25 @@ import pytest
 from animelora.cli import main as cli
 from lora.data.manifest import DatasetPaths, load_manifest
 from lora.data.versions import VersionError, list_versions, read_version
-from lora.train.dataset import DatasetError, read_dataset
+
+
+def _training_reader():
+    """Training's data-set reader, imported when a test needs it (the data tests load without
+    torch); it lives in lora.train.data.dataset, lora.train.dataset before that move."""
+    try:
+        from lora.train.data import dataset
+    except ModuleNotFoundError:
+        from lora.train import dataset  # type: ignore[no-redef]
+    return dataset
+
+
+def read_dataset(root: Path):
+    """What training reads of a data set: ``(version, items)``."""
+    return _training_reader().read_dataset(root)
+
+
+def _training_error():
+    return _training_reader().DatasetError
 
 
 def _folder(root: Path, img, seeds: range) -> Path:
@@ -48,8 +66,10 @@ def test_an_image_deleted_by_hand_is_not_listed_by_the_next_import(imported, tmp
     (paths.root / rows["p2"].file).unlink()
     assert _import(_folder(tmp_path / "more", img, range(10, 11)), workspace) == 0
     out = capsys.readouterr().out
+    # v0002 records the deletion (the import found it before adding), v0003 adds the new image
     version = read_version(paths)
-    assert version["version"] == "v0002" and version["count"] == 3 and _files_exist(paths)
+    assert version["version"] == "v0003" and version["count"] == 3 and _files_exist(paths)
+    assert _files_exist(paths, "v0002") and read_version(paths, "v0002")["reason"] == "file-missing"
     assert rows["p2"].file not in version["files"]
     row = load_manifest(paths).set_index("id").loc[rows["p2"].id]
     assert (row.status, row.reason) == ("removed", "file-missing")
@@ -133,7 +153,7 @@ def test_version_paths_outside_the_data_set_are_refused(imported, workspace, cap
         (paths.versions / f"v000{i + 2}.json").write_text(json.dumps(data))
         with pytest.raises(VersionError, match=r"files\[1\]"):
             read_version(paths)
-        with pytest.raises(DatasetError) as exc:
+        with pytest.raises(_training_error()) as exc:
             read_dataset(paths.root)
         assert f"v000{i + 2}.json" in str(exc.value) and bad in str(exc.value) and "\n" not in str(exc.value)
         assert _dataset("check", workspace=workspace) == 1
@@ -192,3 +212,42 @@ def test_a_fetch_after_a_hand_deletion_writes_a_version_of_files_that_are_there(
     summary = json.loads(capsys.readouterr().out)
     assert summary["kept"] == 2 and summary["total_kept"] == 5
     assert read_version(paths)["count"] == 5 and _files_exist(paths)
+
+
+def test_a_manifest_row_naming_a_file_outside_the_data_set_is_refused(imported, workspace, tmp_path, img, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lora.data.manifest import COLUMNS, SCHEMA, load_rows
+
+    paths, _, _ = imported
+    rows = load_rows(paths)
+    rows[0]["file"] = "../../../etc/passwd"
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in COLUMNS} for r in rows], schema=SCHEMA),
+                   str(paths.manifest))
+    before = sorted(p.name for p in paths.versions.iterdir())
+    assert _dataset("check", workspace=workspace) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "manifest.parquet" in err and "../../../etc/passwd" in err
+    assert _import(_folder(tmp_path / "more", img, range(20, 21)), workspace) == 2
+    assert "../../../etc/passwd" in capsys.readouterr().err
+    assert sorted(p.name for p in paths.versions.iterdir()) == before
+
+
+def test_kept_images_without_any_version_are_reported_and_repaired(imported, workspace, capsys):
+    paths, _, _ = imported
+    (paths.versions / "v0001.json").unlink()            # e.g. deleted by hand
+    assert _dataset("check", workspace=workspace) == 1
+    assert "no version lists them" in capsys.readouterr().out
+    assert _dataset("repair", workspace=workspace) == 0
+    assert read_version(paths)["count"] == 3 and _dataset("check", workspace=workspace) == 0
+
+
+def test_re_importing_mends_a_data_set_a_hand_deletion_left_untrainable(imported, workspace, capsys):
+    paths, rows, src = imported
+    (paths.root / rows["p1"].file).unlink()
+    assert _import(src, workspace) == 0                   # nothing new to import ...
+    out = capsys.readouterr().out
+    assert "version: v0002" in out and "missing" in out   # ... but the hand deletion is recorded
+    assert read_version(paths)["count"] == 2 and _files_exist(paths)
+    assert _dataset("check", workspace=workspace) == 0
