@@ -73,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "caption) and take images out or put them back, each change in a new version. Older "
         "versions are never rewritten.",
     )
-    steps = parser.add_subparsers(dest="step", metavar="STEP", required=True)
+    steps = parser.add_subparsers(dest="step", metavar="STEP", required=True,
+                                  help="check, repair, remove or restore (each has --help)")
     helps = {
         "check": ("list what disagrees (a kept image whose file is gone, a caption edited by hand, "
                   "an unreadable or out-of-date latest version); writes nothing; exit 1 if anything"),
