@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from lora.runpaths import RUNS_DIR
+
 __all__ = [
     "InputError", "MAX_NAME_LENGTH", "check_cache_env", "check_dataset_dir", "check_finite",
     "check_pipeline_inputs", "check_repo_id", "check_run_dir", "check_run_name", "check_workspace", "dataset_root_of",
@@ -37,7 +39,7 @@ _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 1
 #: ``_``, ``.``; no ``--`` or ``..``; not starting or ending with ``-`` or ``.``; at most 96.
 _HUB_NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?$")
 _DATASET_MARKERS = ("manifest.parquet",)
-_WORKSPACE_MARKERS = ("datasets", "runs")
+_WORKSPACE_MARKERS = ("datasets", RUNS_DIR)
 
 
 class InputError(ValueError):
@@ -132,10 +134,10 @@ def check_run_dir(run_dir: Path | str, *, dataset: Path | str | None = None,
                          "folder such as workspace/runs/<name>")
     if is_workspace_root(path):
         raise InputError(f"{flag} {raw} is a workspace folder; name a run folder inside it, such as "
-                         f"{raw / 'runs' / 'my-run'}")
+                         f"{raw / RUNS_DIR / 'my-run'}")
     if path.name in _WORKSPACE_MARKERS and is_workspace_root(path.parent):
         raise InputError(f"{flag} {raw} is the workspace's {path.name}/ folder; name a run folder "
-                         f"inside runs/, such as {path.parent / 'runs' / 'my-run'}")
+                         f"inside {RUNS_DIR}/, such as {path.parent / RUNS_DIR / 'my-run'}")
     inside = dataset_root_of(path)
     if inside is not None:
         raise InputError(f"{flag} {raw} is inside the data set {inside}; run files never go into a "

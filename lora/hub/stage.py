@@ -21,16 +21,18 @@ from lora.hub.card import DEFAULT_LICENSE, render_card
 from lora.hub.licenses import check_license
 from lora.hub.runinfo import gather, read_json
 from lora.inputs import InputError, check_repo_id
-from lora.runpaths import HUB_CARD, RunPaths
+from lora.runpaths import HUB_CARD, LORA_SUFFIX, SAMPLES_DIR, RunPaths
 
 log = logging.getLogger(__name__)
 
 SAMPLE_SUFFIXES = (".png",)
 #: ``hub/``: rebuilt whole by every publish, so it may hold only what staging wrote (lora/owned.py).
 #: ``legacy``: the names staging wrote before the folder had a ledger.
+_IN_HUB = RunPaths(".")  # the staged folder keeps the run folder's samples/ and report/ names
 HUB_FOLDER = FolderKind("the Hub staging folder", legacy=(
-    HUB_CARD, "*.safetensors", "samples/*.png", "samples/*/*.png", "samples/samples.json",
-    "report/metrics.json", "report/loss_curve.png"))
+    HUB_CARD, f"*{LORA_SUFFIX}", f"{SAMPLES_DIR}/*.png", f"{SAMPLES_DIR}/*/*.png",
+    *(p.relative_to(_IN_HUB.root).as_posix() for p in (_IN_HUB.samples_json, _IN_HUB.metrics,
+                                                       _IN_HUB.loss_plot))))
 _KEEP_HINT = "to publish your own model card, pass --card FILE"
 
 
