@@ -1,13 +1,16 @@
-"""Benchmark: time to a trained LoRA on Danbooru-shaped data, against the diffusers script.
+"""Benchmark: time to a trained LoRA on Danbooru-shaped data, against the diffusers script and kohya.
 
 What a user feels is the wall time from `animelora train` to the LoRA file, on their data:
 images in many aspect ratios (so many bucket shapes and partial batches), a model load, a
 latent cache, compile and CUDA-graph warm-up, then the steps. This script builds such a data
 set (random pixels, Danbooru-like sizes) and a random-weight SD1.5 model folder, runs the whole
-`animelora train` command end to end for each variant, and runs diffusers' own example script
-`examples/text_to_image/train_text_to_image_lora.py` (``--peer-script``; not part of this
-repository: bench/README.md says how to get it) on the same images and model folder, on the
-same GPU, in the same call, one after the other. It prints one table:
+`animelora train` command end to end for each variant, and runs the peers on the same images
+and model weights, on the same GPU, in the same call, one after the other: diffusers' own
+example script `examples/text_to_image/train_text_to_image_lora.py` (``--peer-script``) and
+kohya sd-scripts' `train_network.py` (``--kohya``, with its pinned packages from
+``--kohya-site``: kohya's recommended settings, cached latents, SDPA, aspect buckets, fp16).
+Neither is part of this repository: bench/peers/README.md says how to get them and their
+packages onto a GPU machine. It prints one table:
 
     wall s        the command's whole run (process start to exit)
     1st step s    process start to the first optimizer step read back
@@ -19,19 +22,22 @@ same GPU, in the same call, one after the other. It prints one table:
                   set-up's peak, the VAE building the latent cache, is in the JSON row)
     smi GiB       the card's peak used memory seen by nvidia-smi (all the process holds)
     x script      the script's (projected) wall time over this row's
+    x kohya       kohya's (projected) wall time over this row's
 
-The script is run for ``--peer-steps`` steps (at least 600 for a projection); its time for the
-run's full step count is projected as start-up + steps / steady rate (said in the table).
+Each peer is run for ``--peer-steps`` steps (600 by default; the rate is read over the last 90%
+of them); its time for the run's full step count is projected as start-up + steps / steady rate
++ the time after its last step (said in the table).
 
-    python bench/e2e.py --peer-script PATH [--shapes danbooru|many] [--epochs 20]
-                        [--variants default,default_warm,fp16,lowmem]
-    python bench/e2e.py --smoke    # CPU: tiny model, 2 epochs, no script (a test)
+    python bench/e2e.py [--peer-script PATH] [--kohya DIR --kohya-site DIR] [--shapes danbooru|many]
+                        [--epochs 20] [--variants default,default_warm,fp16,lowmem]
+    python bench/e2e.py --smoke    # CPU: tiny model, 2 epochs, no peers (a test)
 
 Variants: ``default`` (the trainer's defaults), ``<name>_warm`` (a second run on the same data
 set: latent and compile caches warm), ``fp16`` (mixed_precision=fp16, what a T4/V100/20xx card
 gets), ``lowmem`` (--low-memory), ``unet`` (compile_scope=unet: the whole UNet per shape),
 ``nocompile``, ``nographs``; parts join with ``+`` for overrides of several switches
-(``nocompile+fp16``). Writes ``$OUT/bench_e2e.json`` when ``OUT`` is set.
+(``nocompile+fp16``); ``--variants ""`` runs the peers alone. Writes
+``$OUT/bench_e2e_<shapes>.json`` when ``OUT`` is set.
 """
 from __future__ import annotations
 
@@ -50,6 +56,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.peers import kohya  # noqa: E402  (the repository root is on the path only now)
 
 #: Danbooru-like sizes (width, height), mostly portrait, repeated in these proportions.
 DANBOORU_SIZES = [(512, 768)] * 4 + [(576, 704)] * 2 + [(448, 768)] * 2 + [
@@ -138,6 +146,11 @@ def build_data(work: Path, shapes: str, n: int) -> Path:
                                    caption=lambda i: f"1girl, solo, tag{i % 7}, color{i % 5}")
 
 
+def bench_images(data: Path) -> list[Path]:
+    """The data set's images (each with its .txt caption beside it): what every peer trains on."""
+    return sorted((data / "images").glob("*.png"))
+
+
 def peer_folder(data: Path, work: Path) -> Path:
     """The same images as an `imagefolder` data set (hard links + metadata.jsonl) for the script."""
     folder = work / f"peer-{data.name}"
@@ -145,16 +158,81 @@ def peer_folder(data: Path, work: Path) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for img in sorted((data / "images").glob("*.png")):
-        target = folder / img.name
-        if not target.exists():
-            try:
-                os.link(img, target)
-            except OSError:
-                shutil.copy2(img, target)
+    for img in bench_images(data):
+        kohya.link_or_copy(img, folder / img.name)
         rows.append(json.dumps({"file_name": img.name, "text": img.with_suffix(".txt").read_text()}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return folder
+
+
+def progress_step(text: str, marker: str) -> int | None:
+    """The step count on one line of a peer's progress bar named ``marker`` (``Steps:`` for the
+    diffusers script, ``steps:`` for kohya), or None for any other line (logs, the latent
+    cache's bar, kohya's ``epoch 1/20``)."""
+    if marker not in text:
+        return None
+    m = _TQDM_STEPS.search(text, text.index(marker))
+    return int(m.group(1)) if m else None
+
+
+def project(marks: list[tuple[float, int]], steps: int, full_steps: int, wall: float,
+            batch: int = 4) -> dict[str, Any] | None:
+    """A peer's time for ``full_steps`` from a ``steps``-step run: start-up (process start to the
+    first step) + ``full_steps`` at the steady rate (from 10% of the steps to the last step
+    seen, so the first steps' warm-up is left out) + the time after its last step (saving).
+    ``marks`` are (seconds since start, steps done) as read off its progress bar; None when
+    they are too few to give a rate."""
+    if len(marks) < 3 or not any(n >= 1 for _, n in marks):
+        return None
+    first_t = next(t for t, n in marks if n >= 1)
+    start_t, start_n = next(((t, n) for t, n in marks if n >= max(2, steps // 10)), marks[0])
+    end_t, end_n = marks[-1]
+    if end_t <= start_t or end_n <= start_n:
+        return None
+    rate = (end_n - start_n) / (end_t - start_t)
+    return dict(first_step_s=round(first_t, 1), img_per_s=round(rate * batch, 2),
+                projected_wall_s=round(first_t + full_steps / rate + (wall - end_t), 1),
+                note=f"projected: start-up {first_t:.0f} s + {full_steps} steps at {rate:.2f} steps/s "
+                     f"(measured over {end_n - start_n} steps of a {steps}-step run)")
+
+
+def time_peer(label: str, cmd: list[str], marker: str, env: dict[str, str], cwd: Path, steps: int,
+              full_steps: int) -> dict[str, Any]:
+    """Run a peer's training command for ``steps`` steps, reading its progress bar as it goes
+    (the time of each step count it shows), and project its time for ``full_steps``."""
+    marks: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+    tail: list[str] = []
+    with GpuMemoryWatch() as watch:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        assert proc.stdout is not None
+        buf = b""
+        while True:
+            chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+            if not chunk:
+                break
+            buf += chunk
+            *pieces, buf = re.split(rb"[\r\n]", buf)
+            now = time.monotonic() - t0
+            for piece in pieces:
+                text = piece.decode("utf-8", "replace")
+                n = progress_step(text, marker)
+                if n is not None:
+                    if not marks or n > marks[-1][1]:
+                        marks.append((now, n))
+                elif text.strip():
+                    tail = (tail + [text])[-15:]
+        rc = proc.wait()
+    wall = time.monotonic() - t0
+    keep_output(label, "\n".join(tail))
+    row: dict[str, Any] = {"variant": label, "rc": rc, "steps_run": marks[-1][1] if marks else 0,
+                           "wall_run_s": round(wall, 1), "smi_gib": watch.peak_gib}
+    projected = project(marks, steps, full_steps, wall) if rc == 0 else None
+    if projected is None:
+        row["error"] = " | ".join(tail)[-1500:]
+        return row
+    row.update(projected)
+    return row
 
 
 def run_peer(script: Path, model: Path, data: Path, work: Path, steps: int, full_steps: int) -> dict[str, Any]:
@@ -169,48 +247,21 @@ def run_peer(script: Path, model: Path, data: Path, work: Path, steps: int, full
            "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--rank", "16", "--mixed_precision", "fp16",
            "--dataloader_num_workers", "8", "--output_dir", str(out_dir), "--seed", "0",
            "--checkpointing_steps", "1000000", "--report_to", "tensorboard"]
-    marks: list[tuple[float, int]] = []
-    t0 = time.monotonic()
-    tail: list[str] = []
-    with GpuMemoryWatch() as watch:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=work,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-        assert proc.stdout is not None
-        buf = b""
-        while True:
-            chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
-            if not chunk:
-                break
-            buf += chunk
-            *pieces, buf = re.split(rb"[\r\n]", buf)
-            now = time.monotonic() - t0
-            for piece in pieces:
-                text = piece.decode("utf-8", "replace")
-                if "Steps:" in text:
-                    m = _TQDM_STEPS.search(text)
-                    if m and (not marks or int(m.group(1)) > marks[-1][1]):
-                        marks.append((now, int(m.group(1))))
-                elif text.strip():
-                    tail = (tail + [text])[-15:]
-        rc = proc.wait()
-    wall = time.monotonic() - t0
-    keep_output("diffusers script", "\n".join(tail))
-    row: dict[str, Any] = {"variant": "diffusers script (fp16)", "rc": rc, "steps_run": marks[-1][1] if marks else 0,
-                           "wall_run_s": round(wall, 1), "smi_gib": watch.peak_gib}
-    if rc != 0 or len(marks) < 3:
-        row["error"] = " | ".join(tail)[-1500:]
-        return row
-    first_t = next(t for t, n in marks if n >= 1)
-    # steady rate: from 10% of the steps to the last step seen
-    start_t, start_n = next((t, n) for t, n in marks if n >= max(2, steps // 10))
-    end_t, end_n = marks[-1]
-    rate = (end_n - start_n) / (end_t - start_t) if end_t > start_t else float("nan")
-    startup = first_t
-    row.update(first_step_s=round(first_t, 1), img_per_s=round(rate * 4, 2),
-               projected_wall_s=round(startup + full_steps / rate + (wall - end_t), 1),
-               note=f"projected: start-up {startup:.0f} s + {full_steps} steps at {rate:.2f} steps/s "
-                    f"(measured over {end_n - start_n} steps of a {steps}-step run)")
-    return row
+    return time_peer("diffusers script (fp16)", cmd, "Steps:",
+                     {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}, work, steps, full_steps)
+
+
+def run_kohya(scripts: Path, site: Path | None, model: Path, data: Path, work: Path, steps: int,
+              full_steps: int) -> dict[str, Any]:
+    """kohya's train_network.py (its files in ``scripts``, its pinned packages in ``site``) for
+    ``steps`` steps on the same images and model weights; its time for ``full_steps`` projected."""
+    out_dir = work / "kohya-out"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = kohya.command(sys.executable, scripts.resolve(), kohya.model_view(model.resolve(), work),
+                        kohya.data_layout(bench_images(data), work), out_dir,
+                        kohya.tokenizer_cache(model.resolve(), work), steps)
+    return time_peer("kohya train_network (fp16)", cmd, kohya.PROGRESS_MARKER,
+                     kohya.environment(site, os.environ), work, steps, full_steps)
 
 
 def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra: list[str]) -> dict[str, Any]:
@@ -264,36 +315,56 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
     return row
 
 
-def table(rows: list[dict[str, Any]], peer: dict[str, Any] | None, full_steps: int) -> str:
-    ref = peer.get("projected_wall_s") if peer else None
-    lines = ["| variant | epochs | wall s | 1st step s | warm-up s | steps s | validation s | images/s | reserved GiB "
-             "| smi GiB | x script |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    if peer:
-        lines.append(f"| {peer['variant']} | - | {peer.get('projected_wall_s', '-')} (projected; ran "
-                     f"{peer.get('steps_run')} steps in {peer.get('wall_run_s')}) | {peer.get('first_step_s', '-')} | - | "
-                     f"- | - | {peer.get('img_per_s', '-')} | - | {peer.get('smi_gib', '-')} | 1.00 |")
+def table(rows: list[dict[str, Any]], peers: dict[str, dict[str, Any] | None], full_steps: int) -> str:
+    """Our rows and the peers' (``{"script": row, "kohya": row}``; a peer not run is None), with
+    each row's speed-up over each peer that ran: the peer's (projected) wall time over the row's.
+    A peer's row compares with the other peer too (kohya's ``x script``)."""
+    ran = {name: row for name, row in peers.items() if row is not None}
+    refs = {name: row.get("projected_wall_s") for name, row in ran.items()}
+    head = "| variant | epochs | wall s | 1st step s | warm-up s | steps s | validation s | images/s | reserved GiB | smi GiB |"
+    lines = [head + "".join(f" x {name} |" for name in ran),
+             "| --- " * (10 + len(ran)) + "|"]
+
+    def speedups(wall: float | None) -> str:
+        return "".join(f" {refs[name] / wall:.2f} |" if refs[name] and wall else " - |" for name in ran)
+
+    for row in ran.values():
+        wall = row.get("projected_wall_s")
+        lines.append(f"| {row['variant']} | - | {wall or '-'} (projected; ran {row.get('steps_run')} steps in "
+                     f"{row.get('wall_run_s')}) | {row.get('first_step_s', '-')} | - | - | - | "
+                     f"{row.get('img_per_s', '-')} | - | {row.get('smi_gib', '-')} |" + speedups(wall))
     for r in rows:
-        # the script's projection is for the full run: compare runs of that length only
-        x = (f"{ref / r['wall_s']:.2f}" if ref and r.get("wall_s") and not r.get("error")
-             and r.get("steps") == full_steps else "-")
+        # the peers' projections are for the full run: compare runs of that length only
+        wall = r.get("wall_s") if not r.get("error") and r.get("steps") == full_steps else None
         lines.append(f"| {r['variant']} | {r.get('epochs')} | {r.get('wall_s')} | {r.get('first_step_s')} | {r.get('warmup_s')} | "
-                     f"{r.get('steps_s')} | {r.get('validation_s')} | {r.get('img_per_s')} | {r.get('reserved_gib')} | {r.get('smi_gib')} | {x} |")
+                     f"{r.get('steps_s')} | {r.get('validation_s')} | {r.get('img_per_s')} | {r.get('reserved_gib')} | "
+                     f"{r.get('smi_gib')} |" + speedups(wall))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peer-script", default=None, help="path to diffusers' train_text_to_image_lora.py")
-    ap.add_argument("--peer-first", action="store_true", help="run the script before our variants")
-    ap.add_argument("--peer-steps", type=int, default=600, help="steps the script runs (projection base)")
+    ap.add_argument("--peer-first", action="store_true", help="run the peers before our variants")
+    ap.add_argument("--kohya", default=None, metavar="DIR",
+                    help="folder with kohya sd-scripts' train_network.py (bench/peers/README.md): a second peer")
+    ap.add_argument("--kohya-site", default=None, metavar="DIR",
+                    help="kohya's pinned packages (pip install --target DIR), first on its PYTHONPATH; ours stay off it")
+    ap.add_argument("--peer-steps", type=int, default=600, help="steps each peer runs (projection base)")
     ap.add_argument("--shapes", default="danbooru", choices=sorted(SHAPES))
     ap.add_argument("--images", type=int, default=650, help="training + validation images")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--variants", default="default,default_warm,fp16,lowmem")
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one)")
-    ap.add_argument("--smoke", action="store_true", help="CPU: tiny model, 24 images, 2 epochs, no script")
+    ap.add_argument("--smoke", action="store_true", help="CPU: tiny model, 24 images, 2 epochs, no peers")
     a = ap.parse_args(argv)
+    # checked before the minutes of set-up, not after them
+    for flag, value, inside in (("--peer-script", a.peer_script, ""), ("--kohya", a.kohya, "train_network.py"),
+                                ("--kohya-site", a.kohya_site, "")):
+        if value and not (Path(value) / inside).exists():
+            print(f"{flag} {value}: {f'no {inside} in it' if inside else 'no such path'} "
+                  "(bench/peers/README.md says how to get it)", file=sys.stderr)
+            return 2
 
     from bench.train import build_random_sd15
 
@@ -310,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs = 2 if a.smoke else a.epochs
         print(f"set-up (model, {images} images, {a.shapes} sizes): {time.monotonic() - t:.1f} s", flush=True)
         from lora.config import resolve_config
-        from lora.train.plan import make_plan
+        from lora.train import make_plan
 
         plan = make_plan(resolve_config("phase2a", {"model": str(model), "dataset": str(data), "epochs": epochs,
                                                     "validation_count": 4 if a.smoke else 50,
@@ -318,31 +389,46 @@ def main(argv: list[str] | None = None) -> int:
         buckets = sorted({tuple(b) for b in plan.train_buckets})
         print(f"{len(plan.train_items)} training images in {len(buckets)} buckets {buckets}; "
               f"{plan.total_steps} steps", flush=True)
-        peer = None
-        if a.peer_script and not a.smoke and a.peer_first:
-            peer = run_peer(Path(a.peer_script), model, data, work, a.peer_steps, plan.total_steps)
-            print(json.dumps(peer), flush=True)
-        rows = []
+        peers: dict[str, dict[str, Any] | None] = {"script": None, "kohya": None}
+        rows: list[dict[str, Any]] = []
+
+        def report(row: dict[str, Any]) -> None:
+            """One finished row: printed, and the JSON so far rewritten (a call cut short by its
+            time limit keeps the rows it finished)."""
+            print(json.dumps(row), flush=True)
+            if os.environ.get("OUT"):
+                result = {"shapes": a.shapes, "buckets": [list(b) for b in buckets], "total_steps": plan.total_steps,
+                          "train_images": len(plan.train_items), "peer": peers["script"], "kohya": peers["kohya"],
+                          "rows": rows}
+                Path(os.environ["OUT"], f"bench_e2e_{a.shapes}.json").write_text(json.dumps(result, indent=1))
+
+        def run_peers() -> None:
+            if a.smoke:
+                return
+            if a.peer_script:
+                peers["script"] = run_peer(Path(a.peer_script), model, data, work, a.peer_steps, plan.total_steps)
+                report(peers["script"])
+            if a.kohya:
+                peers["kohya"] = run_kohya(Path(a.kohya), Path(a.kohya_site) if a.kohya_site else None, model, data,
+                                           work, a.peer_steps, plan.total_steps)
+                report(peers["kohya"])
+
+        if a.peer_first:
+            run_peers()
         for name in [v for v in a.variants.split(",") if v]:
             base = name.partition("@")[0]
             if base.endswith("_warm") and not (work / f"run-{base.removesuffix('_warm')}").is_dir():
                 print(f"{name}: runs after {name.removesuffix('_warm')} (its caches), skipped", flush=True)
                 continue
-            row = run_ours(name, model, data, work, epochs, extra)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        # by default after ours: a run cut short by a time limit loses the script's row first
-        if a.peer_script and not a.smoke and not a.peer_first:
-            peer = run_peer(Path(a.peer_script), model, data, work, a.peer_steps, plan.total_steps)
-            print(json.dumps(peer), flush=True)
-        result = {"shapes": a.shapes, "buckets": [list(b) for b in buckets], "total_steps": plan.total_steps,
-                  "train_images": len(plan.train_items), "peer": peer, "rows": rows}
-        if os.environ.get("OUT"):
-            Path(os.environ["OUT"], f"bench_e2e_{a.shapes}.json").write_text(json.dumps(result, indent=1))
+            rows.append(run_ours(name, model, data, work, epochs, extra))
+            report(rows[-1])
+        # by default after ours: a run cut short by a time limit loses the peers' rows first
+        if not a.peer_first:
+            run_peers()
         print(f"\n{a.shapes}: {len(plan.train_items)} training images, {len(buckets)} buckets, "
               f"{plan.total_steps} steps ({epochs} epochs)")
-        print(table(rows, peer, plan.total_steps))
-        return 1 if any(r.get("error") for r in rows) or (peer and peer.get("error")) else 0
+        print(table(rows, peers, plan.total_steps))
+        return 1 if any(r.get("error") for r in [*rows, *filter(None, peers.values())]) else 0
 
 
 if __name__ == "__main__":

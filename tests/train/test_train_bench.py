@@ -123,3 +123,154 @@ def test_e2e_smoke_runs_the_whole_command_and_reads_its_segment_record(tmp_path,
     # where the rest went: the steps' own time and the validations (step 0 and two epoch ends)
     assert 0 < row["steps_s"] < row["wall_s"] and row["validations"] == 3 and row["validation_s"] > 0
     assert "| default | 2 |" in out  # the table
+
+
+def _kohya():
+    """bench/peers/kohya.py, as bench/e2e.py imports it (the repository root on the path)."""
+    return _load("e2e").kohya
+
+
+def test_peer_progress_lines_give_steps_only_for_the_named_bar():
+    """The diffusers script's bar is 'Steps:', kohya's 'steps:'; the latent cache's bar, kohya's
+    'epoch 1/20' and log lines give no step count."""
+    e2e = _load("e2e")
+    kohya_line = "steps:  10%|#         | 60/600 [00:31<04:41,  1.91it/s, avr_loss=0.0993]"
+    assert e2e.progress_step(kohya_line, "steps:") == 60
+    assert e2e.progress_step("Steps:  50%|#####     | 300/600 [01:00<01:00, 5.0it/s, lr=5e-05]", "Steps:") == 300
+    assert e2e.progress_step(kohya_line, "Steps:") is None
+    assert e2e.progress_step("100%|##########| 650/650 [00:21<00:00, 30.1it/s]", "steps:") is None
+    assert e2e.progress_step("epoch 1/20", "steps:") is None
+    assert e2e.progress_step("  total optimization steps / 学習ステップ数: 600", "steps:") is None
+
+
+def test_peer_projection_is_startup_plus_steady_rate_plus_the_tail():
+    e2e = _load("e2e")
+    # first step at 30 s, then 2 steps/s; 100-step run ends at 79.5 s, the process at 85 s
+    marks = [(29.0, 0), (30.0, 1)] + [(30.0 + (n - 1) / 2, n) for n in range(2, 101)]
+    row = e2e.project(marks, steps=100, full_steps=1000, wall=85.0)
+    assert row["first_step_s"] == 30.0 and row["img_per_s"] == 8.0  # batch 4
+    assert row["projected_wall_s"] == round(30.0 + 1000 / 2 + (85.0 - 79.5), 1)
+    assert "1000 steps at 2.00 steps/s" in row["note"]
+    assert e2e.project(marks[:2], steps=100, full_steps=1000, wall=85.0) is None  # too few to give a rate
+
+
+def test_a_peer_process_is_timed_from_its_progress_bar(tmp_path, monkeypatch):
+    """time_peer runs a real process that draws a tqdm-style bar with carriage returns (as kohya's
+    does, off a terminal) and projects its full run from what the bar showed."""
+    import sys
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    bar = ("import sys, time\n"
+           "print('caching latents'); sys.stdout.write('100%|##| 8/8 [00:00<00:00]\\n')\n"
+           "for n in range(0, 21):\n"
+           "    sys.stdout.write(f'\\rsteps: {n * 5}%|#| {n}/20 [00:00<00:00, avr_loss=0.1]'); sys.stdout.flush()\n"
+           "    time.sleep(0.02)\n"
+           "print('\\nmodel saved.')\n")
+    row = _load("e2e").time_peer("fake peer", [sys.executable, "-c", bar], "steps:", {}, tmp_path, 20, 200)
+    assert row["rc"] == 0 and row["steps_run"] == 20 and "error" not in row, row
+    assert 0 < row["first_step_s"] < row["wall_run_s"] < row["projected_wall_s"]
+    assert "200 steps at" in row["note"]
+    assert "model saved." in (tmp_path / "bench_e2e_output.log").read_text()  # the tail kept for a failed row
+
+
+def test_a_failed_peer_is_a_row_with_its_last_lines(tmp_path):
+    import sys
+
+    row = _load("e2e").time_peer("fake peer", [sys.executable, "-c", "raise SystemExit('no cv2 here')"], "steps:",
+                                 {}, tmp_path, 20, 200)
+    assert row["rc"] == 1 and "no cv2 here" in row["error"] and "projected_wall_s" not in row
+
+
+def test_kohya_command_has_its_recommended_settings_at_our_hyperparameters(tmp_path):
+    kohya = _kohya()
+    cmd = kohya.command("python3", tmp_path / "sd", tmp_path / "m", tmp_path / "d", tmp_path / "o", tmp_path / "t", 600)
+    assert cmd[:3] == ["python3", "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--mixed_precision") + 1] == "fp16"
+    assert str(tmp_path / "sd" / "train_network.py") in cmd
+    args = dict(zip(cmd, cmd[1:]))
+    assert {k: args[k] for k in ("--network_module", "--network_dim", "--network_alpha", "--learning_rate",
+                                 "--train_batch_size", "--resolution", "--max_train_steps", "--optimizer_type",
+                                 "--save_model_as", "--caption_extension", "--tokenizer_cache_dir")} == {
+        "--network_module": "networks.lora", "--network_dim": "16", "--network_alpha": "64",
+        "--learning_rate": "5e-5", "--train_batch_size": "4", "--resolution": "512", "--max_train_steps": "600",
+        "--optimizer_type": "AdamW", "--save_model_as": "safetensors", "--caption_extension": ".txt",
+        "--tokenizer_cache_dir": str(tmp_path / "t")}
+    for flag in ("--enable_bucket", "--cache_latents", "--sdpa", "--network_train_unet_only",
+                 "--persistent_data_loader_workers"):
+        assert flag in cmd
+    env = kohya.environment(tmp_path / "site", {"PYTHONPATH": "/tmp/site", "PATH": "/bin"})
+    assert env["PYTHONPATH"] == str(tmp_path / "site") and env["PATH"] == "/bin"  # ours stays off its path
+    assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_kohya_export_takes_every_local_module_its_imports_reach():
+    """The closure follows module-level, deferred and relative imports into library/ and the
+    package __init__ on the way; packages and unreached modules stay out."""
+    files = {
+        "train_network.py": "import torch\nfrom library import train_util\nimport library.utils as u\n",
+        "networks/lora.py": "from library.utils import setup_logging\n",
+        "library/__init__.py": "",
+        "library/train_util.py": "from .model_util import x\ndef f():\n    from library import sdxl_util\n",
+        "library/model_util.py": "import numpy\n",
+        "library/sdxl_util.py": "",
+        "library/utils.py": "",
+        "library/flux_only.py": "",
+    }
+    closure = _kohya().import_closure(files.get)
+    assert closure == sorted(set(files) - {"library/flux_only.py"})
+    with pytest.raises(FileNotFoundError):
+        _kohya().import_closure(files.get, ["train_db.py"])
+
+
+def test_kohya_sees_the_bench_images_and_model_weights(tmp_path):
+    """kohya's <repeats>_<name> folder holds each image with its caption; the model view adds the
+    model_index.json kohya's loader needs and the text encoder's keys with the `text_model.`
+    prefix transformers 4 reads, and a tokenizer cache under the id kohya asks for."""
+    from safetensors.torch import load_file
+
+    from lora.model import ensure_tiny_model
+
+    kohya = _kohya()
+    model = ensure_tiny_model()
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        (images / f"{i}.png").write_bytes(b"png")
+        (images / f"{i}.txt").write_text(f"1girl, tag{i}")
+    root = kohya.data_layout(sorted(images.glob("*.png")), tmp_path)
+    assert sorted(p.name for p in (root / "1_bench").iterdir()) == ["0.png", "0.txt", "1.png", "1.txt"]
+    assert (root / "1_bench" / "1.txt").read_text() == "1girl, tag1"
+
+    view = kohya.model_view(model, tmp_path)
+    index = json.loads((view / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert (view / "unet" / "config.json").is_file() and (view / "vae" / "config.json").is_file()
+    ours = load_file(model / "text_encoder" / "model.safetensors")
+    theirs = load_file(view / "text_encoder" / "model.safetensors")
+    assert all(k.startswith("text_model.") for k in theirs) and len(theirs) == len(ours)
+    for key, value in ours.items():
+        assert theirs[key if key.startswith("text_model.") else f"text_model.{key}"].equal(value)
+    tokenizer = kohya.tokenizer_cache(model, tmp_path) / "openai_clip-vit-large-patch14"
+    assert (tokenizer / "vocab.json").is_file()
+
+
+def test_e2e_table_compares_each_row_with_both_peers():
+    e2e = _load("e2e")
+    peers = {"script": {"variant": "diffusers script (fp16)", "projected_wall_s": 450.0, "steps_run": 600},
+             "kohya": {"variant": "kohya train_network (fp16)", "projected_wall_s": 300.0, "steps_run": 600}}
+    rows = [{"variant": "default", "epochs": 20, "wall_s": 150.0, "steps": 3040},
+            {"variant": "default@2", "epochs": 2, "wall_s": 40.0, "steps": 304}]
+    out = e2e.table(rows, peers, 3040)
+    lines = out.splitlines()
+    assert lines[0].endswith("| x script | x kohya |")
+    assert lines[3].startswith("| kohya train_network (fp16) |") and lines[3].endswith("| 1.50 | 1.00 |")
+    assert lines[4].startswith("| default |") and lines[4].endswith("| 3.00 | 2.00 |")
+    assert lines[5].endswith("| - | - |")  # a shorter run is not compared with the full run's projection
+    assert "x kohya" not in e2e.table(rows, {"script": peers["script"], "kohya": None}, 3040)
+
+
+def test_e2e_missing_peer_is_one_line_before_any_setup(tmp_path, capsys):
+    assert _load("e2e").main(["--kohya", str(tmp_path), "--work", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no train_network.py" in err
+    assert not (tmp_path / "w").exists()
