@@ -321,12 +321,18 @@ def _previous_queries(paths: DatasetPaths) -> dict[str, str]:
     return {}
 
 
+def _wanted(path: Path, names: set[str], stems: set[str]) -> bool:
+    """Whether ``path`` is a file a row names (a caption by its image's stem)."""
+    return path.stem in stems if path.suffix == ".txt" else path.name in names
+
+
 def recover(paths: DatasetPaths) -> dict[str, int]:
     """Repair what a crash can leave behind (call under the data-set lock).
 
     - a version whose rows were committed but whose file was not written is written now;
-    - image files in ``images/`` that no kept row names and no pending staged result claims
-      are removed (they were never part of the data set);
+    - prepared files in ``.staging/prepared`` that no pending staged result claims are removed;
+      files in ``images/`` that no row names are left alone and counted (``unlisted_kept``):
+      the project cannot prove it put them there;
     - half-finished downloads in ``.staging/download`` are removed.
     Pending results in ``.staging/rows`` stay: the next run re-uses them.
     """
@@ -356,19 +362,22 @@ def recover(paths: DatasetPaths) -> dict[str, int]:
                 claimed.add(Path(data["file"]).name)
     claimed_stems = {Path(n).stem for n in claimed}
     kept_stems = {Path(n).stem for n in kept_files}
-    for folder, names, stems in (
-        (paths.images, kept_files | claimed, kept_stems | claimed_stems),
-        (paths.staging / "prepared", claimed, claimed_stems),
-    ):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            if not path.is_file():
-                continue
-            wanted = path.stem in stems if path.suffix == ".txt" else path.name in names
-            if not wanted:
+    prepared = paths.staging / "prepared"  # the project's own staging: leftovers are its own
+    if prepared.is_dir():
+        for path in prepared.iterdir():
+            if path.is_file() and not _wanted(path, claimed, claimed_stems):
                 discard(path)
                 removed["orphans"] += 1
+    # images/ is the user's to look into and edit: a file no row names is left where it is
+    # (lora/owned.py's rule: never delete what the project cannot prove it wrote). It is not
+    # part of any version; `animelora dataset check` lists it.
+    if paths.images.is_dir():
+        stray = sorted(p.name for p in paths.images.iterdir()
+                       if p.is_file() and not _wanted(p, kept_files | claimed, kept_stems | claimed_stems))
+        if stray:
+            log.warning("%s: %d file(s) no manifest row names (%s%s): left as they are, in no version",
+                        paths.images, len(stray), ", ".join(stray[:3]), " ..." if len(stray) > 3 else "")
+        removed["unlisted_kept"] = len(stray)
     download = paths.staging / "download"
     if download.is_dir():
         for path in download.iterdir():

@@ -207,7 +207,23 @@ def check_dataset(paths: DatasetPaths, rows: list[Row] | None = None) -> CheckRe
         finding = _caption_finding(paths, row)
         if finding is not None:
             findings.append(finding)
-    return CheckReport(paths.name, latest, len(kept), findings, _older_version_notes(paths, latest))
+    return CheckReport(paths.name, latest, len(kept), findings,
+                       _older_version_notes(paths, latest) + _unlisted_notes(paths, rows))
+
+
+def _unlisted_notes(paths: DatasetPaths, rows: list[Row]) -> list[str]:
+    """Files in ``images/`` that no manifest row names (put there by hand): never deleted, in no version."""
+    named = {Path(r["file"]).name for r in rows if r.get("file")}
+    named_stems = {Path(n).stem for n in named}
+    if not paths.images.is_dir():
+        return []
+    stray = sorted(p.name for p in paths.images.iterdir() if p.is_file()
+                   and not (p.stem in named_stems if p.suffix == ".txt" else p.name in named))
+    if not stray:
+        return []
+    shown = ", ".join(stray[:3]) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
+    return [f"{len(stray)} file(s) in images/ that no manifest row names ({shown}): in no version and "
+            "never deleted; to add images, put them in a folder and run 'animelora import --from' it"]
 
 
 # --------------------------------------------------------------------------------------------

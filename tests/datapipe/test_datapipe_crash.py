@@ -21,12 +21,14 @@ class Boom(RuntimeError):
     pass
 
 
-def _consistent(paths: DatasetPaths) -> list[str]:
-    """Manifest rows are unique and the kept ones are exactly the images on disk."""
+def _consistent(paths: DatasetPaths, strays: tuple[str, ...] = ()) -> list[str]:
+    """Manifest rows are unique and the kept ones are exactly the images on disk (besides
+    ``strays``: files someone else put into images/, which the project never deletes)."""
     df = load_manifest(paths)
     assert df.id.is_unique
     kept = sorted(df[df.status == "kept"].file)
-    on_disk = sorted(f"images/{p.name}" for p in paths.images.iterdir() if p.suffix != ".txt")
+    on_disk = sorted(f"images/{p.name}" for p in paths.images.iterdir()
+                     if p.suffix != ".txt" and p.name not in strays)
     captions = sorted(f"images/{p.name}" for p in paths.images.iterdir() if p.suffix == ".txt")
     assert kept == on_disk
     assert captions == sorted(str(Path(f).with_suffix(".txt")) for f in kept)
@@ -51,9 +53,14 @@ def test_interrupted_download_then_rerun_loses_and_doubles_nothing(booru_factory
     fetched_before = Counter(r.path for r in server.requests if r.path.startswith("/data/"))
 
     summary = fetch(server)
-    kept = _consistent(paths)
+    kept = _consistent(paths, strays=("424242.png",))
     assert summary.version == "v0001" and summary.total_kept == len(kept)
-    assert "images/424242.png" not in kept and not (paths.images / "424242.png").exists()
+    # A file the project did not put there is in no version, and is never deleted (the write policy).
+    assert "images/424242.png" not in kept
+    assert (paths.images / "424242.png").read_bytes() == b"stray file from nowhere"
+    from lora.data.maintenance import check_dataset
+
+    assert any("424242.png" in note for note in check_dataset(paths).notes)
     # Posts finished before the crash were re-used, not downloaded again (failed downloads
     # are retried on purpose).
     fetched = Counter(r.path for r in server.requests if r.path.startswith("/data/"))
@@ -65,7 +72,7 @@ def test_interrupted_download_then_rerun_loses_and_doubles_nothing(booru_factory
     # A third run changes nothing.
     rerun = fetch(server)
     assert rerun.kept == 0 and rerun.version is None
-    assert _consistent(paths) == kept
+    assert _consistent(paths, strays=("424242.png",)) == kept
 
 
 def test_crash_between_manifest_and_version_is_repaired(booru_factory, fetch, workspace):
