@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train import PEAK_TFLOPS, SD15_UNET, SMOKE_UNET  # noqa: E402  (bench/train.py)
 
 #: inductor options per setting, on top of what the trainer passes on CUDA
-#: (lora/train/fastpath.py's COMPILED_CHANNELS_LAST_OPTIONS)
+#: (lora/train/speed/compile.py's COMPILED_CHANNELS_LAST_OPTIONS)
 SETTINGS: dict[str, dict[str, bool] | None] = {
     "eager": None,
     "default": {},
@@ -52,8 +52,8 @@ def build_blocks(smoke: bool, batch: int, dev: str) -> tuple[dict[str, tuple[Cal
     from diffusers import UNet2DConditionModel
 
     from lora.config import resolve_config
-    from lora.train.fused_qkv import install_fused_qkv
-    from lora.train.step import setup_lora_unet
+    from lora.train.speed.fused_qkv import install_fused_qkv
+    from lora.train.setup.lora import setup_lora_unet
 
     unet_cfg = SMOKE_UNET if smoke else SD15_UNET
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -97,7 +97,7 @@ def compiled(fn: Callable, setting: str, dev: str, backend: str) -> Callable:
     if backend != "inductor":
         return torch.compile(fn, dynamic=False, backend=backend)
     if dev == "cuda":
-        from lora.train.fastpath import COMPILED_CHANNELS_LAST_OPTIONS
+        from lora.train.speed.compile import COMPILED_CHANNELS_LAST_OPTIONS
 
         options = {**COMPILED_CHANNELS_LAST_OPTIONS, **options}
     return torch.compile(fn, dynamic=False, backend=backend, options=options or None)

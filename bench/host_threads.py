@@ -1,10 +1,10 @@
 """Benchmark: the host part of a training step, one process alone vs. processes side by side.
 
 A step's host work on a GPU run is drawing the next step's noise and stacking the cached
-latents and text (lora/train/step.py ``StepRunner._inputs``, here on the CPU without the
+latents and text (lora/train/step/inputs.py ``StepInputs.build``, here on the CPU without the
 copy). With torch's default of one CPU thread per core, processes side by side wait on each
 other's spinning OpenMP threads; the trainer therefore uses one thread on a GPU
-(lora/train/host.py). This prints the time of that host work per step (mean, median and
+(lora/train/run/host.py). This prints the time of that host work per step (mean, median and
 90th percentile of the slowest process) for both settings, alone and with ``--processes``
 copies running at once.
 
@@ -29,8 +29,8 @@ def host_step_ms(batch: int, seconds: float, limit: bool) -> dict:
     """Median and 90th percentile of one step's host work, repeated for ``seconds``."""
     import torch
 
-    from lora.train.host import host_threads_for
-    from lora.train.noise import draw_step
+    from lora.train.run.host import host_threads_for
+    from lora.train.step.inputs import draw_step
 
     shapes = [torch.Size((4, 64, 64))] * batch
     latents = [torch.randn(4, 64, 64) for _ in range(batch)]
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(host_step_ms(a.batch, a.seconds, a.limit)), flush=True)
         return 0
     rows = []
-    for limit, label in ((False, "torch default threads"), (True, "trainer on a GPU (lora/train/host.py)")):
+    for limit, label in ((False, "torch default threads"), (True, "trainer on a GPU (lora/train/run/host.py)")):
         for n in (1, a.processes):
             results = side_by_side(n, a.batch, a.seconds, limit)
             worst = max(results, key=lambda r: r["mean_ms"])  # a step waits for its slowest part

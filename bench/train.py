@@ -1,6 +1,6 @@
 """Benchmark: animelora's training step vs. the diffusers script's step, same process.
 
-The animelora variants run the trainer's own ``StepRunner`` (lora/train/step.py) on the full
+The animelora variants run the trainer's own ``StepRunner`` (lora/train/step/runner.py) on the full
 SD1.5 UNet architecture with random weights (config inline, nothing downloaded) at the
 phase2a settings: batch 4, LoRA rank 16 / alpha 64 on to_q/to_k/to_v/to_out.0, 512 px
 (64x64 latents), bf16 base weights with fp32 LoRA, latents and text embeddings cached so a
@@ -203,9 +203,12 @@ def make_step(name: str, *, smoke: bool, batch: int, rank: int, alpha: int, dev:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from lora.config import resolve_config
-    from lora.train.cache import CachedItems
-    from lora.train.step import (StepRunner, make_accelerator, make_optimizer, make_scheduler, setup_lora_unet,
-                                 stack_to_device)
+    from lora.train.data.cache import CachedItems
+    from lora.train.setup.accelerator import make_accelerator
+    from lora.train.setup.lora import setup_lora_unet
+    from lora.train.setup.optimizer import make_optimizer, make_scheduler
+    from lora.train.step.inputs import stack_to_device
+    from lora.train.step.runner import StepRunner
 
     opts = parse_variant(name, batch)
     batch = opts["batch"]
@@ -254,8 +257,8 @@ def animelora_variant(name: str, *, smoke: bool, batch: int, rank: int, alpha: i
                       warm: int, dev: str, checkpointing: bool | None = None) -> dict[str, Any]:
     """Times the trainer's step: the first step (compile + capture) apart, then the mean of the
     timed steps run back to back (:func:`timed_run`).
-    CPU threads as the trainer sets them on a GPU (lora/train/host.py) unless ``_allthreads``."""
-    from lora.train.host import host_threads_for
+    CPU threads as the trainer sets them on a GPU (lora/train/run/host.py) unless ``_allthreads``."""
+    from lora.train.run.host import host_threads_for
 
     with host_threads_for(dev == "cuda" and parse_variant(name, batch)["host_threads"]):
         return _timed_variant(name, smoke=smoke, batch=batch, rank=rank, alpha=alpha, steps=steps, warm=warm,
@@ -354,7 +357,7 @@ def make_dataset(root: Path, n: int, size: int) -> Path:
 def end_to_end(smoke: bool, work: Path, train_images: int, epochs: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """A whole phase2a run through ``lora.train.train``: caching, steps, validation, checkpoints."""
     from lora.config import resolve_config
-    from lora.train.loop import train
+    from lora.train import train
 
     t0 = time.perf_counter()
     model = build_random_sd15(work / "model", smoke)

@@ -152,7 +152,7 @@ class TrainConfig(pydantic.BaseModel, extra="forbid", allow_inf_nan=False):
     model: str = DEFAULT_MODEL
     dataset: str | None = None
     dataset_version: str | None = None
-    cache_dir: str | None = None  # default: lora.train.cache.train_cache_root (never the data set)
+    cache_dir: str | None = None  # default: lora.train.data.cache.train_cache_root (never the data set)
     target_dataset_size: int | None = Field(default=None, gt=0, le=MAX_IMAGES)
 
     # schedule
@@ -331,6 +331,19 @@ def resolve_config(
         )
     values: dict[str, Any] = {**PRESETS[name], **file_values, **override_values, "preset": name}
     return make_config(values)
+
+
+#: Settings that only label a run (where its values came from, its name in files and cards):
+#: not part of what its weights are trained with.
+LABEL_FIELDS = frozenset({"preset", "run_name"})
+
+
+def recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """What a run's weights are trained with (JSON): every setting except the speed options,
+    the run's length, checkpoint cadence and file places (:data:`RESUME_TOLERANT_FIELDS`) and
+    the labels. Every checkpoint records it, so a run never resumes under another one."""
+    skip = RESUME_TOLERANT_FIELDS | LABEL_FIELDS
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 RUNS_DIR = "runs"
 CONFIG_FILE = "config.json"
 LOG_FILE = "training_log.json"
-#: The OS lock a trainer holds while it works in the folder (lora/train/runfolder.py).
+#: The OS lock a trainer holds while it works in the folder (lora/train/run/runfolder.py).
 LOCK_FILE = ".lock"
 CHECKPOINTS_DIR = "checkpoints"
 LORA_DIR = "lora"

@@ -163,6 +163,12 @@ def _handler(args: argparse.Namespace) -> int:
         _emit(args, payload, [f"run complete at step {result.global_step}/{result.total_steps}; "
                               "LoRA files:", *(f"  {p}" for p in result.lora_files)])
         return EXIT_COMPLETE
+    if result.stopped_reason == "step-target" and result.trained_steps == 0:
+        # re-running the same command could never progress: a bad limit (exit 2), not exit 3
+        print(f"error: the run in {payload['run_dir']} is already at step {result.global_step} of "
+              f"{result.total_steps}, at or past --stop-at-step {args.stop_at_step}: nothing to train; "
+              "leave it out or give a later step to continue", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     if result.stopped_reason == "interrupted":
         saved = "checkpoint saved" if result.global_step > 0 else "no step done yet"
         _emit(args, payload, [f"interrupted at step {result.global_step}/{result.total_steps}: {saved}, "

@@ -81,7 +81,7 @@ def read_run(run_dir: Path | str) -> RunRecord:
 
 def common_images(runs: Sequence[RunRecord]):
     """The images of the data set's latest version that no run trained on (sorted by name)."""
-    from lora.train.dataset import read_dataset
+    from lora.train.data.dataset import read_dataset
 
     folders = {r.dataset_dir.resolve() for r in runs}
     if len(folders) > 1:
@@ -102,8 +102,8 @@ def rescore_runs(run_dirs: Sequence[Path | str], *, device: str = "auto", max_im
     from diffusers import DDPMScheduler
 
     from lora.model import load_pipeline
-    from lora.train.buckets import assign_bucket, buckets_for
-    from lora.train.cache import build_cache, encode_prompts
+    from lora.train.data.buckets import assign_bucket, buckets_for
+    from lora.train.data.cache import build_cache, encode_prompts
     from lora.train.validation import validation_loss
 
     runs = [read_run(d) for d in run_dirs]

@@ -23,7 +23,7 @@ train on an image that v1's runs had held out. So the split is chosen once per i
 Old manifests without the column still load: their rows are assigned batch by batch in the
 order of ``version_added``, which gives the same answer whether a run computes it (in memory)
 or a later refresh records it. Runs made before the split belonged to the data set keep their
-own held-out list (``config.json``'s ``validation_images``) when they resume (lora/train/plan.py).
+own held-out list (``config.json``'s ``validation_images``) when they resume (lora/train/data/plan.py).
 """
 from __future__ import annotations
 

@@ -1,21 +1,53 @@
-"""What a run's exported kohya file states about its training: the ``ss_*`` and ``modelspec.*`` keys.
+"""The run's LoRA files: both formats written into ``RUN/lora/``, and what the kohya file states.
 
-Why here and not in lora/model/metadata.py (which owns the format: key families, model-spec
-constants, the hashes): the values come from the run's recipe and data plan, which the model
-layer does not know; the model layer stays below the trainer.
+The kohya file's ``ss_*`` and ``modelspec.*`` keys are built here and not in
+lora/model/metadata.py (which owns the format: key families, model-spec constants, the hashes):
+the values come from the run's recipe and data plan, which the model layer does not know; the
+model layer stays below the trainer. The recipe is the one the checkpoints recorded (a resumed
+run is refused under any other), so the file states what the weights were trained with.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Mapping
 
 from lora.config import TrainConfig
+from lora.model import export_diffusers, export_kohya, save_torch_dtype
 from lora.model.metadata import (MODELSPEC_ARCHITECTURE, MODELSPEC_IMPLEMENTATION, MODELSPEC_VERSION,
                                  infer_trigger_word, tag_frequency)
+from lora.runpaths import RunPaths
+from lora.train.checkpoint import RunState
+from lora.train.data.plan import DataPlan
 
-from .plan import DataPlan
+
+def export_lora(run_dir: Path, cfg: TrainConfig, plan: DataPlan, run: RunState, mixed_precision: str, *,
+                accelerator, unet, text_encoder=None) -> list[Path]:
+    """Write both LoRA formats into ``run_dir/lora`` (temporary folder, then rename); the main
+    process writes, the others wait for it. Returns the two files."""
+    paths = RunPaths(run_dir)
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return paths.exported_lora_files(cfg.run_name or run_dir.name)
+    unet = accelerator.unwrap_model(unet)
+    tmp = run_dir / f".lora-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    export_diffusers(unet, tmp, text_encoder=text_encoder)
+    export_kohya(unet, tmp / paths.kohya_weights(cfg.run_name).name, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                 text_encoder=text_encoder,
+                 metadata=training_metadata(cfg, plan, run.to_checkpoint(), mixed_precision),
+                 dtype=save_torch_dtype(cfg.save_dtype))
+    paths.lora.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, paths.lora / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return paths.exported_lora_files(cfg.run_name or run_dir.name)
 
 
 def training_metadata(

@@ -20,15 +20,13 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from lora.config import ConfigError, TrainConfig
 from lora.fsutil import atomic_write_text
-
-from .errors import one_line
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lora.train.loop import TrainResult
+from lora.train.data.dataset import DatasetError
+from lora.train.distributed import close_process_group, is_main_launched_process
+from lora.train.errors import one_line
+from lora.train.run.loop import TrainResult
+from lora.train.run.start import train
 
 EXIT_BAD_CONFIG = 2
 #: marks the one-line error a child prints, so the parent can repeat it
@@ -50,7 +48,7 @@ class SegmentOutcome:
     lora_files: list[str]
 
     @classmethod
-    def from_result(cls, result: "TrainResult") -> "SegmentOutcome":
+    def from_result(cls, result: TrainResult) -> "SegmentOutcome":
         return cls(result.global_step, result.total_steps, result.complete, result.stopped_reason,
                    [str(p) for p in result.lora_files])
 
@@ -103,10 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-at-step", type=int, default=None)
     ap.add_argument("--time-budget-s", type=float, default=None)
     a = ap.parse_args(argv)
-
-    from lora.train import DatasetError, train
-    from lora.train.distributed import close_process_group, is_main_launched_process
-
     try:
         cfg = TrainConfig(**json.loads(Path(a.config_json).read_text(encoding="utf-8")))
         result = train(cfg, Path(a.run_dir), stop_at_step=a.stop_at_step, time_budget_s=a.time_budget_s)

@@ -18,9 +18,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .fitting import fitting_batches
-from .noise import target_for
-from .seeds import generator
+from lora.train.data.fitting import fitting_batches
+from lora.train.seeds import generator
+from lora.train.step.loss import target_for
 
 log = logging.getLogger(__name__)
 

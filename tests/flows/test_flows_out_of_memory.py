@@ -17,7 +17,7 @@ from prefect.states import exception_to_failed_state
 from flows.train_lora import train_lora
 from lora.testing.datasets import write_synthetic_dataset
 from lora.train.launch import SegmentLaunchError
-from lora.train.loop import NonFiniteLossError, TrainingError
+from lora.train import NonFiniteLossError, TrainingError
 from tasks.retry import is_out_of_memory
 from tasks.train import FAULT_KIND_ENV, FAULT_ONCE_ENV, SegmentOutOfMemory, _is_transient
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora.train.fitting import _cut
+from lora.train.data.fitting import _cut
 from lora.train.validation import _same_shape_groups, validation_loss
 
 

@@ -1,0 +1,143 @@
+"""How the UNet forward of a training step is prepared: channels-last, fused q/k/v, half-precision
+norms and ``torch.compile``, and the process-wide CUDA settings that go with them.
+
+What to turn on is decided by lora/train/speed/options.py; this module only applies it, so a
+change of how the UNet is compiled stays here.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .half_norms import install_half_norms
+from .options import FastOptions
+
+log = logging.getLogger(__name__)
+
+#: torch.compile backend of the fast path. Tests on CPU swap in "aot_eager" (same tracing and
+#: autograd split, no C++/Triton code generation).
+COMPILE_BACKEND = "inductor"
+
+
+#: inductor options of the UNet's compile with ``compiled_channels_last`` (bench/blocks.py uses
+#: them too, so the blocks it times are compiled as the trainer compiles them)
+COMPILED_CHANNELS_LAST_OPTIONS = {"force_layout_optimization": True}
+
+_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+             "math": "MATH"}
+
+
+def attention_context(name: str) -> contextlib.AbstractContextManager:
+    """Prefer one SDPA kernel for the forward it wraps; the others stay as fall-backs for shapes
+    it does not support. ``torch.compile`` bakes the kernel chosen at trace time into its graph,
+    so wrapping the compiled call is enough."""
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = getattr(SDPBackend, _BACKENDS[name])
+    order = [first] + [getattr(SDPBackend, b) for b in _BACKENDS.values() if getattr(SDPBackend, b) != first]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def use_expandable_segments() -> bool:
+    """Let the CUDA caching allocator grow segments instead of caching fixed blocks, so the
+    memory held stays close to the memory in use (takes effect for new allocations). True if set."""
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is None or not torch.cuda.is_available():
+        return False
+    try:
+        setter("expandable_segments:True")
+    except (RuntimeError, ValueError) as exc:  # an allocator that does not support it
+        log.warning("could not enable expandable CUDA memory segments: %s", exc)
+        return False
+    return True
+
+
+def use_compile_cache(folder: Path) -> bool:
+    """Keep torch.compile's on-disk caches (compiled kernels, traced graphs) in ``folder``.
+
+    Why: by default they go to a temporary folder that a new Colab/Kaggle session or container
+    does not have, so every session compiles again. Kept beside the latent cache, a resumed
+    segment or a second run on the same bucket shapes starts warm. A folder the user chose
+    (``TORCHINDUCTOR_CACHE_DIR``) wins. True if set here."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only place: compile still works, only cold
+        log.info("compile cache not kept (%s); torch.compile uses its default folder", exc)
+        return False
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return True
+
+
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """One compiled graph per bucket shape: lift dynamo's default of 8 recompiles."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
+
+
+def prepare_forward(unet: torch.nn.Module, opts: FastOptions) -> Callable[..., Any]:
+    """The callable a step uses for the UNet forward: the module, channels-last and/or compiled."""
+    if opts.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # process-wide; off by default, never turned off here
+    if opts.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if opts.fused_qkv:
+        from .fused_qkv import install_fused_qkv  # diffusers' and peft's classes: loaded only here
+
+        fused = install_fused_qkv(unet)
+        log.info("fused q/k/v projections in %d attention layers", fused)
+    if opts.half_norms:
+        log.info("%d UNet norms keep bf16/fp16 activations", install_half_norms(unet))
+    if not opts.compile:
+        return unet
+    _raise_recompile_limit()
+    options = None
+    if opts.compiled_channels_last and COMPILE_BACKEND == "inductor":
+        # Inductor skips its channels-last layout for graphs with convolutions whose output has
+        # at most half the input channels (the UNet's skip concatenations); without it each
+        # convolution and its backward copies activations between layouts (bench/README.md).
+        options = dict(COMPILED_CHANNELS_LAST_OPTIONS)
+    if opts.compile_blocks:
+        count = compile_blocks(unet, options)
+        log.info("compiling %d UNet blocks (dynamic height/width: one compile for every bucket shape)", count)
+        return unet
+    return torch.compile(unet, dynamic=False, backend=COMPILE_BACKEND, options=options)
+
+
+#: Module classes that ``compile_blocks`` compiles one by one: the blocks a UNet repeats, which
+#: hold nearly all of its kernels (norms, activations, convolutions, attention, LoRA).
+REPEATED_BLOCKS = ("ResnetBlock2D", "Transformer2DModel")
+
+
+def compile_blocks(unet: torch.nn.Module, options: dict | None = None) -> int:
+    """Compile each repeated block in place (``nn.Module.compile``; names and state dicts stay).
+
+    Why blocks and not the whole UNet: a whole-UNet compile specialises on the latent shape, so
+    every aspect bucket pays its own 1-2 minute compile and keeps its own kernels. Blocks of the
+    same class and width share one compiled graph, and with dynamic height/width one compile
+    serves every bucket; the glue between blocks (time embedding, up/down sampling, skip
+    concatenations) stays eager and is captured in the step's CUDA graph with the rest.
+    """
+    count = 0
+    for module in unet.modules():
+        if type(module).__name__ in REPEATED_BLOCKS:
+            module.compile(dynamic=True, backend=COMPILE_BACKEND, options=options)
+            count += 1
+    return count
+
+
+def uncompile_blocks(unet: torch.nn.Module) -> None:
+    """Undo :func:`compile_blocks` (the fall-back after a failed compile)."""
+    for module in unet.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
