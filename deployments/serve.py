@@ -1,7 +1,7 @@
 """Serve every deployment of the project from one process (no worker needed).
 
 `animelora serve` (or `python -m deployments.serve`) registers `train-lora/<preset>`,
-`sweep/phase2a-lr-rank` and `dataset-refresh/nightly` with the Prefect API in PREFECT_API_URL and runs their flow runs
+`sweep/phase2a-lr-rank`, `sweep-candidate/train` and `dataset-refresh/nightly` with the Prefect API in PREFECT_API_URL and runs their flow runs
 until stopped. It also makes sure the global concurrency limit `gpu` exists (tasks/gpu.py:
 ``ANIMELORA_GPU_SLOTS`` sets its size, ``ANIMELORA_GPU_LIMIT`` its name), so two trainings
 never share one GPU, and schedules the nightly refresh in ``ANIMELORA_TIMEZONE`` (UTC).

@@ -4,14 +4,15 @@ Public API (the command line and the ``sweep`` flow use only this)::
 
     build_spec(name, preset=, base=, grid=, candidates=, rungs=) -> SweepSpec
     run_sweep(spec, workspace, train_many=train_in_process, stop_after_rungs=None) -> SweepResult
+    outcome_from_run(job) -> JobOutcome      (a training that ran elsewhere, read from its run folder)
 
 State and report live in ``<workspace>/sweeps/<name>/`` (lora/sweep/state.py).
 """
 from lora.sweep.prune import RungDecision, judge_rung
 from lora.sweep.report import render_report, report_rows
 from lora.sweep.runner import (
-    JobOutcome, SweepInterrupted, SweepResult, TrainJob, TrainMany, pin_dataset_version, run_sweep,
-    train_in_process,
+    JobOutcome, SweepInterrupted, SweepResult, TrainJob, TrainMany, outcome_from_run, pin_dataset_version,
+    run_sweep, train_in_process,
 )
 from lora.sweep.spec import (
     Candidate, SweepSpec, SweepSpecError, build_spec, parse_candidate, parse_grid_axis, read_spec_file,
@@ -21,6 +22,6 @@ from lora.sweep.state import SweepBusyError, SweepState, SweepStateError, sweep_
 __all__ = [
     "Candidate", "JobOutcome", "RungDecision", "SweepBusyError", "SweepInterrupted", "SweepResult",
     "SweepSpec", "SweepSpecError", "SweepState", "SweepStateError", "TrainJob", "TrainMany",
-    "build_spec", "judge_rung", "parse_candidate", "parse_grid_axis", "pin_dataset_version",
+    "build_spec", "judge_rung", "outcome_from_run", "parse_candidate", "parse_grid_axis", "pin_dataset_version",
     "read_spec_file", "render_report", "report_rows", "run_sweep", "sweep_dir", "train_in_process",
 ]

@@ -8,7 +8,13 @@ judged on the validation record the trainer logged at the rung's step (lora/swee
 
 How a rung's trainings run is a parameter (:data:`TrainMany`): in this process one after the
 other (:func:`train_in_process`, the command line), or as Prefect child flow runs under the GPU
-limit (flows/sweep.py). Everything else, and the state on disk, is the same either way.
+limit, in the sweep's process or on other workers at once (flows/sweep.py). Everything else, and
+the state on disk, is the same either way. A training that ran in another process is read back
+from its run folder (:func:`outcome_from_run`), so no result has to travel between machines.
+
+A candidate whose run already reached the rung's stop step (it trained there before the sweep
+was stopped, but its outcome was never recorded) is recorded from its run folder and not
+trained again: the trainer would refuse a stop step it has passed.
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ class TrainJob:
     config: TrainConfig
     run_dir: Path
     stop_at_step: int | None
+    #: the step this rung trains from (the previous rung's); its training time is the segments after it
+    from_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,58 @@ def train_in_process(jobs: list[TrainJob]) -> dict[str, JobOutcome]:
         if result.stopped_reason == "interrupted":
             break  # the process is being stopped: no further training
     return out
+
+
+def checkpoint_step(run_dir: Path | str) -> int:
+    """The step of the run's newest intact checkpoint, where a training resumes (0: none)."""
+    from lora.train.checkpoint import latest_valid, step_of
+
+    found = latest_valid(RunPaths(Path(run_dir)).checkpoints)
+    return (step_of(found) or 0) if found is not None else 0
+
+
+def already_reached(job: TrainJob) -> bool:
+    """The job's run is already where the job would take it (trained there before a stop)."""
+    if job.stop_at_step is None:
+        return RunPaths(job.run_dir).is_complete()
+    return checkpoint_step(job.run_dir) >= job.stop_at_step
+
+
+def segments_train_s(run_dir: Path | str, after_step: int) -> float:
+    """Wall time of the run's training segments that trained steps after ``after_step``, set-up
+    included (a segment holds its GPU slot for all of it): one rung's GPU time, from the log."""
+    logged = RunPaths(Path(run_dir)).read_log() or {}
+    total = 0.0
+    for seg in logged.get("segments") or []:
+        if not isinstance(seg, Mapping):
+            continue
+        try:
+            if int(seg.get("last_step") or 0) > after_step:
+                total += float(seg.get("wall_s") or 0.0)
+        except (TypeError, ValueError):
+            continue
+    return total
+
+
+def outcome_from_run(job: TrainJob, error: str | None = None) -> JobOutcome:
+    """What ``job`` reached, read from its run folder: for a training that ran in another process
+    or on another machine (a Prefect deployment run), or before the sweep was stopped.
+
+    Not at its target without an ``error`` means the training was stopped early (its worker
+    was stopped or lost): ``interrupted``, so the sweep stops resumably."""
+    paths = RunPaths(job.run_dir)
+    logged = paths.read_log() or {}
+    step, complete = paths.global_step(), paths.is_complete()
+    total = logged.get("total_steps")
+    total = total if isinstance(total, int) and not isinstance(total, bool) else 0
+    target = job.stop_at_step if job.stop_at_step is not None else total
+    if error is not None:
+        reason = "failed"
+    elif complete:
+        reason = "complete"
+    else:
+        reason = "step-target" if 0 < target <= step else "interrupted"
+    return JobOutcome(step, total, complete, reason, segments_train_s(job.run_dir, job.from_step), error)
 
 
 @dataclass(frozen=True)
@@ -148,7 +208,14 @@ class _Sweep:
         self.state, self.spec, self.train_many = state, state.spec, train_many
 
     def run_rung(self, rung: int, epoch: int | None) -> RungDecision:
-        jobs = self._jobs(rung, epoch)
+        jobs = []
+        for job in self._jobs(rung, epoch):
+            if already_reached(job):
+                log.info("sweep %s: %s reached rung %d before the sweep was stopped; not trained again",
+                         self.spec.name, job.candidate, rung + 1)
+                self._record(job, outcome_from_run(job))
+            else:
+                jobs.append(job)
         if jobs:
             log.info("sweep %s rung %d (%s): training %s", self.spec.name, rung + 1,
                      f"epoch {epoch}" if epoch else "to the end", ", ".join(j.candidate for j in jobs))
@@ -173,7 +240,9 @@ class _Sweep:
                 cand.rungs[str(rung)] = {**last, "train_s": 0.0, "reached": True}
                 continue
             cfg = self.spec.config(self.spec.candidate(cand.name))
-            jobs.append(TrainJob(cand.name, rung, cfg, Path(cand.run_dir), stop_step(cfg, Path(cand.run_dir), epoch)))
+            before = cand.rungs.get(str(rung - 1)) or {}
+            jobs.append(TrainJob(cand.name, rung, cfg, Path(cand.run_dir), stop_step(cfg, Path(cand.run_dir), epoch),
+                                 from_step=int(before.get("step") or 0)))
         return jobs
 
     def _record(self, job: TrainJob, outcome: JobOutcome) -> None:

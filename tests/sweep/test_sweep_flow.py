@@ -38,6 +38,15 @@ def test_sweep_flow_runs_candidates_as_child_flow_runs(prefect_api, workspace):
     assert sorted(r.name for r in children) == ["f-lr0.05-rung1", "f-lr0.05-rung2", "f-lr1e-09-rung1"]
     assert all(r.state.is_completed() for r in children)
     assert {r.name for r in child_tasks} >= {"train-segment-1"}
-    by_key = {a.key: a for a in artifacts}
+    by_key = {a.key: a for a in sorted(artifacts, key=lambda a: a.created)}  # the latest of each key
     assert by_key["sweep-f"].type == "table" and "lr1e-09" in str(by_key["sweep-f"].data)
     assert "**Best:** lr0.05" in by_key["sweep-report-f"].data
+
+
+def test_parallel_sweep_without_the_candidate_deployment_is_refused_before_training(prefect_api, workspace):
+    state = sweep(workspace=str(workspace), dataset="demo", name="p", model="tiny",
+                  grid={"learning_rate": [1e-9, 0.05]}, parallel=True,
+                  candidate_deployment="sweep-candidate/not-deployed", return_state=True)
+    assert state.is_failed()
+    assert "'sweep-candidate/not-deployed' is not deployed" in state.message
+    assert not (workspace / "runs").exists() and not (workspace / "sweeps").exists()

@@ -111,3 +111,33 @@ def test_stop_after_rungs_exits_3_and_the_same_command_continues(tmp_path, capsy
     assert "In progress" in report and "pruned (rung 1)" in report
     assert main(_cli(ws)) == 0
     assert "complete: best" in capsys.readouterr().out
+
+
+def test_a_sweep_killed_after_a_candidate_reached_the_rung_records_it_without_training(tmp_path):
+    """Killed mid-rung after the first candidate trained to the rung's stop step: that training
+    is on disk but not in the state. The trainer refuses a stop step it has passed, so the
+    resumed sweep must record it from the run folder rather than train it again."""
+    ws = make_workspace(tmp_path)
+    base = {"model": "tiny", "dataset": str(ws / "datasets" / "demo"), "dataset_version": "v0001",
+            "epochs": 2, "batch_size": 4, "checkpoint_every_minutes": 60}
+    spec = build_spec("lrs", base=base, grid={"learning_rate": [1e-9, 0.05]}, rungs=[1])
+
+    def killed_in_first_rung(jobs):
+        train_in_process(jobs[:1])  # the bad recipe reaches epoch 1, then the worker is lost
+        raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_sweep(spec, ws, train_many=killed_in_first_rung)
+    trained: list[tuple[str, int]] = []
+
+    def counting(jobs):
+        trained.extend((j.candidate, j.rung) for j in jobs)
+        return train_in_process(jobs)
+
+    result = run_sweep(spec, ws, train_many=counting)
+    assert result.status == "complete" and result.best == "lr0.05"
+    assert trained == [("lr0.05", 0), ("lr0.05", 1)]
+    bad = result.state.candidates[BAD]
+    assert bad.status == PRUNED and _segments(Path(bad.run_dir)) == 1
+    assert bad.rungs["0"]["reached"] and bad.rungs["0"]["step"] == 7
+    assert bad.rungs["0"]["train_s"] > 0  # its time is read back from its segment records
