@@ -116,3 +116,37 @@ def test_the_walker_finds_a_circle_through_a_package():
 def test_lora_has_no_import_circle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+#: lora/train/'s layers, top first: a module imports only from its own layer or those below it,
+#: so a call never goes back up (the loop lends no method to the step, the step none to an executor).
+TRAIN_LAYERS = [
+    ["lora.train", "lora.train.launch"],
+    ["lora.train.run"],
+    ["lora.train.setup"],
+    ["lora.train.export", "lora.train.validation"],
+    ["lora.train.checkpoint"],
+    ["lora.train.step"],
+    ["lora.train.speed"],
+    ["lora.train.data"],
+    ["lora.train.errors", "lora.train.seeds", "lora.train.distributed"],
+]
+
+
+def _layer(module: str) -> int | None:
+    """The layer of a lora.train module (its longest matching prefix), None outside lora.train."""
+    best = None
+    for i, prefixes in enumerate(TRAIN_LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+                best = (i, len(prefix))
+    return None if best is None else best[0]
+
+
+def test_lora_train_imports_only_go_down_its_layers():
+    graph = import_graph()
+    modules = [m for m in graph if m.startswith("lora.train")]
+    assert all(_layer(m) is not None for m in modules), [m for m in modules if _layer(m) is None]
+    upward = [f"{m} -> {t}" for m in modules for t in sorted(graph[m])
+              if _layer(t) is not None and _layer(t) < _layer(m)]
+    assert not upward, "lora/train/ imports that go up a layer:\n" + "\n".join(upward)
