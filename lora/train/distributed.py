@@ -1,7 +1,7 @@
 """Data parallelism across processes (``accelerate launch`` / ``torchrun``), without a DDP wrapper.
 
 Why not DDP: DDP all-reduces inside the backward pass, which cannot run inside the CUDA graphs
-of the fast path (lora/train/fastpath.py). Only the LoRA weights train (a few million fp32
+of the fast path (lora/train/step/graphed.py). Only the LoRA weights train (a few million fp32
 values), so one all-reduce of one flat gradient buffer per optimizer step, between the
 graphs, costs well under a millisecond, and every process keeps compile + CUDA graphs.
 

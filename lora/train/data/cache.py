@@ -139,7 +139,7 @@ class LatentEncoder:
     """The VAE posterior mean of a batch of images, in batches that fit the card.
 
     Why: a user's card is not ours. An out-of-memory error cuts the batch smaller (halved,
-    down to one image; lora/train/fitting.py) and :attr:`batch` keeps the new size for the rest
+    down to one image; lora/train/data/fitting.py) and :attr:`batch` keeps the new size for the rest
     of the cache, so an 8 GB card builds the same cache an H200 does instead of failing at set-up.
     """
 

@@ -3,7 +3,7 @@
 Why: a user's card is not ours. The latent cache's VAE and the validation's UNet calls both
 start with a batch sized for a large card; an out-of-memory error cuts the failed batch and
 every later one smaller and runs them again, down to one item, instead of failing the run.
-(A training step has its own retry: lora/train/pipeline.py halves its micro-batches.)
+(A training step has its own retry: lora/train/step/pipeline.py halves its micro-batches.)
 """
 from __future__ import annotations
 

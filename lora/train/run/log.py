@@ -128,7 +128,7 @@ class TrainingLog:
         close_epoch(self.data, epoch, time_seconds, partial=partial)
 
     def set_segment(self, entry: dict[str, Any]) -> None:
-        """This segment's entry in ``segments`` (lora/train/segment_stats.py): appended once,
+        """This segment's entry in ``segments`` (lora/train/run/stats.py): appended once,
         then replaced as the segment goes on."""
         segments = self.data.setdefault("segments", [])
         if segments and segments[-1].get("started_at") == entry["started_at"]:

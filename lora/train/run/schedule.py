@@ -170,7 +170,7 @@ class TimeBudget(StopRule):
 
 
 class Interrupted(StopRule):
-    """SIGINT / SIGTERM received (lora/train/interrupt.py), on any process."""
+    """SIGINT / SIGTERM received (lora/train/run/interrupt.py), on any process."""
 
     reason = "interrupted"
 

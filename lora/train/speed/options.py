@@ -43,7 +43,7 @@ class FastOptions:
     cudnn_benchmark: bool = False
     #: one matrix product for each attention layer's q/k/v (and cross-attention k/v), LoRA included
     fused_qkv: bool = False
-    #: the loop queues step n+1 before it reads step n's loss (lora/train/loop.py)
+    #: the loop queues step n+1 before it reads step n's loss (lora/train/run/loop.py)
     overlap_steps: bool = False
     #: inductor keeps the compiled UNet's activations channels-last (its layout optimisation)
     compiled_channels_last: bool = False
@@ -53,7 +53,7 @@ class FastOptions:
     #: CUDA graphs: a partial batch (the end of a bucket) runs in its bucket's full-batch graph
     #: with the missing images weighted 0, so it adds no graph (and no warm-up, no memory)
     pad_batches: bool = True
-    #: the UNet's norms keep bf16/fp16 activations under autocast (lora/train/half_norms.py)
+    #: the UNet's norms keep bf16/fp16 activations under autocast (lora/train/speed/half_norms.py)
     half_norms: bool = False
 
     def without(self, **changes: bool) -> "FastOptions":
