@@ -6,8 +6,9 @@ Public API (the command line and the ``sweep`` flow use only this)::
     run_sweep(spec, workspace, train_many=train_in_process, stop_after_rungs=None) -> SweepResult
     outcome_from_run(job) -> JobOutcome      (a training that ran elsewhere, read from its run folder)
 
-State and report live in ``<workspace>/sweeps/<name>/`` (lora/sweep/state.py).
+State, report and plot live in ``<workspace>/sweeps/<name>/`` (lora/sweep/state.py).
 """
+from lora.sweep.plot import PLOT_FILE, plot_validation, validation_series
 from lora.sweep.prune import RungDecision, judge_rung
 from lora.sweep.report import render_report, report_rows
 from lora.sweep.runner import (
@@ -20,8 +21,8 @@ from lora.sweep.spec import (
 from lora.sweep.state import SweepBusyError, SweepState, SweepStateError, sweep_dir
 
 __all__ = [
-    "Candidate", "JobOutcome", "RungDecision", "SweepBusyError", "SweepInterrupted", "SweepResult",
+    "PLOT_FILE", "Candidate", "JobOutcome", "RungDecision", "SweepBusyError", "SweepInterrupted", "SweepResult",
     "SweepSpec", "SweepSpecError", "SweepState", "SweepStateError", "TrainJob", "TrainMany",
-    "build_spec", "judge_rung", "outcome_from_run", "parse_candidate", "parse_grid_axis", "pin_dataset_version",
-    "read_spec_file", "render_report", "report_rows", "run_sweep", "sweep_dir", "train_in_process",
+    "build_spec", "judge_rung", "outcome_from_run", "parse_candidate", "parse_grid_axis", "pin_dataset_version", "plot_validation",
+    "read_spec_file", "render_report", "report_rows", "run_sweep", "sweep_dir", "train_in_process", "validation_series",
 ]

@@ -4,7 +4,8 @@ One table, candidate by rung: the mean validation loss on the held-out images at
 the paired difference against that rung's best with its 95% interval, the status (pruned at
 which rung, failed, complete), and the training time; then the best, the "not distinguishable"
 groups and the GPU time spent and saved by pruning. The Prefect flow shows the same rows as a
-table artifact (flows/sweep.py), so the file and the UI cannot disagree.
+table artifact (flows/sweep.py), so the file and the UI cannot disagree. Beside it, the same
+validation losses as a plot (lora/sweep/plot.py), linked from the report; the flow embeds it.
 """
 from __future__ import annotations
 
@@ -99,6 +100,14 @@ def _best_lines(state: "SweepState") -> list[str]:
     return lines
 
 
+def _plot_lines(state: "SweepState") -> list[str]:
+    from lora.sweep.plot import PLOT_FILE
+
+    if not (state.root / PLOT_FILE).is_file():
+        return []
+    return [f"![validation loss per candidate and rung]({PLOT_FILE})", ""]
+
+
 def render_report(state: "SweepState") -> str:
     spec = state.spec
     base = ", ".join(f"{k}={v}" for k, v in spec.base.items() if k != "dataset") or "-"
@@ -109,7 +118,7 @@ def render_report(state: "SweepState") -> str:
              "brackets the paired difference against that rung's best with its 95% interval (image "
              "by image and timestep by timestep; below 0 = lower loss). A candidate whose whole "
              "interval is above 0 is clearly worse and stops at that rung.", "",
-             _table(report_rows(state)), "", *_best_lines(state)]
+             _table(report_rows(state)), "", *_plot_lines(state), *_best_lines(state)]
     pruned = [c for c in state.candidates.values() if c.reason]
     if pruned:
         lines += ["", "Stopped early:", ""] + [f"- {c.name}: {c.reason}" for c in pruned]
@@ -122,5 +131,14 @@ def render_report(state: "SweepState") -> str:
 
 
 def write_report(state: "SweepState") -> None:
-    """Write ``report.md`` atomically (the sweep folder is the sweep's own: lora/sweep/state.py)."""
+    """Write the plot, then ``report.md`` that links it, each atomically. The sweep folder is the
+    sweep's own (lora/sweep/state.py), but a plot is replaced only when it is one animelora drew:
+    a file put there under its name stops the sweep with one line and stays as it is."""
+    from lora.analysis.plots import is_animelora_png
+    from lora.owned import check_output_file
+    from lora.sweep.plot import PLOT_FILE, plot_validation
+
+    plot = check_output_file(state.root / PLOT_FILE, suffixes=(".png",), ours=is_animelora_png,
+                             what="the sweep's validation plot")
+    plot_validation(state, plot)
     atomic_write_text(state.report_path, render_report(state))

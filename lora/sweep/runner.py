@@ -13,8 +13,8 @@ the state on disk, is the same either way. A training that ran in another proces
 from its run folder (:func:`outcome_from_run`), so no result has to travel between machines.
 
 A candidate whose run already reached the rung's stop step (it trained there before the sweep
-was stopped, but its outcome was never recorded) is recorded from its run folder and not
-trained again: the trainer would refuse a stop step it has passed.
+was stopped, but its outcome was never recorded) is recorded from its run folder, its time
+included, and not handed to a training again: no model is loaded and no worker taken for it.
 """
 from __future__ import annotations
 

@@ -7,14 +7,18 @@ LoRA from zero: after one epoch it is far above the others on the held-out image
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from animelora.cli import main
+from lora.analysis.plots import is_animelora_png
+from lora.owned import NotOursError
 from lora.runpaths import RunPaths
-from lora.sweep import build_spec, run_sweep, train_in_process
-from lora.sweep.state import COMPLETE, PRUNED
+from lora.sweep import PLOT_FILE, SweepSpec, build_spec, run_sweep, train_in_process, validation_series
+from lora.sweep.report import write_report
+from lora.sweep.state import COMPLETE, PRUNED, open_state
 
 from .conftest import make_workspace
 
@@ -67,6 +71,31 @@ def test_the_clearly_worse_recipe_is_pruned_at_the_first_rung_and_the_best_named
     assert f"| {BAD} | learning_rate=1e-09 | pruned (rung 1) |" in report
 
 
+def test_the_plot_shows_each_candidate_per_rung_the_pruned_ending_where_they_stopped(finished):
+    ws, result = finished
+    folder = ws / "sweeps" / "lrs"
+    assert is_animelora_png(folder / PLOT_FILE)
+    assert f"]({PLOT_FILE})" in (folder / "report.md").read_text()
+    state = json.loads((folder / "state.json").read_text())
+    series = validation_series(open_state(ws, SweepSpec.from_dict(state["spec"])))
+    assert [rung for rung, _ in series[BAD]] == [0]  # pruned at the first rung: one point
+    assert [rung for rung, _ in series[result["best"]]] == [0, 1]
+    final = {r["candidate"]: r["mean"] for r in result["ranking"]}
+    assert series[result["best"]][-1][1] == pytest.approx(final[result["best"]])
+
+
+def test_a_file_put_where_the_plot_goes_stops_the_report_and_stays(finished, tmp_path):
+    ws, _ = finished
+    copy = tmp_path / "ws"
+    shutil.copytree(ws / "sweeps", copy / "sweeps")
+    theirs = copy / "sweeps" / "lrs" / PLOT_FILE
+    theirs.write_bytes(b"my own picture")
+    spec = SweepSpec.from_dict(json.loads((copy / "sweeps" / "lrs" / "state.json").read_text())["spec"])
+    with pytest.raises(NotOursError, match="was not written by animelora"):
+        write_report(open_state(copy, spec))
+    assert theirs.read_bytes() == b"my own picture"
+
+
 def test_a_sweep_killed_mid_rung_resumes_to_the_same_ranking_without_retraining(finished, tmp_path):
     _, whole = finished
     ws = make_workspace(tmp_path)
@@ -115,8 +144,8 @@ def test_stop_after_rungs_exits_3_and_the_same_command_continues(tmp_path, capsy
 
 def test_a_sweep_killed_after_a_candidate_reached_the_rung_records_it_without_training(tmp_path):
     """Killed mid-rung after the first candidate trained to the rung's stop step: that training
-    is on disk but not in the state. The trainer refuses a stop step it has passed, so the
-    resumed sweep must record it from the run folder rather than train it again."""
+    is on disk but not in the state. The resumed sweep records it from the run folder, its
+    training time included, rather than hand it to a training (a model load, a worker) again."""
     ws = make_workspace(tmp_path)
     base = {"model": "tiny", "dataset": str(ws / "datasets" / "demo"), "dataset_version": "v0001",
             "epochs": 2, "batch_size": 4, "checkpoint_every_minutes": 60}
