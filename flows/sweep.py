@@ -227,6 +227,10 @@ def choose_train_many(parallel: bool | None, candidate_deployment: str, segment_
         logger.info("candidates train one after another in this flow run (parallel=%s%s)", parallel,
                     "" if parallel is False else ", not a deployment run")
         return prefect_train_many(segment_minutes, gpus)
+    flow_name, _, deployment_name = candidate_deployment.partition("/")
+    if not flow_name or not deployment_name:
+        raise ValueError(f"candidate_deployment: expected <flow>/<deployment> such as {CANDIDATE_DEPLOYMENT!r}, "
+                         f"got {candidate_deployment!r}")
     found = _deployment_id(candidate_deployment)
     if found is None:
         if parallel:

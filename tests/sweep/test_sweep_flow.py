@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -45,10 +46,15 @@ def test_sweep_flow_runs_candidates_as_child_flow_runs(prefect_api, workspace):
     assert "](data:image/png;base64," in by_key["sweep-report-f"].data
 
 
-def test_parallel_sweep_without_the_candidate_deployment_is_refused_before_training(prefect_api, workspace):
+@pytest.mark.parametrize("deployment, message", [
+    ("sweep-candidate/not-deployed", "'sweep-candidate/not-deployed' is not deployed"),
+    ("not-deployed", "expected <flow>/<deployment>"),
+])
+def test_parallel_sweep_without_the_candidate_deployment_is_refused_before_training(
+        prefect_api, workspace, deployment, message):
     state = sweep(workspace=str(workspace), dataset="demo", name="p", model="tiny",
                   grid={"learning_rate": [1e-9, 0.05]}, parallel=True,
-                  candidate_deployment="sweep-candidate/not-deployed", return_state=True)
+                  candidate_deployment=deployment, return_state=True)
     assert state.is_failed()
-    assert "'sweep-candidate/not-deployed' is not deployed" in state.message
+    assert message in state.message
     assert not (workspace / "runs").exists() and not (workspace / "sweeps").exists()
