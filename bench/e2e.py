@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peers import kohya  # noqa: E402  (the repository root is on the path only now)
+from lora.datapaths import DatasetPaths  # noqa: E402
 
 #: Danbooru-like sizes (width, height), mostly portrait, repeated in these proportions.
 DANBOORU_SIZES = [(512, 768)] * 4 + [(576, 704)] * 2 + [(448, 768)] * 2 + [
@@ -139,7 +140,7 @@ def build_data(work: Path, shapes: str, n: int) -> Path:
     from lora.testing.datasets import write_synthetic_dataset
 
     data = work / f"data-{shapes}"
-    if (data / "versions").is_dir():
+    if DatasetPaths(data).versions.is_dir():
         return data
     shutil.rmtree(data, ignore_errors=True)
     return write_synthetic_dataset(data, n, SHAPES[shapes], first_id=1000, compress_level=0,
@@ -148,7 +149,7 @@ def build_data(work: Path, shapes: str, n: int) -> Path:
 
 def bench_images(data: Path) -> list[Path]:
     """The data set's images (each with its .txt caption beside it): what every peer trains on."""
-    return sorted((data / "images").glob("*.png"))
+    return sorted(DatasetPaths(data).images.glob("*.png"))
 
 
 def peer_folder(data: Path, work: Path) -> Path:

@@ -21,6 +21,7 @@ from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
+from lora.datapaths import DatasetPaths
 from lora.runpaths import RUNS_DIR, RunPaths
 from lora.testing.prefect_server import PrefectServer
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  samples    : {run.samples}")
         print(f"  report     : {run.report_md}")
         print(f"  hub staging: {run.hub}")
-        print(f"  data set   : {workspace / 'datasets' / 'demo'}")
+        print(f"  data set   : {DatasetPaths.of(workspace, 'demo').root}")
         print(f"  Prefect UI : {server.ui_url}" + ("" if args.keep_servers else " (stopped; use --keep-servers)"))
         if rc == 0 and not run.lora_files():
             print("[demo] the run reported success but wrote no LoRA file", file=sys.stderr)

@@ -22,7 +22,7 @@ from lora.data.captions import CaptionOptions
 from lora.data.collect import DEFAULT_BOORU_URL, DEFAULT_MAX_FILE_SIZE, Collection, FetchFilters
 from lora.data.commit import CommitResult
 from lora.data.images import DEFAULT_MAX_PIXELS
-from lora.data.manifest import DatasetPaths
+from lora.datapaths import DatasetPaths
 from lora.data.prepare import PrepareOptions, shard
 from lora.data.queries import make_query_specs
 from lora.data.refresh import Refresh, RefreshPlan

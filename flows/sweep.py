@@ -52,6 +52,7 @@ from prefect.exceptions import ObjectNotFound
 from flows.train_lora import _secret
 from lora.analysis.ladder import resolve_compare
 from lora.config import DEFAULT_MODEL, TrainConfig
+from lora.datapaths import DatasetPaths
 from lora.inputs import check_pipeline_inputs
 from lora.runpaths import RunPaths
 from lora.sweep import (
@@ -273,9 +274,9 @@ def sweep_spec(workspace: str, dataset: str, name: str, preset: str, model: str,
     version pinned (the same spec every time the flow resumes the sweep). Names and paths are
     checked before (lora.inputs.check_pipeline_inputs)."""
     ws = Path(workspace).expanduser().resolve()
-    dataset_dir = ws / "datasets" / dataset
+    dataset_dir = DatasetPaths.of(ws, dataset).root
     if not dataset_dir.is_dir():
-        raise FileNotFoundError(f"data set {dataset!r} not found in {ws / 'datasets'}; run "
+        raise FileNotFoundError(f"data set {dataset!r} not found in {dataset_dir.parent}; run "
                                 "dataset-refresh or train-lora first")
     shared = pin_dataset_version({**(base or {}), "model": model, "dataset": str(dataset_dir)})
     return ws, build_spec(name, preset=preset, base=shared, grid=grid, candidates=candidates, rungs=rungs)
@@ -323,7 +324,7 @@ def sweep(
     logger = get_run_logger()
     check_pipeline_inputs(workspace=workspace, dataset=dataset, run_name=name, repo_id=repo_id)
     ws, spec = sweep_spec(workspace, dataset, name, preset, model, base, grid, candidates, rungs)
-    dataset_dir = ws / "datasets" / dataset
+    dataset_dir = DatasetPaths.of(ws, dataset).root
     logger.info("sweep %s: %d candidates, rungs at epochs %s then the end", name, len(spec.candidates),
                 list(spec.rungs) or "-")
     train_many = choose_train_many(parallel, candidate_deployment, segment_minutes, gpus)

@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 from flows.dataset_refresh import dataset_refresh
 from lora.analysis.ladder import resolve_compare
 from lora.config import TrainConfig, resolve_config
-from lora.data.manifest import DatasetPaths
+from lora.datapaths import DatasetPaths
 from lora.data.versions import latest_version, read_version
 from lora.inputs import check_pipeline_inputs
 from lora.runpaths import RunPaths
@@ -242,7 +242,7 @@ def train_lora(
     run_name = run_name or default_run_name(preset, dataset)
     check_pipeline_inputs(workspace=workspace, dataset=dataset, run_name=run_name, repo_id=repo_id)
     ws = Path(workspace).expanduser().resolve()
-    dataset_dir = ws / "datasets" / dataset
+    dataset_dir = DatasetPaths.of(ws, dataset).root
     run = RunPaths.of(ws, run_name)
     run_dir = run.root
 

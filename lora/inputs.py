@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from lora.datapaths import DATASETS_DIR, DatasetPaths
 from lora.runpaths import RUNS_DIR
 
 __all__ = [
@@ -38,8 +39,7 @@ _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 1
 #: The Hub's repo-name rule (huggingface_hub.utils.validate_repo_id): letters, digits, ``-``,
 #: ``_``, ``.``; no ``--`` or ``..``; not starting or ending with ``-`` or ``.``; at most 96.
 _HUB_NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?$")
-_DATASET_MARKERS = ("manifest.parquet",)
-_WORKSPACE_MARKERS = ("datasets", RUNS_DIR)
+_WORKSPACE_MARKERS = (DATASETS_DIR, RUNS_DIR)
 
 
 class InputError(ValueError):
@@ -104,8 +104,7 @@ def dataset_root_of(path: Path | str) -> Path | None:
     for candidate in _existing_self_and_parents(resolved):
         if not candidate.is_dir():
             continue
-        if any((candidate / m).is_file() for m in _DATASET_MARKERS) or (
-                (candidate / "images").is_dir() and (candidate / "versions").is_dir()):
+        if DatasetPaths(candidate).looks_like_dataset():
             return candidate
     return None
 
@@ -161,7 +160,7 @@ def check_dataset_dir(dataset: Path | str, *, flag: str = "--dataset") -> Path:
         raise InputError(f"{flag} {raw} is a file, not a data-set folder")
     if is_workspace_root(path) and dataset_root_of(path) is None:
         raise InputError(f"{flag} {raw} is a workspace; name one of its data sets, such as "
-                         f"{raw / 'datasets' / 'anime'}")
+                         f"{raw / DATASETS_DIR / 'anime'}")
     return path
 
 

@@ -23,7 +23,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from lora.booru import BooruAuthError, BooruQueryError, Credentials
-from lora.data.manifest import DatasetPaths, load_rows
+from lora.data.manifest import load_rows
+from lora.datapaths import DatasetPaths
 from lora.data.candidates import Candidate
 from lora.data.collect import Collection, FetchFilters, collect_candidates, make_client
 from lora.data.commit import CommitResult, commit, finalize_version, recover

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lora.datapaths import DatasetPaths
+
 from .paths import add_path
 
 EXIT_COMPLETE = 0
@@ -26,8 +28,9 @@ def _workspace(args: argparse.Namespace) -> Path:
     if args.workspace:
         return Path(args.workspace).expanduser().resolve()
     dataset = Path(args.dataset).expanduser().resolve()
-    if dataset.parent.name == "datasets":
-        return dataset.parent.parent
+    workspace = DatasetPaths(dataset).workspace
+    if workspace is not None:
+        return workspace
     raise ValueError(f"--dataset {args.dataset} is not in a workspace's datasets/ folder: "
                      "give --workspace (the sweep's run folders go to <workspace>/runs/)")
 

@@ -177,12 +177,12 @@ def _interval(values: np.ndarray, idx: np.ndarray) -> tuple[float, float]:
 
 def _data_set_advice(min_images: int) -> str:
     """How a data set comes to hold out ``min_images`` images (at the default held-out share)."""
-    from lora.data.split import DEFAULT_FRACTION, held_out_target
+    from lora.data.split import DEFAULT_FRACTION, SPLIT_FILE, held_out_target
 
     n = min_images
     while held_out_target(n, DEFAULT_FRACTION) < min_images:
         n += 1
-    return (f"add images to it (it holds out {DEFAULT_FRACTION:.0%} of them unless its split.json "
+    return (f"add images to it (it holds out {DEFAULT_FRACTION:.0%} of them unless its {SPLIT_FILE} "
             f"says otherwise: {n} images or more hold out {min_images})")
 
 

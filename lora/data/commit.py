@@ -144,7 +144,7 @@ def commit(
                 if incumbent["id"] not in existing_ids and inherit_caption(incumbent, row):
                     recaption.add(incumbent["id"])
 
-        prepared = paths.staging / "prepared"
+        prepared = paths.prepared
         for row in batch:
             name = Path(row.get("file") or "").name
             if row["status"] == "kept":
@@ -343,7 +343,7 @@ def recover(paths: DatasetPaths) -> dict[str, int]:
     kept_files = {Path(r["file"]).name for r in rows if r.get("file")}
     final_ids = {r["id"] for r in rows if r["status"] != "failed"}
     claimed: set[str] = set()
-    rows_dir = paths.staging / "rows"
+    rows_dir = paths.pending_rows
     removed = {"orphans": 0, "stale_pending": 0, "downloads": 0}
     if rows_dir.is_dir():
         for pending in rows_dir.glob("*.json"):
@@ -362,7 +362,7 @@ def recover(paths: DatasetPaths) -> dict[str, int]:
                 claimed.add(Path(data["file"]).name)
     claimed_stems = {Path(n).stem for n in claimed}
     kept_stems = {Path(n).stem for n in kept_files}
-    prepared = paths.staging / "prepared"  # the project's own staging: leftovers are its own
+    prepared = paths.prepared  # the project's own staging: leftovers are its own
     if prepared.is_dir():
         for path in prepared.iterdir():
             if path.is_file() and not _wanted(path, claimed, claimed_stems):
@@ -378,7 +378,7 @@ def recover(paths: DatasetPaths) -> dict[str, int]:
             log.warning("%s: %d file(s) no manifest row names (%s%s): left as they are, in no version",
                         paths.images, len(stray), ", ".join(stray[:3]), " ..." if len(stray) > 3 else "")
         removed["unlisted_kept"] = len(stray)
-    download = paths.staging / "download"
+    download = paths.downloads
     if download.is_dir():
         for path in download.iterdir():
             if path.is_file():

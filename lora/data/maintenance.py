@@ -245,7 +245,7 @@ def _result(paths: DatasetPaths, rows: list[Row], version: str | None, changed: 
 def _need_manifest(paths: DatasetPaths) -> None:
     if not paths.manifest.exists():
         raise DatasetEditError(
-            f"data set {paths.name!r} has no manifest.parquet ({paths.root}): only data sets made by "
+            f"data set {paths.name!r} has no {paths.manifest.name} ({paths.root}): only data sets made by "
             "'animelora fetch' or 'animelora import' can be edited")
 
 

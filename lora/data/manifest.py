@@ -1,4 +1,6 @@
-"""The data-set folder and its ``manifest.parquet``: one row per post ever seen.
+"""The data set's ``manifest.parquet`` (one row per post ever seen) and its writer's lock.
+
+The folder's names are :class:`lora.datapaths.DatasetPaths`'s (re-exported here).
 
 Why: the manifest (plus the image files it names) is the single source of truth of a data set.
 Cursors (``state.json``) and versions (``versions/*.json``) are derived from it and may lag
@@ -11,10 +13,8 @@ such as ``"123"``, or a stable ``local-<md5>`` id for imported files).
 """
 from __future__ import annotations
 
-import re
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Iterator
@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lora.data.split import SPLITS, fill_manifest_splits, load_settings
+from lora.datapaths import DatasetPaths
 from lora.fsutil import atomic_write
 
 __all__ = [
@@ -85,8 +86,6 @@ SCHEMA = pa.schema(
 )
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
 
 class ManifestError(ValueError):
     """A manifest row or file that breaks the schema; the message names the field or file."""
@@ -103,57 +102,6 @@ def now_utc() -> datetime:
 def reason_kind(reason: str | None) -> str:
     """``"duplicate-of:123"`` → ``"duplicate-of"``: the reason without the post it names."""
     return (reason or "").split(":", 1)[0]
-
-
-@dataclass(frozen=True)
-class DatasetPaths:
-    """Where everything of one data set lives (see docs/architecture.md)."""
-
-    root: Path
-
-    @classmethod
-    def of(cls, workspace: str | Path, name: str) -> "DatasetPaths":
-        """``<workspace>/datasets/<name>``; ``name`` must be a plain folder name."""
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(
-                f"dataset name {name!r} is not valid: use letters, digits, '.', '_' or '-' "
-                "(no slashes, at most 100 characters)"
-            )
-        return cls(Path(workspace).expanduser().resolve() / "datasets" / name)
-
-    @property
-    def name(self) -> str:
-        return self.root.name
-
-    @property
-    def images(self) -> Path:
-        return self.root / "images"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.parquet"
-
-    @property
-    def versions(self) -> Path:
-        return self.root / "versions"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def staging(self) -> Path:
-        """Downloads and prepared-but-uncommitted images; never part of a version."""
-        return self.root / ".staging"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.root / ".lock"
-
-    def ensure(self) -> "DatasetPaths":
-        for folder in (self.images, self.versions, self.staging):
-            folder.mkdir(parents=True, exist_ok=True)
-        return self
 
 
 # --------------------------------------------------------------------------------------------

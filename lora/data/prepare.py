@@ -70,7 +70,7 @@ def _prepare_one(
     options: PrepareOptions,
     fields: dict[str, Any],
 ) -> dict[str, Any]:
-    prepared_dir = staging_dir(paths, "prepared")
+    prepared_dir = staging_dir(paths.prepared)
     try:
         image = prepare_image(
             source, prepared_dir / candidate.id, min_side=options.min_side, max_pixels=options.max_pixels
@@ -86,7 +86,7 @@ def _prepare_one(
         candidate.id, "kept", fields,
         phash=image.phash, width=image.width, height=image.height,
         bucket=f"{image.bucket[0]}x{image.bucket[1]}", caption=caption,
-        file=f"images/{image.path.name}",
+        file=paths.image_entry(image.path.name),
         reason="animated-first-frame" if image.animated else None,
     )
 
@@ -118,7 +118,7 @@ def download_and_prepare(
     each candidate as it finishes.
     """
     paths.ensure()
-    download_dir = staging_dir(paths, "download")
+    download_dir = staging_dir(paths.downloads)
     rows: list[dict[str, Any] | None] = [None] * len(candidates)
     done = 0
 

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from lora.datapaths import SPLIT_FILE, DatasetPaths
 from lora.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-SPLIT_FILE = "split.json"
 DEFAULT_FRACTION = 0.1
 VALIDATION = "validation"
 TRAIN = "train"
@@ -101,7 +101,7 @@ def load_settings(root: Path | str, fraction: float | None = None, *, create: bo
     if raw is None:
         # a data set that already has versions or a manifest was trained on (in memory) with
         # the fixed salt: recording keeps it, so the recorded sides are the ones runs used
-        existing = (Path(root) / "manifest.parquet").exists() or any((Path(root) / "versions").glob("*.json"))
+        existing = DatasetPaths(root).has_history()
         data = {"salt": UNRECORDED_SALT if existing else secrets.token_hex(16),
                 "fraction": DEFAULT_FRACTION if fraction is None else float(fraction)}
         if not create:

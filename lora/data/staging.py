@@ -18,14 +18,14 @@ from lora.fsutil import atomic_write_bytes
 __all__ = ["staging_dir", "pending_path", "write_pending", "read_pending", "discard"]
 
 
-def staging_dir(paths: DatasetPaths, kind: str) -> Path:
-    folder = paths.staging / kind
+def staging_dir(folder: Path) -> Path:
+    """``folder`` (one of ``DatasetPaths``' staging folders), created when missing."""
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
 def pending_path(paths: DatasetPaths, candidate_id: str) -> Path:
-    return staging_dir(paths, "rows") / f"{candidate_id}.json"
+    return staging_dir(paths.pending_rows) / f"{candidate_id}.json"
 
 
 def write_pending(paths: DatasetPaths, row: dict[str, Any]) -> None:
@@ -46,7 +46,7 @@ def read_pending(paths: DatasetPaths, candidate: Candidate) -> dict[str, Any] | 
     if raw["status"] == "kept":
         name = Path(raw.get("file") or "").name
         if not name or not (
-            (paths.staging / "prepared" / name).exists() or (paths.images / name).exists()
+            (paths.prepared / name).exists() or (paths.images / name).exists()
         ):
             return None
     raw["seen_at"] = now_utc()

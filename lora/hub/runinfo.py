@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora.datapaths import DatasetPaths
 from lora.runpaths import DIFFUSERS_WEIGHTS, RunPaths
 
 
@@ -90,10 +91,10 @@ def _version_record(run_dir: Path, dataset: str | None, version: str | None) -> 
     """``versions/<version>.json`` of the run's data set, when it can be found."""
     if not (dataset and version):
         return None
-    candidates = [Path(dataset) / "versions" / f"{version}.json"]
+    candidates = [DatasetPaths(dataset).version_file(version)]
     workspace = RunPaths(run_dir).workspace  # runs/<name>/ sits next to datasets/<name>/
     if workspace is not None:
-        candidates.append(workspace / "datasets" / Path(dataset).name / "versions" / f"{version}.json")
+        candidates.append(DatasetPaths(DatasetPaths.datasets_root(workspace) / Path(dataset).name).version_file(version))
     for path in candidates:
         try:
             data = read_json(path) if path.is_file() else None

@@ -34,6 +34,6 @@ def write_synthetic_dataset(root: Path, n: int, sizes: Sequence[tuple[int, int]]
         Image.fromarray(arr).save(paths.images / f"{post}.png", compress_level=compress_level)
         (paths.images / f"{post}.txt").write_text(caption(i))
         ids.append(post)
-        files.append(f"images/{post}.png")
+        files.append(paths.image_entry(f"{post}.png"))
     write_version(paths, "v0001", ids, files, {"main": "1girl"})
     return paths.root

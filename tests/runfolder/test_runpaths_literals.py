@@ -23,7 +23,7 @@ JOINED_NAMES = {"lora", "checkpoints", "samples", "report", "hub", "config.json"
 ALLOWED = {
     ("lora/model/load.py", "config.json"): "a diffusers model folder's unet/config.json",
     ("lora/train/launch.py", "config.json"): "the temporary config handed to torchrun processes",
-    ("lora/data/manifest.py", ".lock"): "the data set's lock (DatasetPaths)",
+    ("lora/datapaths.py", ".lock"): "the data set's lock (DatasetPaths)",
 }
 
 
@@ -76,4 +76,4 @@ def f(run_dir):
     return run_dir / "images"
 '''
     assert offences("x.py", source) == ["x.py:4: training_log.json", 'x.py:5: / "lora"', "x.py:6: lora-step-"]
-    assert offences("lora/data/manifest.py", 'p = root / ".lock"') == []
+    assert offences("lora/datapaths.py", 'p = root / ".lock"') == []

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from lora.datapaths import DatasetPaths
 from lora.fsutil import atomic_write_bytes, file_digest
 
 from .buckets import Bucket, load_for_bucket
@@ -56,7 +57,7 @@ def _writable(folder: Path) -> bool:
 
 def _workspace_of(dataset_dir: Path) -> Path | None:
     """The workspace a data set lives in (``<ws>/datasets/<name>``), or None."""
-    return dataset_dir.parent.parent if dataset_dir.parent.name == "datasets" else None
+    return DatasetPaths(dataset_dir).workspace
 
 
 def train_cache_root(dataset_dir: Path | str, cache_dir: Path | str | None = None) -> Path:

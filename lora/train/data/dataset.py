@@ -73,7 +73,7 @@ def read_dataset(dataset_dir: Path | str, version: str | None = None) -> tuple[s
     resolved = resolve_version(root, version)
     items: list[Item] = []
     if resolved != PLAIN_FOLDER_VERSION:
-        path = root / "versions" / f"{resolved}.json"
+        path = DatasetPaths(root).version_file(resolved)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             files = data["files"]
