@@ -345,7 +345,8 @@ def run_sweep(spec: SweepSpec, workspace: Path | str, *, train_many: TrainMany =
     """Run (or resume) the sweep ``spec`` in ``workspace`` until it is complete, or until
     ``stop_after_rungs`` rungs are done in all (then status ``stopped``; run again to go on).
 
-    ``on_rung`` is told each rung's decision once its state is saved (progress, artifacts).
+    ``on_rung`` is told each rung's decision once its state and report are written (progress,
+    artifacts).
     Raises :class:`~lora.sweep.state.SweepBusyError` when another process runs the sweep and
     :class:`SweepInterrupted` after Ctrl-C / SIGTERM (state saved either way)."""
     with sweep_lock(workspace, spec.name):
@@ -358,6 +359,7 @@ def run_sweep(spec: SweepSpec, workspace: Path | str, *, train_many: TrainMany =
                 write_report(state)
                 return SweepResult("stopped", state)
             decision = sweep.run_rung(rung, epoch)
+            write_report(state)  # report and plot after every rung: a long sweep shows where it is
             if on_rung is not None:
                 on_rung(decision, state)
         if state.result is None:
