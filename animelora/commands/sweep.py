@@ -100,7 +100,7 @@ def _summary(result: Any) -> list[str]:
     else:
         lines.append(f"sweep {data['sweep']} stopped after {data['rungs_done']} of {data['rungs']} rungs; "
                      "re-run the same command to continue")
-    lines.append(f"report: {data['report']}")
+    lines.append(f"report: {data['report']}" + (f" (plot: {data['plot']})" if data.get("plot") else ""))
     return lines
 
 
@@ -172,5 +172,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
                         help="stop once N rungs are done (exit 3); the same command continues later")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object (best, ranking, groups, GPU time, report path) on stdout")
+                        help="print one JSON object (best, ranking, groups, GPU time, report and plot paths) on stdout")
     parser.set_defaults(func=_handler)

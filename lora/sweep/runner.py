@@ -157,9 +157,15 @@ class SweepResult:
     def ranking(self) -> list[str]:
         return [r["candidate"] for r in (self.state.result or {}).get("ranking", [])]
 
+    def _plot(self) -> str | None:
+        from lora.sweep.plot import PLOT_FILE
+
+        path = self.state.root / PLOT_FILE
+        return str(path) if path.is_file() else None
+
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "sweep": self.state.spec.name, "sweep_dir": str(self.state.root),
-                "report": str(self.state.report_path), "rungs_done": self.state.rungs_done(),
+                "report": str(self.state.report_path), "plot": self._plot(), "rungs_done": self.state.rungs_done(),
                 "rungs": len(self.state.spec.rungs) + 1, **(self.state.result or {})}
 
 

@@ -74,7 +74,7 @@ def test_the_clearly_worse_recipe_is_pruned_at_the_first_rung_and_the_best_named
 def test_the_plot_shows_each_candidate_per_rung_the_pruned_ending_where_they_stopped(finished):
     ws, result = finished
     folder = ws / "sweeps" / "lrs"
-    assert is_animelora_png(folder / PLOT_FILE)
+    assert is_animelora_png(folder / PLOT_FILE) and result["plot"] == str(folder / PLOT_FILE)
     assert f"]({PLOT_FILE})" in (folder / "report.md").read_text()
     state = json.loads((folder / "state.json").read_text())
     series = validation_series(open_state(ws, SweepSpec.from_dict(state["spec"])))
