@@ -24,9 +24,10 @@ import shutil
 import sys
 import textwrap
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from lora.fsutil import make_temp_dir, swap_dir
 from lora.owned import FolderKind, NotOursError, check_replaceable, record_files
@@ -53,6 +54,10 @@ LCM_STEPS = 4
 LCM_GUIDANCE = 1.0
 SCHEDULERS = ("euler_a", "dpm++", "euler", "ddim", "lcm")
 BASE_COLUMN = "base"
+#: The LCM-LoRA's adapter name beside the runs' ``run<i>`` adapters.
+LCM_ADAPTER = "lcm"
+#: The samples folder's own images/ (a run's ``samples/images/``; not a data set's).
+IMAGES_DIR = "images"
 #: Written into every samples folder: the folder is ours to replace on the next run.
 OUT_MARKER = ".animelora-samples"
 _MARKER_TEXT = ("Written by `animelora sample`. The next run with this output folder replaces the folder "
@@ -163,7 +168,7 @@ def _device(device: str) -> str:
 #: A samples folder (lora/owned.py): rebuilt whole, so it may hold only what sampling wrote.
 #: ``legacy``: what sampling wrote before folders had a ledger (its marker file included).
 SAMPLES_FOLDER = FolderKind("a samples folder", legacy=(
-    OUT_MARKER, SAMPLES_JSON, SAMPLES_GRID, "images/*.png"))
+    OUT_MARKER, SAMPLES_JSON, SAMPLES_GRID, f"{IMAGES_DIR}/*.png"))
 
 
 def check_out_dir(out_dir: Path | str, run_dirs: Sequence[Path] = ()) -> Path:
@@ -294,11 +299,6 @@ def _progress(total: int, progress: Callable[[int, int], None] | None):
     return tick, close
 
 
-def _run_lora_files(runs: Sequence[Path]) -> list[Path]:
-    """The first run's LoRA files (where its trigger word is recorded)."""
-    return RunPaths(runs[0]).lora_files()
-
-
 def long_prompts(tokenizer: Any, prompts: Sequence[str], negative_prompt: str | None) -> list[str]:
     """One line for each prompt longer than the text encoder reads (77 CLIP tokens for SD1.5),
     naming what it will ignore. Why: the pipeline cuts such a prompt silently (the negative
@@ -345,158 +345,284 @@ def _warn_long_prompts(pipe: Any, prompts: Sequence[str], negative_prompt: str |
         pipeline_log.addFilter(_drop_diffusers_truncation)
 
 
+@dataclass(frozen=True)
+class SampleRequest:
+    """What to render, apart from where (runs, base model, output folder, device).
+
+    Why an object: the command line, the flow's task and the tests ask for the same ten
+    settings; one typed value passes them whole, and :meth:`resolve` turns its defaults into the
+    numbers ``samples.json`` records. ``None`` means the default for the base model:
+    ``prompts`` the guide's prompts (the first run's trigger word put first, as users will prompt
+    the LoRA; prompts given explicitly are used as written), ``steps`` 20 (4 for the tiny model or
+    with LCM-LoRA), ``guidance`` 7 (1 with LCM-LoRA), ``resolution`` 512 (the tiny model's own
+    size for "tiny"). ``lcm_lora``: a local LCM-LoRA file or folder; it switches to the LCM
+    scheduler, few steps and guidance about 1. ``trigger_word`` (default: the one the first run's
+    kohya file records) only changes the default prompts. An empty ``negative_prompt`` is none.
+    """
+
+    prompts: tuple[str, ...] | None = None
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    steps: int | None = None
+    guidance: float | None = None
+    scheduler: str = "euler_a"
+    lora_scale: float = 1.0
+    resolution: int | None = None
+    lcm_lora: Path | None = None
+    trigger_word: str | None = None
+
+    def __post_init__(self) -> None:
+        # lists from a command line or JSON become tuples, so the request stays immutable
+        if self.prompts is not None:
+            object.__setattr__(self, "prompts", tuple(self.prompts))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        object.__setattr__(self, "lcm_lora", Path(self.lcm_lora) if self.lcm_lora else None)
+
+    def resolve(self, base_model: str, runs: Sequence[Path]) -> "SampleSettings":
+        """The concrete settings for ``base_model``; a request that cannot work is refused here,
+        before any model loads (:class:`SampleUsageError`, a missing LCM-LoRA :class:`SampleError`)."""
+        lcm = _lcm_path(self.lcm_lora)
+        tiny = base_model == "tiny"
+        settings = SampleSettings(
+            prompts=_checked_prompts(self._prompts(runs)),
+            negative_prompt=self.negative_prompt,
+            seeds=_checked_seeds(self.seeds),
+            steps=int(_first(self.steps, LCM_STEPS if lcm else TINY_STEPS if tiny else DEFAULT_STEPS)),
+            guidance=float(_first(self.guidance, LCM_GUIDANCE if lcm else 7.0)),
+            scheduler="lcm" if lcm else self.scheduler,
+            lora_scale=self.lora_scale,
+            resolution=int(_first(self.resolution, _tiny_resolution() if tiny else 512)),
+            lcm_lora=lcm,
+        )
+        settings.check()
+        return settings
+
+    def _prompts(self, runs: Sequence[Path]) -> Sequence[str]:
+        if self.prompts is not None:
+            return self.prompts
+        from lora.hub.runinfo import kohya_trigger_phrase
+
+        trigger = self.trigger_word or kohya_trigger_phrase(RunPaths(runs[0]).lora_files())
+        return [f"{trigger}, {p}" if trigger else p for p in DEFAULT_PROMPTS]
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """A :class:`SampleRequest` with every default decided: what ``samples.json`` records."""
+
+    prompts: tuple[str, ...]
+    negative_prompt: str
+    seeds: tuple[int, ...]
+    steps: int
+    guidance: float
+    scheduler: str
+    lora_scale: float
+    resolution: int
+    lcm_lora: Path | None
+
+    def check(self) -> None:
+        if self.steps <= 0 or self.resolution <= 0 or self.resolution % 8:
+            raise SampleUsageError(f"steps must be > 0 and resolution a positive multiple of 8 "
+                                   f"(got {self.steps}, {self.resolution})")
+        if self.scheduler not in SCHEDULERS:
+            raise SampleUsageError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+
+    @property
+    def jobs(self) -> list[tuple[int, int]]:
+        """``(prompt index, seed)`` of each image of a column, in the grid's row order."""
+        return [(p, seed) for p in range(len(self.prompts)) for seed in self.seeds]
+
+    def row_labels(self) -> list[str]:
+        return [f"{prompt}\nseed {seed}" for prompt in self.prompts for seed in self.seeds]
+
+
+def _first(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _tiny_resolution() -> int:
+    from lora.model import TINY_RESOLUTION
+
+    return TINY_RESOLUTION
+
+
+def _checked_prompts(prompts: Sequence[str]) -> tuple[str, ...]:
+    prompts = tuple(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise SampleUsageError("prompts must be a non-empty list of non-empty strings")
+    return prompts
+
+
+def _checked_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
+    """The seeds in order, each once (a repeated seed would render the same image twice)."""
+    unique = tuple(dict.fromkeys(int(s) for s in seeds))
+    if not unique:
+        raise SampleUsageError("at least one seed is needed")
+    return unique
+
+
+def _lcm_path(lcm_lora: Path | None) -> Path | None:
+    if lcm_lora is not None and not lcm_lora.exists():
+        raise SampleError(f"LCM-LoRA weights not found at {lcm_lora}: download "
+                          f"latent-consistency/lcm-lora-sdv1-5 ({DIFFUSERS_WEIGHTS}) "
+                          "there, or sample without --lcm-lora")
+    return lcm_lora
+
+
 def generate_samples(
     base_model: str,
     run_dirs: Sequence[Path | str] | Path | str,
     out_dir: Path | str,
+    request: SampleRequest = SampleRequest(),
     *,
-    prompts: Sequence[str] | None = None,
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-    seeds: Sequence[int] = DEFAULT_SEEDS,
-    steps: int | None = None,
-    guidance: float | None = None,
-    lora_scale: float = 1.0,
-    resolution: int | None = None,
-    scheduler: str = "euler_a",
     device: str = "auto",
-    lcm_lora: Path | str | None = None,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
-    trigger_word: str | None = None,
 ) -> SamplesResult:
-    """Render base-model and LoRA images at fixed prompts and seeds; write grid and JSON.
+    """Render base-model and LoRA images at ``request``'s prompts and seeds; write grid and JSON.
 
-    ``run_dirs``: one run folder or several; each must hold ``lora/*.safetensors``. ``steps``
-    defaults to 20 (4 for the tiny model or with LCM-LoRA); ``resolution`` to 512 (the tiny
-    model's own size for "tiny"). ``batch_size`` images are rendered per pipeline call (each
-    with its own seeded generator). ``lcm_lora``: a local LCM-LoRA file or folder; it switches to
-    the LCM scheduler, few steps and guidance about 1. ``trigger_word`` (default: the one the
-    first run's kohya file records) is put first in each default prompt, as users will prompt
-    the LoRA; prompts given explicitly are used as written.
+    ``run_dirs``: one run folder or several; each must hold ``lora/*.safetensors``. Everything
+    that can be refused (the runs, the request, the device, ``out_dir``) is checked before the
+    model loads. ``batch_size`` images are rendered per pipeline call, each with its own seeded
+    generator; ``progress(done, total)`` is called after each image.
     """
-    import torch
+    runs = _run_folders(run_dirs)
+    weights = [_lora_weight_file(run) for run in runs]
+    settings = request.resolve(base_model, runs)
+    dev = _device(device)
+    out = check_out_dir(out_dir, runs)  # before the model loads: a refusal costs nothing
+    pipe = _pipeline(base_model, dev, settings, weights)
+    columns = [BASE_COLUMN, *_unique([run.name for run in runs])]
+    with _building(out, runs) as folder:
+        records = _render(pipe, settings, columns, folder, max(1, int(batch_size)), progress)
+        _describe(folder, base_model, dev, settings, columns, records)
+    log.info("wrote %d sample images and %s", len(records), out / SAMPLES_GRID)
+    shown = Path(out_dir)
+    return SamplesResult(out_dir=shown, grid_path=shown / SAMPLES_GRID, json_path=shown / SAMPLES_JSON,
+                         columns=columns, images=records)
 
-    from lora.model import TINY_RESOLUTION, load_pipeline
 
+def _run_folders(run_dirs: Sequence[Path | str] | Path | str) -> list[Path]:
     runs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(r) for r in run_dirs]
     if not runs:
         raise SampleUsageError("no run folder given to sample")
-    weights = [_lora_weight_file(r) for r in runs]
-    names = _unique([r.name for r in runs])
-    if prompts is None:
-        from lora.hub.runinfo import kohya_trigger_phrase
+    return runs
 
-        trigger = trigger_word or kohya_trigger_phrase(_run_lora_files(runs))
-        prompts = [f"{trigger}, {p}" if trigger else p for p in DEFAULT_PROMPTS]
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise SampleUsageError("prompts must be a non-empty list of non-empty strings")
-    seeds = list(dict.fromkeys(int(s) for s in seeds))
-    if not seeds:
-        raise SampleUsageError("at least one seed is needed")
-    lcm_path = Path(lcm_lora) if lcm_lora else None
-    if lcm_path is not None and not lcm_path.exists():
-        raise SampleError(f"LCM-LoRA weights not found at {lcm_path}: download "
-                          f"latent-consistency/lcm-lora-sdv1-5 ({DIFFUSERS_WEIGHTS}) "
-                          "there, or sample without --lcm-lora")
-    tiny = base_model == "tiny"
-    if lcm_path is not None:
-        scheduler = "lcm"
-    steps = int(steps if steps is not None else (LCM_STEPS if lcm_path else TINY_STEPS if tiny else DEFAULT_STEPS))
-    guidance = float(guidance if guidance is not None else (LCM_GUIDANCE if lcm_path else 7.0))
-    size = int(resolution if resolution is not None else (TINY_RESOLUTION if tiny else 512))
-    batch_size = max(1, int(batch_size))
-    if steps <= 0 or size <= 0 or size % 8:
-        raise SampleUsageError(f"steps must be > 0 and resolution a positive multiple of 8 (got {steps}, {size})")
-    if scheduler not in SCHEDULERS:
-        raise SampleUsageError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
 
-    dev = _device(device)
-    shown_out = Path(out_dir)
-    out = check_out_dir(shown_out, runs)  # before the model loads: a refusal costs nothing
+def _pipeline(base_model: str, dev: str, settings: SampleSettings, weights: Sequence[Path]) -> Any:
+    """The base model on ``dev`` with the scheduler and every run's LoRA (and the LCM-LoRA)."""
+    import torch
+
+    from lora.model import load_pipeline
+
     dtype = torch.float16 if dev.startswith("cuda") else torch.float32
     pipe = load_pipeline(base_model, dtype=dtype, device=dev)
-    _set_scheduler(pipe, scheduler)
-    _warn_long_prompts(pipe, prompts, negative_prompt)
-    adapters = [f"run{i}" for i in range(len(runs))]
-    for adapter, weight in zip(adapters, weights):
-        try:
-            with warnings.catch_warnings():
-                # Several adapters on one UNet is the point here, not a mistake.
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                pipe.load_lora_weights(str(weight.parent), weight_name=weight.name,
-                                       adapter_name=adapter)
-        except Exception as exc:  # noqa: BLE001 - name the file in one line
-            raise SampleError(f"{weight}: cannot load LoRA ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:200]})") from exc
-    if lcm_path is not None:
-        folder, kw = ((lcm_path.parent, {"weight_name": lcm_path.name}) if lcm_path.is_file()
-                      else (lcm_path, {}))
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                pipe.load_lora_weights(str(folder), adapter_name="lcm", **kw)
-        except Exception as exc:  # noqa: BLE001
-            raise SampleError(f"{lcm_path}: cannot load LCM-LoRA ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:200]})") from exc
+    _set_scheduler(pipe, settings.scheduler)
+    _warn_long_prompts(pipe, settings.prompts, settings.negative_prompt)
+    for i, weight in enumerate(weights):
+        _load_lora(pipe, weight.parent, {"weight_name": weight.name}, _adapter(i), weight, "LoRA")
+    if settings.lcm_lora is not None:
+        lcm = settings.lcm_lora
+        folder, kw = (lcm.parent, {"weight_name": lcm.name}) if lcm.is_file() else (lcm, {})
+        _load_lora(pipe, folder, kw, LCM_ADAPTER, lcm, "LCM-LoRA")
+    return pipe
 
-    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
-    columns = [BASE_COLUMN] + names
-    records: list[SampleImage] = []
-    files: dict[tuple[int, int, int], Path] = {}
-    total = len(columns) * len(prompts) * len(seeds)
-    tick, close = _progress(total, progress)
+
+def _adapter(run_index: int) -> str:
+    return f"run{run_index}"
+
+
+def _load_lora(pipe: Any, folder: Path, kw: dict[str, str], adapter: str, shown: Path, what: str) -> None:
+    """One LoRA as its own adapter; a file that does not load is named in one line."""
     try:
-        (tmp / "images").mkdir()
-        jobs = [(p, seed) for p in range(len(prompts)) for seed in seeds]
-        for c, column in enumerate(columns):
-            _activate(pipe, None if c == 0 else adapters[c - 1], lora_scale, lcm_path is not None)
-            for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start:start + batch_size]
-                # One generator per image: the same seed gives the same starting noise in
-                # every column and on every device.
-                generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk]
-                with torch.inference_mode():
-                    batch = pipe([prompts[p] for p, _ in chunk],
-                                 negative_prompt=[negative_prompt] * len(chunk)
-                                 if negative_prompt else None,
-                                 num_inference_steps=steps, guidance_scale=guidance,
-                                 height=size, width=size, generator=generators).images
-                for (p, seed), image in zip(chunk, batch):
-                    rel = f"images/{_slug(column)}_p{p}_s{seed}.png"
-                    image.save(tmp / rel, format="PNG")
-                    files[(p, seed, c)] = tmp / rel
-                    records.append(SampleImage(
-                        file=rel, column=column, lora=None if c == 0 else column,
-                        prompt=prompts[p], negative_prompt=negative_prompt, seed=seed,
-                        steps=steps, guidance=guidance, scheduler=scheduler,
-                        lora_scale=None if c == 0 else lora_scale,
-                        width=image.width, height=image.height))
-                    tick()
-        rows = [[files[(p, seed, c)] for c in range(len(columns))]
-                for p in range(len(prompts)) for seed in seeds]
-        labels = [f"{prompt}\nseed {seed}" for prompt in prompts for seed in seeds]
-        make_grid(rows, columns, labels, tmp / SAMPLES_GRID)
-        meta = {
-            "base_model": base_model, "runs": names, "columns": columns,
-            "prompts": prompts, "negative_prompt": negative_prompt, "seeds": seeds,
-            "steps": steps, "guidance": guidance, "scheduler": scheduler,
-            "lora_scale": lora_scale, "resolution": size, "lcm_lora": lcm_path is not None,
-            "device": dev, "grid": SAMPLES_GRID, "images": [asdict(r) for r in records],
-        }
-        (tmp / SAMPLES_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        (tmp / OUT_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
+        with warnings.catch_warnings():
+            # Several adapters on one UNet is the point here, not a mistake.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            pipe.load_lora_weights(str(folder), adapter_name=adapter, **kw)
+    except Exception as exc:  # noqa: BLE001 - name the file in one line
+        raise SampleError(f"{shown}: cannot load {what} ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:200]})") from exc
+
+
+@contextmanager
+def _building(out: Path, runs: Sequence[Path]) -> Iterator[Path]:
+    """A hidden sibling of ``out`` to write in, swapped in whole when the block ends and removed
+    when it fails (the write policy, lora/owned.py: ``out`` never holds half a samples folder)."""
+    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
+    try:
+        yield tmp
         record_files(tmp)  # the ledger: the next run may replace exactly these files
         check_out_dir(out, runs)  # nothing of anyone else's arrived while rendering
         swap_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _render(pipe: Any, settings: SampleSettings, columns: Sequence[str], folder: Path, batch_size: int,
+            progress: Callable[[int, int], None] | None) -> list[SampleImage]:
+    """Every image, column by column (one adapter switch per column), each column in the
+    order of :attr:`SampleSettings.jobs`."""
+    (folder / IMAGES_DIR).mkdir()
+    jobs = settings.jobs
+    tick, close = _progress(len(columns) * len(jobs), progress)
+    records: list[SampleImage] = []
+    try:
+        for c, column in enumerate(columns):
+            lora = None if c == 0 else column
+            _activate(pipe, None if c == 0 else _adapter(c - 1), settings.lora_scale,
+                      settings.lcm_lora is not None)
+            for start in range(0, len(jobs), batch_size):
+                for record in _render_batch(pipe, settings, column, lora, jobs[start:start + batch_size], folder):
+                    records.append(record)
+                    tick()
     finally:
         close()
-    log.info("wrote %d sample images and %s", len(records), out / SAMPLES_GRID)
-    return SamplesResult(out_dir=shown_out, grid_path=shown_out / SAMPLES_GRID,
-                         json_path=shown_out / SAMPLES_JSON, columns=columns, images=records)
+    return records
+
+
+def _render_batch(pipe: Any, settings: SampleSettings, column: str, lora: str | None,
+                  chunk: Sequence[tuple[int, int]], folder: Path) -> list[SampleImage]:
+    """One pipeline call for ``chunk``'s (prompt, seed) pairs, each image saved and recorded."""
+    import torch
+
+    # One generator per image: the same seed gives the same starting noise in every column
+    # and on every device.
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk]
+    negative = settings.negative_prompt
+    with torch.inference_mode():
+        images = pipe([settings.prompts[p] for p, _ in chunk],
+                      negative_prompt=[negative] * len(chunk) if negative else None,
+                      num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                      height=settings.resolution, width=settings.resolution, generator=generators).images
+    records = []
+    for (p, seed), image in zip(chunk, images):
+        rel = f"{IMAGES_DIR}/{_slug(column)}_p{p}_s{seed}.png"
+        image.save(folder / rel, format="PNG")
+        records.append(SampleImage(
+            file=rel, column=column, lora=lora, prompt=settings.prompts[p], negative_prompt=negative,
+            seed=seed, steps=settings.steps, guidance=settings.guidance, scheduler=settings.scheduler,
+            lora_scale=None if lora is None else settings.lora_scale, width=image.width, height=image.height))
+    return records
+
+
+def _describe(folder: Path, base_model: str, dev: str, settings: SampleSettings, columns: list[str],
+              records: list[SampleImage]) -> None:
+    """The grid, ``samples.json`` (everything needed to render each image again) and the marker."""
+    per_column = len(records) // len(columns)  # _render's order: column by column
+    rows = [[folder / records[c * per_column + j].file for c in range(len(columns))]
+            for j in range(per_column)]
+    make_grid(rows, columns, settings.row_labels(), folder / SAMPLES_GRID)
+    meta = {
+        "base_model": base_model, "runs": columns[1:], "columns": columns,
+        "prompts": list(settings.prompts), "negative_prompt": settings.negative_prompt,
+        "seeds": list(settings.seeds), "steps": settings.steps, "guidance": settings.guidance,
+        "scheduler": settings.scheduler, "lora_scale": settings.lora_scale,
+        "resolution": settings.resolution, "lcm_lora": settings.lcm_lora is not None,
+        "device": dev, "grid": SAMPLES_GRID, "images": [asdict(r) for r in records],
+    }
+    (folder / SAMPLES_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (folder / OUT_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
 
 
 def _activate(pipe: Any, adapter: str | None, scale: float, lcm: bool) -> None:
@@ -505,7 +631,7 @@ def _activate(pipe: Any, adapter: str | None, scale: float, lcm: bool) -> None:
         pipe.disable_lora()
         return
     pipe.enable_lora()
-    names = ([adapter] if adapter else []) + (["lcm"] if lcm else [])
+    names = ([adapter] if adapter else []) + ([LCM_ADAPTER] if lcm else [])
     weights = ([scale] if adapter else []) + ([1.0] if lcm else [])
     pipe.set_adapters(names, adapter_weights=weights)
 

@@ -9,11 +9,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora.runpaths import LOG_FILE, SAMPLES_GRID, SAMPLES_JSON, RunPaths
 
 from .paths import add_path
+
+if TYPE_CHECKING:
+    from lora.sample import SampleRequest
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -131,6 +134,18 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _sample_request(args: argparse.Namespace) -> "SampleRequest":
+    """What ``animelora sample`` renders (a :class:`lora.sample.SampleRequest`) from its flags."""
+    from lora.sample import DEFAULT_NEGATIVE_PROMPT, SampleRequest, read_prompts
+
+    return SampleRequest(
+        prompts=read_prompts(args.prompts) if args.prompts else None,
+        negative_prompt=DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt,
+        seeds=args.seeds, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+        lora_scale=args.lora_scale, resolution=args.resolution, lcm_lora=args.lcm_lora,
+        trigger_word=getattr(args, "trigger_word", None) or None)
+
+
 def _sample(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not run.is_dir():
@@ -142,23 +157,15 @@ def _sample(args: argparse.Namespace) -> int:
     if not model:
         return _fail(f"{run}: no base model in config.json; pass --model tiny|HUB_ID|PATH", 2)
 
-    from lora.sample import SampleError, SampleUsageError, generate_samples, read_prompts
+    from lora.sample import SampleError, SampleUsageError, generate_samples
 
     try:
-        prompts = read_prompts(args.prompts) if args.prompts else None
+        request = _sample_request(args)
     except SampleError as exc:
         return _fail(str(exc), 2)
-    kwargs: dict[str, Any] = dict(prompts=prompts, seeds=args.seeds, steps=args.steps,
-                                  guidance=args.guidance, lora_scale=args.lora_scale,
-                                  resolution=args.resolution, scheduler=args.scheduler,
-                                  device=args.device, lcm_lora=args.lcm_lora)
-    if args.negative_prompt is not None:
-        kwargs["negative_prompt"] = args.negative_prompt
-    if getattr(args, "trigger_word", None):
-        kwargs["trigger_word"] = args.trigger_word
     out = Path(args.out) if args.out else RunPaths(run).samples
     try:
-        result = generate_samples(model, [run, *map(Path, args.compare)], out, **kwargs)
+        result = generate_samples(model, [run, *map(Path, args.compare)], out, request, device=args.device)
     except SampleUsageError as exc:  # --out, --device, --steps, --resolution: nothing was written
         return _fail(str(exc), 2)
     except SampleError as exc:

@@ -114,11 +114,11 @@ def lora_runs(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def sampled(lora_runs, tmp_path_factory):
     """generate_samples run once: tiny-a's samples/ (base vs tiny-a vs tiny-b)."""
-    from lora.sample import generate_samples
+    from lora.sample import SampleRequest, generate_samples
 
     run_a, run_b = lora_runs
-    result = generate_samples("tiny", [run_a, run_b], run_a / "samples", prompts=PROMPTS,
-                              seeds=(0, 1), device="cpu")
+    result = generate_samples("tiny", [run_a, run_b], run_a / "samples",
+                              SampleRequest(prompts=PROMPTS, seeds=(0, 1)), device="cpu")
     return result
 
 

@@ -115,7 +115,7 @@ def test_the_card_does_not_send_a1111_users_to_the_diffusers_file(run_copy):
 
 
 def test_trigger_word_from_the_kohya_file_reaches_samples_widget_and_card(run_copy):
-    from lora.sample import generate_samples
+    from lora.sample import SampleRequest, generate_samples
 
     _set_model(run_copy, SD15)
     kohya = run_copy / "lora" / "tiny-a.safetensors"
@@ -125,7 +125,7 @@ def test_trigger_word_from_the_kohya_file_reaches_samples_widget_and_card(run_co
         meta = dict(f.metadata())
     save_file(load_file(kohya), str(kohya), metadata={**meta, "modelspec.trigger_phrase": "mystyle"})
 
-    result = generate_samples("tiny", [run_copy], run_copy / "samples", seeds=(0,), device="cpu")
+    result = generate_samples("tiny", [run_copy], run_copy / "samples", SampleRequest(seeds=(0,)), device="cpu")
     prompts = {img["prompt"] for img in json.loads(result.json_path.read_text())["images"]}
     assert prompts and all(p.startswith("mystyle, ") for p in prompts)
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from lora.sample import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPTS, generate_samples, long_prompts
+from lora.sample import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPTS, SampleRequest, generate_samples, long_prompts
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def test_the_defaults_fit_77_clip_tokens(tokenizer):
 def test_a_long_prompt_is_one_clear_warning(lora_runs, tmp_path, caplog):
     long_prompt = "1girl, " + ", ".join(f"tag{i}" for i in range(60)) + ", finaltag"
     with caplog.at_level(logging.WARNING):
-        generate_samples("tiny", [lora_runs[0]], tmp_path / "samples", prompts=[long_prompt],
-                         seeds=(0,), device="cpu", steps=1)
+        generate_samples("tiny", [lora_runs[0]], tmp_path / "samples",
+                         SampleRequest(prompts=[long_prompt], seeds=(0,), steps=1), device="cpu")
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     mine = [m for m in warned if m.startswith("prompt 1 is ")]
     assert len(mine) == 1 and "over the 77 the text encoder reads" in mine[0]

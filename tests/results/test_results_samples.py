@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from animelora.cli import main
-from lora.sample import SampleError, generate_samples
+from lora.sample import SampleError, SampleRequest, generate_samples
 
 
 def _pixels(path) -> np.ndarray:
@@ -55,8 +55,8 @@ def test_grid_json_and_lora_changes_the_image(sampled, lora_runs, sample_prompts
 
 def test_same_seeds_give_identical_images(sampled, lora_runs, sample_prompts, tmp_path):
     run_a, _ = lora_runs
-    again = generate_samples("tiny", run_a, tmp_path / "again", prompts=sample_prompts,
-                             seeds=(0, 1), device="cpu")
+    again = generate_samples("tiny", run_a, tmp_path / "again",
+                             SampleRequest(prompts=sample_prompts, seeds=(0, 1)), device="cpu")
     assert again.columns == ["base", "tiny-a"]
     first = {(r.column, r.prompt, r.seed): r.file for r in sampled.images}
     for record in again.images:
@@ -73,7 +73,7 @@ def test_missing_lora_and_missing_lcm_weights_fail_clearly(lora_runs, tmp_path):
     assert str(empty_run / "lora") in str(info.value)
     missing = tmp_path / "lcm-lora-sdv1-5" / "pytorch_lora_weights.safetensors"
     with pytest.raises(SampleError, match="LCM-LoRA weights not found") as info:
-        generate_samples("tiny", lora_runs[0], tmp_path / "out", lcm_lora=missing)
+        generate_samples("tiny", lora_runs[0], tmp_path / "out", SampleRequest(lcm_lora=missing))
     assert str(missing) in str(info.value)
     assert not (tmp_path / "out").exists()
 
@@ -83,8 +83,8 @@ def test_lcm_lora_switches_scheduler_steps_and_guidance(lora_runs, tmp_path):
     lcm = tmp_path / "lcm" / "pytorch_lora_weights.safetensors"
     lcm.parent.mkdir()
     shutil.copyfile(lora_runs[1] / "lora" / "pytorch_lora_weights.safetensors", lcm)
-    result = generate_samples("tiny", lora_runs[0], tmp_path / "out", prompts=["1girl"],
-                              seeds=(3,), device="cpu", lcm_lora=lcm)
+    result = generate_samples("tiny", lora_runs[0], tmp_path / "out",
+                              SampleRequest(prompts=["1girl"], seeds=(3,), lcm_lora=lcm), device="cpu")
     meta = json.loads(result.json_path.read_text())
     assert meta["scheduler"] == "lcm" and meta["guidance"] == 1.0 and meta["steps"] == 4
     assert meta["lcm_lora"] is True
@@ -201,3 +201,22 @@ def test_cli_sample_usage_errors_exit_2(lora_runs, tmp_path, capsys):
     assert main(_sample_cli(run, tmp_path / "o", tmp_path, "--steps", "0")) == 2
     assert "steps must be > 0" in _one_error_line(capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_request_says_what_is_rendered_and_is_refused_before_any_model_loads(lora_runs, tmp_path):
+    from lora.sample import SampleUsageError
+
+    run = lora_runs[0]
+    tiny = SampleRequest(prompts=["1girl"], seeds=[2, 1, 2]).resolve("tiny", [run])
+    assert (tiny.prompts, tiny.seeds, tiny.steps, tiny.guidance, tiny.resolution) == (("1girl",), (2, 1), 4, 7.0, 64)
+    full = SampleRequest(trigger_word="mystyle").resolve("stable-diffusion-v1-5/stable-diffusion-v1-5", [run])
+    assert full.steps == 20 and full.resolution == 512 and full.scheduler == "euler_a"
+    assert all(p.startswith("mystyle, ") for p in full.prompts)
+    # what the caller asked for is a value: the same request samples the same way again
+    assert SampleRequest(seeds=[0, 1]) == SampleRequest(seeds=(0, 1))
+    for bad, message in ((SampleRequest(resolution=60), "multiple of 8"),
+                         (SampleRequest(scheduler="warp"), "unknown scheduler"),
+                         (SampleRequest(prompts=[" "]), "non-empty strings")):
+        with pytest.raises(SampleUsageError, match=message):
+            generate_samples("no/such-model", run, tmp_path / "out", bad, device="cpu")
+    assert not (tmp_path / "out").exists()
