@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora.sweep.report import rung_titles
-
 if TYPE_CHECKING:
     from lora.sweep.state import SweepState
 
@@ -50,7 +48,7 @@ def plot_validation(state: "SweepState", out_png: Path | str) -> Path | None:
     from lora.analysis.plots import Figure, save_figure
     from lora.sweep.state import FAILED, PRUNED
 
-    titles = rung_titles(state)
+    titles = state.spec.rung_titles()
     best = shown_best(state)
     fig = Figure(figsize=(max(6.0, 1.6 * len(titles) + 3), 4.5))
     ax = fig.add_subplot(1, 1, 1)

@@ -37,14 +37,10 @@ def _pair_cell(pair: dict[str, Any] | None, is_best: bool) -> str:
     return f"{pair['diff_pct']:+.2f}% [{pair['low_pct']:+.2f}%, {pair['high_pct']:+.2f}%] {word}"
 
 
-def rung_titles(state: "SweepState") -> list[str]:
-    return [f"epoch {e}" for e in state.spec.rungs] + ["end"]
-
-
 def report_rows(state: "SweepState") -> list[dict[str, str]]:
     """One row per candidate: settings, status, each rung's mean loss and the paired difference
     against the rung's best (95% interval), training time."""
-    titles = rung_titles(state)
+    titles = state.spec.rung_titles()
     bests = {d["rung"]: d.get("best") for d in state.decisions}
     order = [r["candidate"] for r in (state.result or {}).get("ranking", [])] or list(state.candidates)
     rows = []
@@ -113,7 +109,7 @@ def render_report(state: "SweepState") -> str:
     base = ", ".join(f"{k}={v}" for k, v in spec.base.items() if k != "dataset") or "-"
     lines = [f"# Sweep {spec.name}", "",
              f"Preset {spec.preset}; data set `{spec.base.get('dataset', '-')}`; settings shared by every "
-             f"candidate: {base}. Rungs: " + ", ".join(rung_titles(state)) + ".", "",
+             f"candidate: {base}. Rungs: " + ", ".join(state.spec.rung_titles()) + ".", "",
              "Each cell: mean validation loss on the data set's held-out images at the rung, and in "
              "brackets the paired difference against that rung's best with its 95% interval (image "
              "by image and timestep by timestep; below 0 = lower loss). A candidate whose whole "

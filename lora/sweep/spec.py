@@ -70,6 +70,10 @@ class SweepSpec:
     def run_name(self, candidate: Candidate) -> str:
         return f"{self.name}-{candidate.name}"
 
+    def rung_titles(self) -> list[str]:
+        """What the report's columns and the plot's x axis call each rung (and the end)."""
+        return [f"epoch {e}" for e in self.rungs] + ["end"]
+
     def candidate(self, name: str) -> Candidate:
         return next(c for c in self.candidates if c.name == name)
 
