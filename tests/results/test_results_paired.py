@@ -2,7 +2,8 @@
 
 Real tiny runs (tiny SD1.5, a generated data set holding out a quarter of its images, a high
 learning rate so that ten epochs clearly beat two): every cross-seed comparison of the two
-recipes must name the 10-epoch run, two seeds of one recipe must not be told apart, and a run
+recipes must name the 10-epoch run, two seeds of one recipe differ far less than the recipes
+(and a run and its copy are not told apart), and a run
 compared with its base model reports the step-0 figure.
 """
 from __future__ import annotations
@@ -67,15 +68,36 @@ def test_every_cross_seed_comparison_names_the_10_epoch_run(runs):
                 assert pair.better == longer.name and (pair.high < 0 or pair.low > 0)
 
 
-def test_two_seeds_of_one_recipe_are_not_distinguishable(runs):
+def test_two_seeds_of_one_recipe_differ_far_less_than_two_recipes(runs):
+    """The seed-to-seed gap is a small fraction of the 2- vs 10-epoch gap, and where the
+    interval holds 0 the comparison names no best.
+
+    Why not "always not distinguishable": the interval is over held-out images, and two seeds
+    are two different models; on another CPU's numerics the 4 shared images may all lean one
+    way (CI once saw -0.25%, interval [-0.37%, -0.04%], against a recipe gap of -4%)."""
+    recipe_gap = abs(compare_runs([analyze_log(runs[(10, SEEDS[0])]),
+                                   analyze_log(runs[(2, SEEDS[0])])]).pairs[0].diff)
     for epochs in (2, 10):
         a, b = (analyze_log(runs[(epochs, s)]) for s in SEEDS)
         assert a.final_scores.step == b.final_scores.step
         comparison = compare_runs([a, b])
         (pair,) = comparison.pairs
-        assert pair.low <= 0 <= pair.high, pair.sentence()
-        assert pair.verdict == "not distinguishable" and comparison.best is None
-        assert "not distinguishable" in comparison.to_markdown()
+        assert abs(pair.diff) < recipe_gap / 4, pair.sentence()
+        if pair.low <= 0 <= pair.high:
+            assert pair.verdict == "not distinguishable" and comparison.best is None
+            assert "not distinguishable" in comparison.to_markdown()
+
+
+def test_a_run_and_its_copy_are_not_distinguishable(runs, tmp_path):
+    import shutil
+
+    copy = tmp_path / "e2-copy"
+    shutil.copytree(runs[(2, SEEDS[0])], copy)
+    comparison = compare_runs([analyze_log(runs[(2, SEEDS[0])]), analyze_log(copy)])
+    (pair,) = comparison.pairs
+    assert pair.diff == 0 and pair.low <= 0 <= pair.high, pair.sentence()
+    assert pair.verdict == "not distinguishable" and comparison.best is None
+    assert "not distinguishable" in comparison.to_markdown()
 
 
 def test_a_run_against_its_base_model_reports_the_step_0_figure(runs):
