@@ -1,4 +1,4 @@
-"""Fixtures for the sweep tests: a workspace with a 30-image data set (3 held out: enough for
+"""Fixtures for the sweep tests: a workspace with a 30-image data set (6 held out: enough for
 a paired interval) and the tiny model, one torch thread (the same numbers in every run)."""
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ def _torch_threads():
 
 #: The held-out images are chosen by a salt the data set draws once at random; a fixed one makes
 #: every workspace of these tests hold out the same 3 images, so two sweeps compare alike.
-SPLIT = {"salt": "sweep-tests", "fraction": 0.1}
+SPLIT = {"salt": "sweep-tests", "fraction": 0.2}
 
 
 def make_workspace(root: Path) -> Path:
-    """``root/ws`` with ``datasets/demo``: 30 small images, 27 train and 3 held out, the same
+    """``root/ws`` with ``datasets/demo``: 30 small images, 24 train and 6 held out, the same
     pixels and the same held-out images every time."""
     ws = root / "ws"
     dataset = ws / "datasets" / "demo"

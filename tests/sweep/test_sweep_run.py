@@ -57,12 +57,12 @@ def test_the_clearly_worse_recipe_is_pruned_at_the_first_rung_and_the_best_named
     by_name = {c["name"]: c for c in state["candidates"]}
     assert by_name[BAD]["status"] == PRUNED and by_name[BAD]["stopped_at_rung"] == 0
     assert "clearly worse than" in by_name[BAD]["reason"]
-    # its run stopped at the end of epoch 1 (7 steps of 14), resumable, no LoRA files
+    # its run stopped at the end of epoch 1 (6 steps of 12), resumable, no LoRA files
     bad_run = RunPaths(ws / "runs" / f"lrs-{BAD}")
-    assert bad_run.global_step() == 7 and not bad_run.lora_files()
+    assert bad_run.global_step() == 6 and not bad_run.lora_files()
     assert result["best"] and result["best"] != BAD
     best_run = RunPaths(ws / "runs" / f"lrs-{result['best']}")
-    assert best_run.is_complete() and best_run.global_step() == 14
+    assert best_run.is_complete() and best_run.global_step() == 12
     assert [r["candidate"] for r in result["ranking"]][-1] == BAD
     assert result["gpu_time"]["saved_s"] > 0
     report = (ws / "sweeps" / "lrs" / "report.md").read_text()
@@ -168,5 +168,5 @@ def test_a_sweep_killed_after_a_candidate_reached_the_rung_records_it_without_tr
     assert trained == [("lr0.05", 0), ("lr0.05", 1)]
     bad = result.state.candidates[BAD]
     assert bad.status == PRUNED and _segments(Path(bad.run_dir)) == 1
-    assert bad.rungs["0"]["reached"] and bad.rungs["0"]["step"] == 7
+    assert bad.rungs["0"]["reached"] and bad.rungs["0"]["step"] == 6
     assert bad.rungs["0"]["train_s"] > 0  # its time is read back from its segment records
