@@ -8,6 +8,7 @@ and prints where the results are. Exits non-zero when the run did not complete.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -130,14 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         print("[demo] deployments served; running train-lora/phase2a ...", flush=True)
 
         params = {
-            "workspace": str(workspace), "dataset": "demo", "tags": "1girl",
-            "target_size": args.target_size, "booru_url": booru_url, "model": "tiny",
-            "run_name": run_name, "max_steps": args.max_steps, "requests_per_second": 5,
-            "publish_dry_run": "true", "repo_id": "demo-user/anime-lora-demo",
+            "data": {"workspace": str(workspace), "dataset": "demo", "tags": "1girl",
+                     "target_size": args.target_size, "booru_url": booru_url, "requests_per_second": 5},
+            "training": {"model": "tiny", "run_name": run_name, "max_steps": args.max_steps},
+            "results": {"publish_dry_run": True, "repo_id": "demo-user/anime-lora-demo"},
         }
-        cmd = [_bin("prefect"), "deployment", "run", "train-lora/phase2a", "--watch"]
-        for key, value in params.items():
-            cmd += ["-p", f"{key}={value}"]
+        cmd = [_bin("prefect"), "deployment", "run", "train-lora/phase2a", "--watch",
+               "--params", json.dumps(params)]
         rc = subprocess.call(cmd, env=env)
 
         run = RunPaths(workspace / RUNS_DIR / run_name)

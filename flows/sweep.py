@@ -67,15 +67,15 @@ from tasks.train import train_segment
 
 
 @flow(name="sweep-candidate", flow_run_name="{run_name}-rung{rung}")
-def sweep_candidate(config: dict[str, Any], run_dir: str, run_name: str, rung: int,
+def sweep_candidate(config: TrainConfig, run_dir: str, run_name: str, rung: int,
                     stop_at_step: int | None, segment_minutes: float = 60.0, gpus: int = 1) -> dict[str, Any]:
     """Train one candidate to ``stop_at_step`` (None: to its end), one `train-segment` task per
     segment, each resuming from the run's latest checkpoint under the GPU limit. Started by the
     `sweep` flow (as its child, or as a run of the `sweep-candidate/train` deployment on a worker),
-    not by hand."""
+    not by hand. ``config`` arrives as JSON from a deployment run; Prefect validates it into the
+    config object."""
     forward_library_logs()  # a deployment run is a flow run of its own: the trainer's lines to the UI
-    cfg = TrainConfig(**config)
-    target = stop_at_step or plan_total_steps(cfg, None, Path(run_dir))
+    target = stop_at_step or plan_total_steps(config, None, Path(run_dir))
     started = time.monotonic()
     segment, stalled = RunPaths(run_dir).global_step() // max(1, target) + 1, 0
     while True:
@@ -93,8 +93,9 @@ def sweep_candidate(config: dict[str, Any], run_dir: str, run_name: str, rung: i
 
 
 def _candidate_parameters(job: TrainJob, segment_minutes: float, gpus: int) -> dict[str, Any]:
-    """`sweep-candidate`'s parameters for one job (JSON only: they may travel to a worker)."""
-    return {"config": job.config.model_dump(mode="json"), "run_dir": str(job.run_dir),
+    """`sweep-candidate`'s parameters for one job: the config as the object (a deployment run
+    sends it to its worker as JSON, and the flow validates it back)."""
+    return {"config": job.config, "run_dir": str(job.run_dir),
             "run_name": job.config.run_name or job.run_dir.name, "rung": job.rung + 1,
             "stop_at_step": job.stop_at_step, "segment_minutes": segment_minutes, "gpus": gpus}
 

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.dataset_refresh import dataset_refresh
+from flows.params import DataSetParams, ResultsParams, TrainingParams, run_parameters
 from lora.analysis.ladder import resolve_compare
 from lora.config import TrainConfig, resolve_config
 from lora.datapaths import DatasetPaths
@@ -47,10 +48,9 @@ def default_run_name(preset: str, dataset: str) -> str:
 
 
 def _flow_run_name() -> str:
-    params = flow_run.parameters
-    preset = params.get("preset", "phase2a")
-    name = params.get("run_name") or default_run_name(preset, params.get("dataset", "anime"))
-    return f"{preset}-{name}"
+    """``<preset>-<run name>``, from the groups the run trains with (deployment defaults included)."""
+    data, training, _ = run_parameters(dict(flow_run.parameters))
+    return f"{training.preset}-{training.run_name or default_run_name(training.preset, data.dataset)}"
 
 
 def dataset_status(workspace: Path, dataset: str) -> tuple[str | None, int]:
@@ -69,44 +69,33 @@ def training_progress(run_dir: Path) -> tuple[int, bool]:
     return run.global_step(), run.is_complete()
 
 
-@flow(name="grow-dataset", flow_run_name="grow-dataset-{dataset}")
-def grow_dataset(
-    workspace: str,
-    dataset: str,
-    target_size: int,
-    tags: str,
-    booru_url: str,
-    ratings: str,
-    min_side: int,
-    trigger_word: str | None,
-    credentials_block: str | None,
-    requests_per_second: float,
-) -> tuple[str, int]:
-    """Refresh the data set until it holds ``target_size`` images; return the version to train on.
+@flow(name="grow-dataset", flow_run_name="grow-dataset-{data.dataset}")
+def grow_dataset(data: DataSetParams) -> tuple[str, int]:
+    """Refresh the data set until it holds ``data.target_size`` images; return the version to train on.
 
     At most :data:`MAX_REFRESH_ROUNDS` refreshes, and none after one that added nothing (the
     query has run dry): a data set below target trains on what there is, with a warning. An
     empty data set is an error naming the query.
     """
     logger = get_run_logger()
-    ws = Path(workspace)
+    ws, dataset, target_size = Path(data.workspace), data.dataset, data.target_size
     version, size = dataset_status(ws, dataset)
     rounds = 0
     while size < target_size and rounds < MAX_REFRESH_ROUNDS:
         rounds += 1
         logger.info("data set %s holds %d images, target %d: refreshing", dataset, size, target_size)
         dataset_refresh(
-            workspace=str(ws), dataset=dataset, tags=tags, target_size=target_size, limit=None,
-            ratings=ratings, min_side=min_side, trigger_word=trigger_word, booru_url=booru_url,
-            requests_per_second=requests_per_second,
-            credentials_block=credentials_block,
+            workspace=str(ws), dataset=dataset, tags=data.tags, target_size=target_size, limit=None,
+            ratings=data.ratings, min_side=data.min_side, trigger_word=data.trigger_word,
+            booru_url=data.booru_url, requests_per_second=data.requests_per_second,
+            credentials_block=data.danbooru_credentials_block,
         )
         previous = size
         version, size = dataset_status(ws, dataset)
         if size <= previous:
             break
     if size == 0 or version is None:
-        raise RuntimeError(f"data set {dataset!r} has no images; check tags {tags!r} and booru_url")
+        raise RuntimeError(f"data set {dataset!r} has no images; check tags {data.tags!r} and booru_url")
     if size < target_size:
         logger.warning("data set %s has %d of %d images; training on what there is", dataset, size, target_size)
     logger.info("training on data set %s version %s (%d images)", dataset, version, size)
@@ -115,7 +104,7 @@ def grow_dataset(
 
 @task(name="train-in-segments", cache_policy=NO_CACHE)
 def train_segments(
-    config: dict[str, Any],
+    cfg: TrainConfig,
     run_dir: str,
     total: int,
     segment_steps: int | None,
@@ -130,7 +119,6 @@ def train_segments(
     row made no progress.
     """
     logger = get_run_logger()
-    cfg = TrainConfig(**config)
     run_name = cfg.run_name or Path(run_dir).name
     step, complete = training_progress(Path(run_dir))
     per_segment = segment_steps or total
@@ -144,7 +132,7 @@ def train_segments(
     while not complete:
         segment = step // per_segment + 1
         result = train_segment(
-            config, run_dir, segment,
+            cfg, run_dir, segment,
             stop_at_step=min(total, (segment) * per_segment),
             time_budget_s=segment_minutes * 60 if segment_minutes else None,
             progress_artifact_id=str(progress.artifact_id) if progress.artifact_id else None,
@@ -179,99 +167,78 @@ def _secret(block_name: str | None, env_names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _run_config(preset: str, model: str, run_name: str, dataset_dir: Path, version: str,
-                max_steps: int | None, epochs: int | None, overrides: dict[str, Any] | None) -> TrainConfig:
+def _run_config(training: TrainingParams, run_name: str, dataset_dir: Path, version: str) -> TrainConfig:
     """The run's config: the preset, the flow's overrides, and the run's name, data set and version."""
-    run_overrides: dict[str, Any] = dict(overrides or {})
+    run_overrides: dict[str, Any] = dict(training.overrides or {})
     run_overrides.update(
-        model=model, run_name=run_name, dataset=str(dataset_dir), dataset_version=version
+        model=training.model, run_name=run_name, dataset=str(dataset_dir), dataset_version=version
     )
-    if max_steps is not None:
-        run_overrides["max_steps"] = max_steps
-    if epochs is not None:
-        run_overrides["epochs"] = epochs
-    return resolve_config(preset, run_overrides, None)
+    if training.max_steps is not None:
+        run_overrides["max_steps"] = training.max_steps
+    if training.epochs is not None:
+        run_overrides["epochs"] = training.epochs
+    return resolve_config(training.preset, run_overrides, None)
 
 
 @flow(name="train-lora", flow_run_name=_flow_run_name, log_prints=True)
 def train_lora(
-    workspace: str = "workspace",
-    dataset: str = "anime",
-    tags: str = "1girl",
-    target_size: int = 300,
-    booru_url: str = "https://danbooru.donmai.us",
-    ratings: str = "g,s",
-    min_side: int = 512,
-    trigger_word: str | None = None,
-    danbooru_credentials_block: str | None = None,
-    requests_per_second: float = 1.0,
-    preset: str = "phase2a",
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    run_name: str | None = None,
-    max_steps: int | None = None,
-    epochs: int | None = None,
-    overrides: dict[str, Any] | None = None,
-    segment_steps: int | None = None,
-    segment_minutes: float = 60.0,
-    compare_to: str | None = "auto",
-    sample: bool = True,
-    publish: bool = False,
-    publish_dry_run: bool = False,
-    repo_id: str | None = None,
-    private: bool = False,
-    allow_test_model: bool = False,
-    hub_token_block: str | None = None,
-    hub_endpoint: str | None = None,
-    gpus: int = 1,
+    data: DataSetParams = DataSetParams(),
+    training: TrainingParams = TrainingParams(),
+    results: ResultsParams = ResultsParams(),
 ) -> dict[str, Any]:
-    """Fetch → train (segments) → analyze → samples → publish, resumable by ``run_name``.
+    """Fetch → train (segments) → analyze → samples → publish, resumable by ``training.run_name``.
 
-    ``target_size`` is the number of images the data set must hold before training (Level 2
-    grows 300 → 600); ``segment_minutes`` is each training segment's time budget (a Colab
-    session's limit); ``max_steps`` caps training for demos and tests; ``compare_to`` names an
-    earlier run in the same workspace to compare, sample against and gate publishing on
-    ("auto", the default: the previous rung of the guide's ladder on the same data set, e.g.
-    phase2a-l2 → phase2a, when it has a finished run; "none": no comparison).
-    ``gpus`` > 1 trains each segment data-parallel on that many of the worker's GPUs
-    (docs/gpu.md).
+    ``data.target_size`` is the number of images the data set must hold before training (Level 2
+    grows 300 → 600); ``training.segment_minutes`` is each training segment's time budget (a
+    Colab session's limit); ``training.max_steps`` caps training for demos and tests;
+    ``results.compare_to`` names an earlier run in the same workspace to compare, sample against
+    and gate publishing on ("auto", the default: the previous rung of the guide's ladder on the
+    same data set, e.g. phase2a-l2 → phase2a, when it has a finished run; "none": no comparison).
+    ``training.gpus`` > 1 trains each segment data-parallel on that many of the worker's GPUs
+    (docs/gpu.md). A deployment's values for a group fill the fields a run leaves out
+    (flows/params.py).
+
+    Args:
+        data: The data set to grow before training: its workspace and name, the Danbooru query
+            and the number of images to reach.
+        training: What to train (preset, base model, overrides) and how: run name, length,
+            segments and GPUs.
+        results: What happens to the trained LoRA: comparison, samples, publishing to the Hub.
     """
     forward_library_logs()
     logger = get_run_logger()
-    if gpus < 1:
-        raise ValueError(f"gpus: expected 1 or more, got {gpus}")
-    run_name = run_name or default_run_name(preset, dataset)
-    check_pipeline_inputs(workspace=workspace, dataset=dataset, run_name=run_name, repo_id=repo_id)
-    ws = Path(workspace).expanduser().resolve()
-    dataset_dir = DatasetPaths.of(ws, dataset).root
+    data, training, results = run_parameters({"data": data, "training": training, "results": results})
+    run_name = training.run_name or default_run_name(training.preset, data.dataset)
+    check_pipeline_inputs(workspace=data.workspace, dataset=data.dataset, run_name=run_name,
+                          repo_id=results.repo_id)
+    ws = Path(data.workspace).expanduser().resolve()
+    dataset_dir = DatasetPaths.of(ws, data.dataset).root
     run = RunPaths.of(ws, run_name)
     run_dir = run.root
 
     # 1. Grow the data set to its target, then pin its version.
-    version, size = grow_dataset(
-        workspace=str(ws), dataset=dataset, target_size=target_size, tags=tags, booru_url=booru_url,
-        ratings=ratings, min_side=min_side, trigger_word=trigger_word,
-        credentials_block=danbooru_credentials_block, requests_per_second=requests_per_second,
-    )
+    version, size = grow_dataset(data.model_copy(update={"workspace": str(ws)}))
 
     # 2. Train in segments; each resumes from the latest checkpoint on disk.
-    cfg = _run_config(preset, model, run_name, dataset_dir, version, max_steps, epochs, overrides)
+    cfg = _run_config(training, run_name, dataset_dir, version)
     total = plan_total_steps(cfg, dataset_dir, run_dir)
-    step = train_segments(cfg.model_dump(mode="json"), str(run_dir), total, segment_steps,
-                          segment_minutes, gpus)
+    step = train_segments(cfg, str(run_dir), total, training.segment_steps,
+                          training.segment_minutes, training.gpus)
 
     # 3. Analyze (against the compared run, if any), 4. samples, 5. publish.
-    found = resolve_compare(ws, compare_to, preset, dataset_dir, run_dir)
+    found = resolve_compare(ws, results.compare_to, training.preset, dataset_dir, run_dir)
     compare_dir = str(found) if found else None
     if compare_dir:
         logger.info("comparing with run %s", Path(compare_dir).name)
     analysis = analyze_run(str(run_dir), run_name, compare_dir, workspace=str(ws))
     lora_files = link_lora_files(str(run_dir), run_name)
-    samples = sample_run(model, str(run_dir), run_name, compare_dir) if sample else None
-    token = _secret(hub_token_block, ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")) if publish else None
+    samples = sample_run(training.model, str(run_dir), run_name, compare_dir) if results.sample else None
+    token = (_secret(results.hub_token_block, ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
+             if results.publish else None)
     outcome = publish_run(
-        str(run_dir), run_name, analysis["metrics"], analysis["baseline"], publish, repo_id,
-        publish_dry_run, token=token, endpoint=hub_endpoint, private=private,
-        allow_test_model=allow_test_model,
+        str(run_dir), run_name, analysis["metrics"], analysis["baseline"], results.publish,
+        results.repo_id, results.publish_dry_run, token=token, endpoint=results.hub_endpoint,
+        private=results.private, allow_test_model=results.allow_test_model,
     )
     return {
         "run_name": run_name,

@@ -81,7 +81,7 @@ def _out_of_memory_message(segment: int, cfg: TrainConfig, exc: BaseException) -
     cache_policy=NO_CACHE,
 )
 def train_segment(
-    config: dict[str, Any],
+    cfg: TrainConfig,
     run_dir: str,
     segment: int,
     stop_at_step: int,
@@ -104,7 +104,6 @@ def train_segment(
     still fails raises :class:`SegmentOutOfMemory` at once, which is never retried.
     """
     logger = get_run_logger()
-    cfg = TrainConfig(**config)
     limit, slots = ensure_gpu_limit()
     logger.info("segment %d: waiting for a slot of the %r limit (%d slot(s))", segment, limit, slots)
     with concurrency(limit, occupy=1, strict=True, raise_on_lease_renewal_failure=False):

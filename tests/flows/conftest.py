@@ -29,16 +29,18 @@ def workspace(tmp_path):
 
 @pytest.fixture()
 def flow_params(workspace, booru):
-    """Builds the demo-sized parameters every flow test starts from."""
+    """Builds the demo-sized parameters every flow test starts from, by group (flows/params.py):
+    ``flow_params(training={"run_name": "x"})`` changes only the fields it names."""
+    base = {
+        "data": {"workspace": str(workspace), "dataset": "demo", "tags": "1girl", "target_size": 12,
+                 "booru_url": booru.url, "requests_per_second": 10.0},
+        "training": {"model": "tiny", "max_steps": 8},
+        "results": {"sample": False},
+    }
 
-    def build(**extra):
-        params = dict(
-            workspace=str(workspace), dataset="demo", tags="1girl", target_size=12,
-            booru_url=booru.url, model="tiny", max_steps=8, requests_per_second=10.0,
-            sample=False,
-        )
-        params.update(extra)
-        return params
+    def build(**groups):
+        assert set(groups) <= set(base), f"unknown parameter group(s): {set(groups) - set(base)}"
+        return {name: {**fields, **groups.get(name, {})} for name, fields in base.items()}
 
     return build
 

@@ -11,9 +11,11 @@ def test_phase2a_compares_with_phase1_5_without_being_told(served, prefect_cli, 
     ws = tmp_path / "ws"
     # a data set that holds out a quarter of its images, so 12 images give 3 to pair on
     load_settings(ws / "datasets" / "d", 0.25)
-    common = ["-p", f"workspace={ws}", "-p", "dataset=d", "-p", "tags=1girl", "-p", "target_size=12",
-              "-p", f"booru_url={booru.url}", "-p", "model=tiny", "-p", "max_steps=2",
-              "-p", "requests_per_second=10", "-p", "sample=false"]
+    # the README's `-p group=JSON` shape; each deployment keeps its own training.preset
+    data = {"workspace": str(ws), "dataset": "d", "tags": "1girl", "target_size": 12,
+            "booru_url": booru.url, "requests_per_second": 10}
+    common = ["-p", f"data={json.dumps(data)}", "-p", 'training={"model": "tiny", "max_steps": 2}',
+              "-p", 'results={"sample": false}']
     for rung in ("phase1.5", "phase2a"):
         run = prefect_cli(["deployment", "run", f"train-lora/{rung}", "--watch", *common], served, timeout=420)
         assert run.returncode == 0, run.stdout + run.stderr

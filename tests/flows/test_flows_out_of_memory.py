@@ -59,8 +59,9 @@ def test_segment_out_of_memory_fails_fast_with_a_clear_message(prefect_api, tmp_
     marker = tmp_path / "oom-once"
     monkeypatch.setenv(FAULT_ONCE_ENV, str(marker))
     monkeypatch.setenv(FAULT_KIND_ENV, "oom")
-    state = train_lora(workspace=str(ws), dataset="demo", target_size=12, model="tiny",
-                       run_name="oom", max_steps=2, sample=False, return_state=True)
+    state = train_lora(data={"workspace": str(ws), "dataset": "demo", "target_size": 12},
+                       training={"model": "tiny", "run_name": "oom", "max_steps": 2},
+                       results={"sample": False}, return_state=True)
     assert marker.exists(), "the injected out-of-memory error never fired"
     assert state.is_failed(), state
     with pytest.raises(SegmentOutOfMemory) as caught:

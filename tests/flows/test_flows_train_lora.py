@@ -45,8 +45,8 @@ def _task_runs(flow_run_id):
 
 def test_full_phase2a_dag(prefect_api, flow_params, workspace):
     state = train_lora(
-        **flow_params(run_name="full", sample=True, publish_dry_run=True,
-                      repo_id="someone/anime-lora"),
+        **flow_params(training={"run_name": "full"},
+                      results={"sample": True, "publish_dry_run": True, "repo_id": "someone/anime-lora"}),
         return_state=True,
     )
     assert state.is_completed(), state
@@ -86,7 +86,7 @@ def test_full_phase2a_dag(prefect_api, flow_params, workspace):
 def test_segment_failure_is_retried_and_resumes(prefect_api, flow_params, workspace, monkeypatch):
     marker = workspace / "fault-once"
     monkeypatch.setenv("ANIMELORA_FAULT_ONCE", str(marker))
-    state = train_lora(**flow_params(run_name="retry", segment_steps=4),
+    state = train_lora(**flow_params(training={"run_name": "retry", "segment_steps": 4}),
                        return_state=True)
     assert state.is_completed(), state
     assert marker.exists(), "the injected fault never fired"
@@ -99,7 +99,7 @@ def test_segment_failure_is_retried_and_resumes(prefect_api, flow_params, worksp
 
 def test_segments_on_two_processes(prefect_api, flow_params, workspace):
     """gpus=2: each segment is a torchrun process group (gloo on CPU, NCCL on GPUs)."""
-    state = train_lora(**flow_params(run_name="two-gpus", segment_steps=4, gpus=2, sample=False),
+    state = train_lora(**flow_params(training={"run_name": "two-gpus", "segment_steps": 4, "gpus": 2}),
                        return_state=True)
     assert state.is_completed(), state
     result = state.result()
@@ -114,15 +114,15 @@ def test_segments_on_two_processes(prefect_api, flow_params, workspace):
 
 
 def test_config_error_fails_without_retry_loop(prefect_api, flow_params, workspace):
-    state = train_lora(**flow_params(run_name="bad",
-                                     overrides={"learning_rate": -1.0}), return_state=True)
+    state = train_lora(**flow_params(training={"run_name": "bad", "overrides": {"learning_rate": -1.0}}),
+                       return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="learning_rate"):
         state.result()
 
 
 def test_killed_run_continues_without_repeating_segments(prefect_api, flow_params, workspace):
-    params = flow_params(run_name="killed", max_steps=12, segment_steps=4)
+    params = flow_params(training={"run_name": "killed", "max_steps": 12, "segment_steps": 4})
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO_ROOT)}
     code = ("import json, sys; from flows.train_lora import train_lora; "
             "train_lora(**json.loads(sys.argv[1]))")
@@ -190,16 +190,21 @@ def test_publish_gate_both_ways(prefect_api, flow_params, workspace, monkeypatch
     _write_baseline(workspace, "much-worse", 1e6)
     _write_baseline(workspace, "much-better", 1e-9)
     with FakeHub() as hub:
-        common = flow_params(run_name="gated", publish=True, allow_test_model=True,
-                             repo_id="me/gated-lora", hub_endpoint=hub.url)
-        passed = train_lora(**common, compare_to="much-worse", return_state=True)
+        results = {"publish": True, "allow_test_model": True, "repo_id": "me/gated-lora",
+                   "hub_endpoint": hub.url}
+
+        def gated(compare_to: str):
+            return train_lora(**flow_params(training={"run_name": "gated"},
+                                            results={**results, "compare_to": compare_to}), return_state=True)
+
+        passed = gated("much-worse")
         assert passed.is_completed(), passed
         outcome = passed.result()["publish"]
         assert outcome["published"] is True, outcome
         sent = set(hub.files.get("me/gated-lora", {}))
         assert "README.md" in sent and "pytorch_lora_weights.safetensors" in {Path(p).name for p in sent}
 
-        blocked = train_lora(**common, compare_to="much-better", return_state=True)
+        blocked = gated("much-better")
         outcome = blocked.result()["publish"]
         assert outcome["published"] is False
         assert "gate failed" in outcome["reason"] and "validation loss" in outcome["reason"]

@@ -105,8 +105,9 @@ def test_worker_runs_two_trainings_one_segment_at_a_time(tmp_path):
             deployment = api.get("/deployments/name/train-lora/phase2a").json()
             run_ids = []
             for name in ("first", "second"):
-                params = {"workspace": str(ws), "dataset": "demo", "target_size": 12,
-                          "model": "tiny", "max_steps": 2, "sample": False, "run_name": name}
+                params = {"data": {"workspace": str(ws), "dataset": "demo", "target_size": 12},
+                          "training": {"model": "tiny", "max_steps": 2, "run_name": name},
+                          "results": {"sample": False}}
                 created = api.post(f"/deployments/{deployment['id']}/create_flow_run",
                                    json={"parameters": params})
                 assert created.status_code == 201, created.text
