@@ -22,9 +22,10 @@ def main() -> None:
     args = parser.parse_args()
     with FakeDanbooru(generate_posts(80, seed=7)) as booru:
         state = train_lora(
-            workspace=args.workdir, dataset="ui", tags="1girl", target_size=12,
-            booru_url=booru.url, model="tiny", run_name=args.run_name, max_steps=8,
-            requests_per_second=10.0, publish_dry_run=True, repo_id="someone/ui-lora",
+            data={"workspace": args.workdir, "dataset": "ui", "tags": "1girl", "target_size": 12,
+                  "booru_url": booru.url, "requests_per_second": 10.0},
+            training={"model": "tiny", "run_name": args.run_name, "max_steps": 8},
+            results={"publish_dry_run": True, "repo_id": "someone/ui-lora"},
             return_state=True,
         )
     if not state.is_completed():
