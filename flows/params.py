@@ -123,17 +123,11 @@ def deployment_parameters() -> dict[str, Any]:
         return dict(client.read_deployment(deployment.id).parameters or {})
 
 
-#: The flow's parameter groups, by parameter name.
-GROUPS: tuple[tuple[str, type[_Group]], ...] = (
-    ("data", DataSetParams), ("training", TrainingParams), ("results", ResultsParams),
-)
-
-
 def run_parameters(params: dict[str, Any]) -> tuple[DataSetParams, TrainingParams, ResultsParams]:
     """The three groups a flow run trains with, from its parameters (model instances or the JSON
     a deployment run sends) and its deployment's defaults. The run's name and its body both read
     them here, so the name always says what trains."""
-    deployment_values = deployment_parameters()
-    data, training, results = (with_deployment_defaults(name, params.get(name), group, deployment_values)
-                               for name, group in GROUPS)
-    return data, training, results  # type: ignore[return-value]
+    values = deployment_parameters()
+    return (with_deployment_defaults("data", params.get("data"), DataSetParams, values),
+            with_deployment_defaults("training", params.get("training"), TrainingParams, values),
+            with_deployment_defaults("results", params.get("results"), ResultsParams, values))
