@@ -43,7 +43,7 @@ def test_serve_lists_deployments_and_runs_phase2a_l2(served, prefect_cli, booru,
     assert run.returncode == 0, run.stdout + run.stderr
     run_dir = ws / "runs" / "d-phase2a-l2"
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").exists()
-    assert json.loads((run_dir / "config.json").read_text())["preset"] == "phase2a-l2"
+    assert json.loads((run_dir / "config.json").read_text())["config"]["preset"] == "phase2a-l2"
     with get_client(sync_client=True) as client:
         names = {r.name for r in client.read_flow_runs()}
     assert "phase2a-l2-d-phase2a-l2" in names, names
