@@ -47,10 +47,15 @@ def default_run_name(preset: str, dataset: str) -> str:
     return f"{dataset}-{preset}".replace(".", "-")
 
 
+def run_name_of(data: DataSetParams, training: TrainingParams) -> str:
+    """The run's folder name: ``training.run_name``, else :func:`default_run_name`."""
+    return training.run_name or default_run_name(training.preset, data.dataset)
+
+
 def _flow_run_name() -> str:
     """``<preset>-<run name>``, from the groups the run trains with (deployment defaults included)."""
     data, training, _ = run_parameters(dict(flow_run.parameters))
-    return f"{training.preset}-{training.run_name or default_run_name(training.preset, data.dataset)}"
+    return f"{training.preset}-{run_name_of(data, training)}"
 
 
 def dataset_status(workspace: Path, dataset: str) -> tuple[str | None, int]:
@@ -208,7 +213,7 @@ def train_lora(
     forward_library_logs()
     logger = get_run_logger()
     data, training, results = run_parameters({"data": data, "training": training, "results": results})
-    run_name = training.run_name or default_run_name(training.preset, data.dataset)
+    run_name = run_name_of(data, training)
     check_pipeline_inputs(workspace=data.workspace, dataset=data.dataset, run_name=run_name,
                           repo_id=results.repo_id)
     ws = Path(data.workspace).expanduser().resolve()
