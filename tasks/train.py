@@ -66,7 +66,7 @@ def _out_of_memory_message(segment: int, cfg: TrainConfig, exc: BaseException) -
     return (
         f"segment {segment}: out of GPU memory, not retried (a retry fails the same way): "
         f"{detail}. Lower batch_size (now {cfg.batch_size}) or resolution (now "
-        f"{cfg.resolution}), or pass overrides={{\"low_memory\": true}} or "
+        f"{cfg.resolution}), or pass training.overrides={{\"low_memory\": true}} or "
         f"{{\"mixed_precision\": \"bf16\"}}, then run the deployment again with the same "
         "run_name: it resumes from its last checkpoint."
     )
