@@ -103,11 +103,11 @@ def test_a_run_stopped_by_the_session_clock_resumes_next_session_and_is_publishe
                   HF_REPO_ID="you/colab-lora")
     run_dir = drive / "runs" / "colab-run"
 
-    # Session 1, near its end. How many seconds a tiny run needs to load depends on the
+    # Session 1, near its end. How long a tiny run takes to load and to step depends on the
     # machine and its load: a session too short to reach the first step is followed by a
-    # somewhat longer one (the run has no step yet, so nothing is resumed), one long enough
-    # to finish a run gets a longer run, until a session stops mid-run.
-    seconds_left, epochs = 8.0, 2
+    # longer one (the run has no step yet: nothing to resume), a session long enough to
+    # finish the run by a shorter one with a longer run, until a session stops mid-run.
+    seconds_left, epochs = 10.0, 2
     for attempt in range(8):
         clock = tmp_path / f"vm{attempt}" / "session-start"
         params.update(SESSION_CLOCK=str(clock), RUN_NAME=f"colab-run-{epochs}",
@@ -124,7 +124,7 @@ def test_a_run_stopped_by_the_session_clock_resumes_next_session_and_is_publishe
         if stopped_at == 0:
             seconds_left *= 1.5
         else:
-            epochs *= 3
+            seconds_left, epochs = seconds_left * 0.8, epochs * 4
     else:
         pytest.fail(f"no session of {seconds_left:.0f} s stopped mid-run")
     assert ns["TRAINING_COMPLETE"] is False
@@ -143,6 +143,7 @@ def test_a_run_stopped_by_the_session_clock_resumes_next_session_and_is_publishe
     assert float(Path(params["SESSION_CLOCK"]).read_text()) >= before  # the clock started afresh
     assert SESSION_HOURS * 60 - 20 - 2 < ns["TIME_BUDGET_MINUTES"] <= SESSION_HOURS * 60 - 20
     assert ns["TRAINING_COMPLETE"] is True
+    assert f"run {run_dir.name} has started on its data-set version: nothing to fetch" in out
     log = training_log(run_dir)
     assert log["complete"] and log["global_step"] == total
     assert [s["step"] for s in log["steps"]] == list(range(1, total + 1))
