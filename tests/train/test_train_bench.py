@@ -274,3 +274,18 @@ def test_e2e_missing_peer_is_one_line_before_any_setup(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no train_network.py" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_sweep_bench_prints_each_candidate_and_the_whole_runs_it_saved(tmp_path, capsys, monkeypatch):
+    """bench/sweep.py --smoke: one real `animelora sweep` (tiny model, 2 candidates, a rung at
+    epoch 1), then per candidate its steps and times and the sum of the whole runs."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert _load("sweep").main(["--smoke", "--work", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert "| lr0.001 |" in out and "| lr1e-09 |" in out and "every candidate trained whole" in out
+    result = json.loads((tmp_path / "bench_sweep.json").read_text())
+    assert {r["candidate"] for r in result["rows"]} == {"lr0.001", "lr1e-09"}
+    for row in result["rows"]:
+        assert row["total_steps"] > 0 and row["whole_s"] > 0
+        assert row["steps"] == row["total_steps"] or row["status"] == "pruned"
+    assert result["summary"]["all_whole_s"] == pytest.approx(sum(r["whole_s"] for r in result["rows"]), abs=0.2)
