@@ -53,6 +53,13 @@ def sweep_command(data: Path, model: Path, epochs: int, grid: list[str], compare
     return cmd
 
 
+def sweep_state_path(workspace: Path) -> Path:
+    """The benchmark sweep's ``state.json`` (lora/sweep/state.py names it)."""
+    from lora.sweep.state import STATE_FILE, sweep_dir
+
+    return sweep_dir(workspace, SWEEP_NAME) / STATE_FILE
+
+
 def whole_run_s(run_dir: Path, step: int, total: int) -> float | None:
     """What training this candidate whole in one segment would take: one segment's set-up plus
     its measured time per step (set-up excluded, validations included) times every step.
@@ -127,13 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     compare_at = "1" if a.smoke and a.compare_at is None else a.compare_at
 
     from bench.train import build_random_sd15
+    from lora.datapaths import DatasetPaths
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         model = work / "model"
         if not (model / "unet").is_dir():
             build_random_sd15(model, a.smoke)
-        data = build_data(work / "ws" / "datasets", a.shapes, 24 if a.smoke else a.images)
+        workspace = work / "ws"
+        data = build_data(DatasetPaths.datasets_root(workspace), a.shapes, 24 if a.smoke else a.images)
         cmd = sweep_command(data, model, epochs, grid, compare_at, a.smoke)
         t0 = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -142,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"animelora sweep exited {proc.returncode}:\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
         result = json.loads(proc.stdout)
-        state = json.loads((work / "ws" / "sweeps" / SWEEP_NAME / "state.json").read_text())
+        state = json.loads(sweep_state_path(workspace).read_text())
         rows = candidate_rows(state)
         total = summary(rows, wall, result)
         print_table(rows, total)
