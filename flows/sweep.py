@@ -49,6 +49,7 @@ from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
+from flows.params import ResultsParams, deployment_parameters, with_deployment_defaults
 from flows.train_lora import _secret
 from lora.analysis.ladder import resolve_compare
 from lora.config import DEFAULT_MODEL, TrainConfig
@@ -62,7 +63,7 @@ from lora.sweep import (
 from lora.train import plan_total_steps
 from tasks.artifacts import artifact_key, inline_relative_images, path_text
 from tasks.library_logs import forward_library_logs
-from tasks.results import analyze_run, link_lora_files, publish_run
+from tasks.results import analyze_run, link_lora_files, publish_run, sample_run
 from tasks.train import train_segment
 
 
@@ -299,14 +300,7 @@ def sweep(
     gpus: int = 1,
     parallel: bool | None = None,
     candidate_deployment: str = CANDIDATE_DEPLOYMENT,
-    compare_to: str | None = "auto",
-    publish: bool = False,
-    publish_dry_run: bool = False,
-    repo_id: str | None = None,
-    private: bool = False,
-    allow_test_model: bool = False,
-    hub_token_block: str | None = None,
-    hub_endpoint: str | None = None,
+    results: ResultsParams | None = None,
 ) -> dict[str, Any]:
     """Train ``grid`` (every combination) and ``candidates`` (a list of settings) on the data
     set's latest version, compare them at ``rungs`` (epochs; default a quarter and half of the
@@ -316,14 +310,16 @@ def sweep(
     ``stop_after_rungs`` stops after that many rungs (run again to continue). ``parallel``: the
     candidates of a rung train at once as runs of ``candidate_deployment`` (on whichever workers
     serve it), or one after another in this flow run (false); by default in parallel when the
-    sweep runs from a deployment. The winner goes
-    the way of any `train-lora` run: analyzed against ``compare_to`` ("auto": the newest finished
-    run of the guide's previous rung on this data set), and published only when asked and when
-    the gate passes (its paired interval against that run, or its base model, below 0).
+    sweep runs from a deployment. The winner goes the way of any `train-lora` run, with the same
+    ``results`` group (flows/params.py): analyzed against ``results.compare_to`` ("auto": the
+    newest finished run of the guide's previous rung on this data set), sampled, and published
+    only when asked and when the gate passes (its paired interval against that run, or its base
+    model, below 0).
     """
     forward_library_logs()
     logger = get_run_logger()
-    check_pipeline_inputs(workspace=workspace, dataset=dataset, run_name=name, repo_id=repo_id)
+    results = with_deployment_defaults("results", results, ResultsParams, deployment_parameters())
+    check_pipeline_inputs(workspace=workspace, dataset=dataset, run_name=name, repo_id=results.repo_id)
     ws, spec = sweep_spec(workspace, dataset, name, preset, model, base, grid, candidates, rungs)
     dataset_dir = DatasetPaths.of(ws, dataset).root
     logger.info("sweep %s: %d candidates, rungs at epochs %s then the end", name, len(spec.candidates),
@@ -336,15 +332,18 @@ def sweep(
     if result.status == "complete" and result.best:
         best_dir = out["best_run_dir"]
         run_name = spec.run_name(spec.candidate(result.best))
-        found = resolve_compare(ws, compare_to, preset, dataset_dir, best_dir)
+        found = resolve_compare(ws, results.compare_to, preset, dataset_dir, best_dir)
         compare_dir = str(found) if found else None
         analysis = analyze_run(best_dir, run_name, compare_dir, workspace=str(ws))
         out["lora_files"] = link_lora_files(best_dir, run_name)
         out["verdict"] = analysis["metrics"].get("verdict")
-        token = _secret(hub_token_block, ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")) if publish else None
+        samples = sample_run(model, best_dir, run_name, compare_dir) if results.sample else None
+        out["samples_grid"] = samples["grid"] if samples else None
+        token = (_secret(results.hub_token_block, ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
+                 if results.publish else None)
         out["publish"] = publish_run(
-            best_dir, run_name, analysis["metrics"], analysis["baseline"], publish, repo_id,
-            publish_dry_run, token=token, endpoint=hub_endpoint, private=private,
-            allow_test_model=allow_test_model,
+            best_dir, run_name, analysis["metrics"], analysis["baseline"], results.publish, results.repo_id,
+            results.publish_dry_run, token=token, endpoint=results.hub_endpoint, private=results.private,
+            allow_test_model=results.allow_test_model,
         )
     return out

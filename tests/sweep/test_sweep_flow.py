@@ -1,6 +1,6 @@
 """The `sweep` flow on a real temporary Prefect server: each candidate's rung is a child flow
 run whose training holds the `gpu` limit, the sweep's table is an artifact, and the winner is
-analyzed like any run."""
+analyzed and sampled like any run, with the train-lora flow's `results` group."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,6 +27,7 @@ def test_sweep_flow_runs_candidates_as_child_flow_runs(prefect_api, workspace):
     assert [r["status"] for r in result["ranking"]] == ["complete", "pruned"]
     assert Path(result["report"]).is_file() and result["lora_files"]
     assert result["publish"]["published"] is False  # not asked: the gate path ran, nothing sent
+    assert Path(result["samples_grid"]).is_file()  # results.sample (default on), as train-lora
     with get_client(sync_client=True) as client:
         parent = state.state_details.flow_run_id
         children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -46,6 +47,13 @@ def test_sweep_flow_runs_candidates_as_child_flow_runs(prefect_api, workspace):
     # UI cannot open the sweep folder's files)
     reports = [a for a in artifacts if a.key == "sweep-report-f"]
     assert len(reports) >= 2 and all("](data:image/png;base64," in a.data for a in reports)
+
+
+def test_a_bad_results_field_is_refused_naming_it_before_training(prefect_api, workspace):
+    state = sweep(workspace=str(workspace), dataset="demo", name="r", model="tiny",
+                  grid={"learning_rate": [1e-9, 0.05]}, results={"publish": "maybe"}, return_state=True)
+    assert state.is_failed() and "results" in state.message and "publish" in state.message, state.message
+    assert not (workspace / "runs").exists() and not (workspace / "sweeps").exists()
 
 
 @pytest.mark.parametrize("deployment, message", [
