@@ -17,6 +17,7 @@ packages onto a GPU machine. It prints one table:
     warm-up s     compile + CUDA-graph capture (first step minus set-up; the step-0 validation too)
     steps s       every step's own time after the first
     validation s  the held-out images' evaluations (step 0 and each epoch's end)
+    samples s     the sets of samples drawn while training (``-``: none; ``nosamples``)
     images/s      steady rate (steps after the warm-up)
     reserved GiB  torch's peak reserved memory while training (graph pools included; the
                   set-up's peak, the VAE building the latent cache, is in the JSON row)
@@ -35,8 +36,10 @@ of them); its time for the run's full step count is projected as start-up + step
 Variants: ``default`` (the trainer's defaults), ``<name>_warm`` (a second run on the same data
 set: latent and compile caches warm), ``fp16`` (mixed_precision=fp16, what a T4/V100/20xx card
 gets), ``lowmem`` (--low-memory), ``unet`` (compile_scope=unet: the whole UNet per shape),
-``nocompile``, ``nographs``; parts join with ``+`` for overrides of several switches
-(``nocompile+fp16``); ``--variants ""`` runs the peers alone. Writes
+``nocompile``, ``nographs``, ``nosamples`` (``--set samples=off``: ``default`` minus
+``nosamples`` is what the default samples while training cost; each row's ``samples_s`` is
+their time inside the run); parts join with ``+`` for overrides of several switches
+(``nocompile+fp16``, ``fp16+nosamples``); ``--variants ""`` runs the peers alone. Writes
 ``$OUT/bench_e2e_<shapes>.json`` when ``OUT`` is set.
 """
 from __future__ import annotations
@@ -79,6 +82,8 @@ PARTS: dict[str, list[str]] = {
     "nohalfnorms": ["--set", "half_norms=off"],
     "nographs": ["--set", "cuda_graphs=off"],
     "graphs": ["--set", "cuda_graphs=on"],
+    # no samples while training: ``default`` against ``nosamples`` is what the default sets cost
+    "nosamples": ["--set", "samples=off"],
 }
 
 _TQDM_STEPS = re.compile(r"(\d+)/(\d+) \[")
@@ -311,6 +316,7 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
                steps_s=round(sum(s["images"] / s["images_per_sec"] for s in steps[1:]
                                  if s.get("images_per_sec")), 1),
                validation_s=seg.get("validation_s"), validations=seg.get("validation_count"),
+               samples_s=seg.get("samples_s"), sample_sets=seg.get("samples_count"),
                checkpoint_s=seg.get("checkpoint_s"), export_s=seg.get("export_s"),
                final_val=(log.get("validation") or [{}])[-1].get("loss"))
     return row
@@ -322,9 +328,10 @@ def table(rows: list[dict[str, Any]], peers: dict[str, dict[str, Any] | None], f
     A peer's row compares with the other peer too (kohya's ``x script``)."""
     ran = {name: row for name, row in peers.items() if row is not None}
     refs = {name: row.get("projected_wall_s") for name, row in ran.items()}
-    head = "| variant | epochs | wall s | 1st step s | warm-up s | steps s | validation s | images/s | reserved GiB | smi GiB |"
+    head = ("| variant | epochs | wall s | 1st step s | warm-up s | steps s | validation s | samples s | images/s | "
+            "reserved GiB | smi GiB |")
     lines = [head + "".join(f" x {name} |" for name in ran),
-             "| --- " * (10 + len(ran)) + "|"]
+             "| --- " * (11 + len(ran)) + "|"]
 
     def speedups(wall: float | None) -> str:
         return "".join(f" {refs[name] / wall:.2f} |" if refs[name] and wall else " - |" for name in ran)
@@ -332,13 +339,14 @@ def table(rows: list[dict[str, Any]], peers: dict[str, dict[str, Any] | None], f
     for row in ran.values():
         wall = row.get("projected_wall_s")
         lines.append(f"| {row['variant']} | - | {wall or '-'} (projected; ran {row.get('steps_run')} steps in "
-                     f"{row.get('wall_run_s')}) | {row.get('first_step_s', '-')} | - | - | - | "
+                     f"{row.get('wall_run_s')}) | {row.get('first_step_s', '-')} | - | - | - | - | "
                      f"{row.get('img_per_s', '-')} | - | {row.get('smi_gib', '-')} |" + speedups(wall))
     for r in rows:
         # the peers' projections are for the full run: compare runs of that length only
         wall = r.get("wall_s") if not r.get("error") and r.get("steps") == full_steps else None
         lines.append(f"| {r['variant']} | {r.get('epochs')} | {r.get('wall_s')} | {r.get('first_step_s')} | {r.get('warmup_s')} | "
-                     f"{r.get('steps_s')} | {r.get('validation_s')} | {r.get('img_per_s')} | {r.get('reserved_gib')} | "
+                     f"{r.get('steps_s')} | {r.get('validation_s')} | {r.get('samples_s') or '-'} | {r.get('img_per_s')} | "
+                     f"{r.get('reserved_gib')} | "
                      f"{r.get('smi_gib')} |" + speedups(wall))
     return "\n".join(lines)
 

@@ -58,7 +58,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 #: output's tensor type. Everything else is the run's recipe (:func:`recipe`).
 RESUME_TOLERANT_FIELDS = frozenset({
     "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
-    "cache_dir", "save_dtype", "speed",
+    "cache_dir", "save_dtype", "speed", "samples",
 })
 
 
@@ -112,6 +112,71 @@ class SpeedOptions(pydantic.BaseModel, extra="forbid", allow_inf_nan=False):
     # (statistics still in fp32) instead of autocast's fp32 outputs, so the eager step does not
     # cast every activation to fp32 and back (lora/train/speed/half_norms.py)
     half_norms: Switch = "auto"
+
+
+#: Images per set of samples while training (:class:`SampleOptions`): the default prompts
+#: (lora/sample.py, the trigger word first) at one seed.
+MAX_SAMPLE_IMAGES = 64
+
+
+class SampleOptions(pydantic.BaseModel, extra="forbid", allow_inf_nan=False):
+    """Sample images while a run trains (lora/train/samples.py); nothing here changes what is trained.
+
+    Why apart from the recipe (:class:`TrainConfig`): like the speed options, a run may change
+    them between segments (``--set samples=off`` on a resumed run) and checkpoints never record
+    them. Each set is drawn at fixed global steps with fixed prompts and seeds, so a resumed run
+    draws the same sets as an uninterrupted one. ``--set samples=off`` turns them off.
+
+    When (the last step always gets a set): by default ``sets`` sets spread evenly over the
+    run's epochs, at epoch ends, plus one at step 0 (``at_start``: the base model, the LoRA
+    still at zero). ``every_epochs`` or ``every_steps`` (kohya's ``--sample_every_n_epochs`` /
+    ``_steps``) replace the even spread. The default draws 5 sets (step 0 and 4 more; phase2a's
+    20 epochs: after epochs 5, 10, 15 and 20) of 5 images (the default prompts at one seed),
+    each 20 DPM++ steps with classifier-free guidance, 25 images a run (the tiny model: one
+    prompt, 4 steps).
+    What that costs on a GPU is measured by bench/e2e.py's ``nosamples`` variant beside
+    ``default`` (README, "Samples while training"), not assumed here.
+    """
+
+    enabled: bool = True
+    sets: int = Field(default=4, ge=1, le=MAX_STEPS)
+    every_epochs: int | None = Field(default=None, gt=0, le=MAX_STEPS)
+    every_steps: int | None = Field(default=None, gt=0, le=MAX_STEPS)
+    at_start: bool = True
+    # what: a prompt file like kohya's --sample_prompts (one prompt per line, # comments, or a
+    # JSON list), else ``prompts``, else lora/sample.py's default prompts with the trigger word first
+    prompts_file: str | None = None
+    prompts: list[str] | None = Field(default=None, min_length=1, max_length=MAX_SAMPLE_IMAGES)
+    negative_prompt: str | None = None  # None: lora/sample.py's default negative prompt
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=MAX_SAMPLE_IMAGES)
+    # denoising steps (DPM++ 2M Karras); None: 20, 4 for the tiny model
+    steps: int | None = Field(default=None, gt=0, le=1000)
+    guidance: float = Field(default=7.0, ge=0, le=100)
+    resolution: int | None = Field(default=None, ge=32, le=4096)  # None: the training resolution
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_off(cls, data: Any) -> Any:
+        """``samples=off`` / ``false`` / ``on`` / ``true`` (``--set samples=off``)."""
+        if isinstance(data, bool):
+            return {"enabled": data}
+        if isinstance(data, str) and data.strip().lower() in ("off", "on", "false", "true", "no", "yes"):
+            return {"enabled": data.strip().lower() in ("on", "true", "yes")}
+        return data
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            raise ValueError("must be a multiple of 8")
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _no_empty_prompts(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not p.strip() for p in v):
+            raise ValueError("prompts must not be empty")
+        return v
 
 
 #: The speed options' names: also accepted flat (``compile=off``), as every config before them
@@ -190,6 +255,9 @@ class TrainConfig(pydantic.BaseModel, extra="forbid", allow_inf_nan=False):
     # how fast and in how much memory: lora.config.SpeedOptions (``--set compile=off`` and
     # ``--set speed.compile=off`` both set it); none of it changes what is trained
     speed: SpeedOptions = Field(default_factory=lambda: SpeedOptions())
+    # sample images while training (lora.config.SampleOptions; ``--set samples=off``): not part
+    # of the recipe either
+    samples: SampleOptions = Field(default_factory=lambda: SampleOptions())
     seed: int = Field(default=42, ge=0, le=2**63 - 1)
 
     # validation: the held-out images belong to the data set (lora/data/split.py);

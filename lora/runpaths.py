@@ -30,12 +30,22 @@ KEPT_LORA_PREFIX = f"{LORA_DIR}-step-"
 SAMPLES_DIR = "samples"
 SAMPLES_JSON = "samples.json"
 SAMPLES_GRID = "grid.png"
+#: ``training_samples/``: sets drawn while the run trains, ``step-<n>/`` each (images and
+#: ``samples.json``), and ``overview/grid.png``: every set side by side, one column per step.
+#: Not under ``samples/``, which ``animelora sample`` rebuilds whole.
+TRAINING_SAMPLES_DIR = "training_samples"
+TRAINING_SAMPLES_STEP_PREFIX = "step-"
+TRAINING_SAMPLES_OVERVIEW = "overview"
+#: ``tensorboard/``: TensorBoard event files (``tensorboard --logdir <workspace>/runs``).
+TENSORBOARD_DIR = "tensorboard"
 REPORT_DIR = "report"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 LOSS_PLOT = "loss_curve.png"
 COMPARISON_PLOT = "comparison.png"
 LADDER_PLOT = "ladder.png"
+#: ``report/training_samples.png``: the overview of the samples drawn while training.
+REPORT_TRAINING_SAMPLES = "training_samples.png"
 #: What ``publish`` uploads; it keeps the run folder's ``samples/`` and ``report/`` names.
 HUB_DIR = "hub"
 #: The model card in ``hub/`` (the repo's README).
@@ -128,6 +138,27 @@ class RunPaths:
         return self.samples / SAMPLES_GRID
 
     @property
+    def training_samples(self) -> Path:
+        return self.root / TRAINING_SAMPLES_DIR
+
+    def training_sample_set(self, step: int) -> Path:
+        """``training_samples/step-<step>/``: the set drawn after global step ``step``."""
+        return self.training_samples / f"{TRAINING_SAMPLES_STEP_PREFIX}{step}"
+
+    @property
+    def training_samples_overview(self) -> Path:
+        return self.training_samples / TRAINING_SAMPLES_OVERVIEW
+
+    @property
+    def training_samples_grid(self) -> Path:
+        """The growing grid: every set drawn so far, one column per step."""
+        return self.training_samples_overview / SAMPLES_GRID
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD_DIR
+
+    @property
     def report(self) -> Path:
         return self.root / REPORT_DIR
 
@@ -150,6 +181,10 @@ class RunPaths:
     @property
     def ladder_plot(self) -> Path:
         return self.report / LADDER_PLOT
+
+    @property
+    def report_training_samples(self) -> Path:
+        return self.report / REPORT_TRAINING_SAMPLES
 
     @property
     def hub(self) -> Path:
@@ -200,5 +235,7 @@ class RunPaths:
 __all__ = [
     "CHECKPOINTS_DIR", "COMPARISON_PLOT", "CONFIG_FILE", "DIFFUSERS_WEIGHTS", "HUB_CARD", "HUB_DIR", "KEPT_LORA_PREFIX",
     "LADDER_PLOT", "LOCK_FILE", "LOG_FILE", "LORA_DIR", "LORA_SUFFIX", "LOSS_PLOT", "METRICS_FILE",
-    "REPORT_DIR", "REPORT_FILE", "RUNS_DIR", "RunPaths", "SAMPLES_DIR", "SAMPLES_GRID", "SAMPLES_JSON",
+    "REPORT_DIR", "REPORT_FILE", "REPORT_TRAINING_SAMPLES", "RUNS_DIR", "RunPaths", "SAMPLES_DIR", "SAMPLES_GRID",
+    "SAMPLES_JSON", "TENSORBOARD_DIR", "TRAINING_SAMPLES_DIR", "TRAINING_SAMPLES_OVERVIEW",
+    "TRAINING_SAMPLES_STEP_PREFIX",
 ]

@@ -124,6 +124,40 @@ def inline_relative_images(markdown: str, base_dir: Path) -> str:
     return _RELATIVE_IMAGE.sub(replace, markdown)
 
 
+def training_samples_markdown(run_dir: Path | str) -> str | None:
+    """The run's samples drawn while training as markdown (the growing grid drawn in place, the
+    steps it shows and where the sets lie); None before the first set."""
+    from lora.runpaths import RunPaths
+
+    paths = RunPaths(run_dir)
+    grid = paths.training_samples_grid
+    if not grid.is_file():
+        return None
+    steps = [r.get("step") for r in (paths.read_log() or {}).get("samples", []) if isinstance(r, dict)]
+    shown = ", ".join(str(s) for s in steps) or "?"
+    return "\n".join([
+        f"## Samples while training: {paths.name}", "",
+        f"Sets drawn after steps {shown}; rows are prompt and seed, one column per step "
+        "(at most ten, evenly spread).", "",
+        inline_image(grid, "samples while training"), "",
+        f"Every set: {path_text(paths.training_samples)}",
+    ])
+
+
+def publish_training_samples(run_dir: Path | str, run_name: str) -> bool:
+    """Create or update the run's one ``training-samples-<run>`` artifact with the growing
+    grid; False when there is nothing to show yet. Each call adds a version under the same key,
+    so the UI's Artifacts tab always shows the latest grid."""
+    from prefect.artifacts import create_markdown_artifact
+
+    markdown = training_samples_markdown(run_dir)
+    if markdown is None:
+        return False
+    create_markdown_artifact(key=artifact_key("training-samples", run_name), markdown=markdown,
+                             description=f"{run_name}: samples drawn while training")
+    return True
+
+
 def path_text(path: Path | str) -> str:
     """A file path as markdown code (copyable text): a ``file://`` link opens nothing from the UI."""
     return f"`{Path(path).resolve()}`"

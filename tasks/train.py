@@ -19,7 +19,7 @@ from prefect.concurrency.sync import concurrency
 from lora.config import TrainConfig
 from lora.train import train
 from lora.train.launch import SegmentOutcome, run_segment_processes
-from tasks.artifacts import ProgressReporter
+from tasks.artifacts import ProgressReporter, publish_training_samples
 from tasks.gpu import GPU_LIMIT, ensure_gpu_limit
 from tasks.retry import is_out_of_memory, retry_unless
 
@@ -134,11 +134,14 @@ def _train(
     """One segment in this process, or in ``gpus`` processes (torchrun)."""
     logger = get_run_logger()
     _maybe_inject_fault()
+    run_name = cfg.run_name or Path(run_dir).name
     if gpus > 1:
         logger.info("segment %d: training in %d processes (torchrun)", segment, gpus)
         # a ConfigError (a ValueError) is not retried; SegmentLaunchError is, resuming from the checkpoint
-        return run_segment_processes(cfg, Path(run_dir), gpus, stop_at_step=stop_at_step,
-                                     time_budget_s=time_budget_s)
+        outcome = run_segment_processes(cfg, Path(run_dir), gpus, stop_at_step=stop_at_step,
+                                        time_budget_s=time_budget_s)
+        _show_training_samples(run_dir, run_name)  # the processes report nothing while they train
+        return outcome
     on_progress = (
         ProgressReporter(progress_artifact_id).training_callback(cfg.run_name or "train")
         if progress_artifact_id
@@ -146,5 +149,14 @@ def _train(
     )
     return SegmentOutcome.from_result(train(
         cfg, Path(run_dir), stop_at_step=stop_at_step, time_budget_s=time_budget_s,
-        on_progress=on_progress,
+        on_progress=on_progress, on_samples=lambda _set: _show_training_samples(run_dir, run_name),
     ))
+
+
+def _show_training_samples(run_dir: str, run_name: str) -> None:
+    """The growing grid of the samples drawn while training, as the run's one artifact (updated
+    after every set); a failing artifact call is logged, never the segment's failure."""
+    try:
+        publish_training_samples(run_dir, run_name)
+    except Exception as exc:  # noqa: BLE001 - a display must not fail training
+        get_run_logger().warning("could not update the training-samples artifact: %s", exc)

@@ -113,6 +113,7 @@ def _write_report_files(out: Path, paths: RunPaths, analysis: RunAnalysis, compa
         plot_comparison(list(comparison.analyses), out / paths.comparison_plot.name)
         parts += ["## Comparison", "", comparison.to_markdown(), "",
                   f"![comparison]({paths.comparison_plot.name})", ""]
+    parts += _training_samples_section(out, paths)
     if ladder is not None and ladder.rungs:
         from lora.analysis.ladder import plot_ladder
 
@@ -120,6 +121,21 @@ def _write_report_files(out: Path, paths: RunPaths, analysis: RunAnalysis, compa
         parts += ["## The guide's ladder on this data set", "", ladder.to_markdown(), "",
                   f"![ladder]({paths.ladder_plot.name})", ""]
     write_text_atomic(out / paths.report_md.name, "\n".join(parts))
+
+
+def _training_samples_section(out: Path, paths: RunPaths) -> list[str]:
+    """The growing grid of the samples drawn while training (lora/train/samples.py), copied
+    beside report.md so the report shows it wherever it is read; nothing before the first set."""
+    grid = paths.training_samples_grid
+    if not grid.is_file():
+        return []
+    (out / paths.report_training_samples.name).write_bytes(grid.read_bytes())
+    steps = [r.get("step") for r in (paths.read_log() or {}).get("samples", []) if isinstance(r, dict)]
+    return ["## Samples while training", "",
+            f"Drawn after steps {', '.join(str(s) for s in steps)} with fixed prompts and seeds; rows are "
+            "prompt and seed, one column per step (at most ten, evenly spread). Every set: "
+            f"`{paths.training_samples.name}/`.", "",
+            f"![samples while training]({paths.report_training_samples.name})", ""]
 
 
 __all__ = ["json_safe", "metrics_markdown", "write_report", "write_text_atomic"]

@@ -66,7 +66,7 @@ def test_full_phase2a_dag(prefect_api, flow_params, workspace):
     run = _flow_run(state)
     assert run.name == "phase2a-full"
     keys = {a.key for a in _artifacts(run.id)}
-    for key in ("training-progress-full", "epoch-losses-full", "training-report-full",
+    for key in ("training-progress-full", "training-samples-full", "epoch-losses-full", "training-report-full",
                 "samples-grid-full", "model-card-full", "publish-full"):
         assert key in keys, (key, keys)
     assert any(k.startswith("lora-") for k in keys)
@@ -78,6 +78,11 @@ def test_full_phase2a_dag(prefect_api, flow_params, workspace):
     assert str(Path(result["samples_grid"]).resolve()) in grid.data
     report = by_key["training-report-full"].data
     assert "](loss_curve.png)" not in report and "![loss curve](data:image/png;base64," in report
+    # the samples drawn while training: one growing grid, in its own artifact and in the report
+    assert "![samples while training](data:image/png;base64," in report
+    training_samples = by_key["training-samples-full"]
+    assert training_samples.type == "markdown" and "![samples while training](data:image/png;base64," in training_samples.data
+    assert "steps 0, " in training_samples.data and f", {log['global_step']}; rows" in training_samples.data
     files = by_key["lora-files-full"]
     assert files.type == "table" and str((run_dir / "lora" / "full.safetensors").resolve()) in str(files.data)
     assert by_key["model-card-full"].type == "markdown"

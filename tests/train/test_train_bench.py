@@ -122,7 +122,16 @@ def test_e2e_smoke_runs_the_whole_command_and_reads_its_segment_record(tmp_path,
     assert row["img_per_s"] > 0
     # where the rest went: the steps' own time and the validations (step 0 and two epoch ends)
     assert 0 < row["steps_s"] < row["wall_s"] and row["validations"] == 3 and row["validation_s"] > 0
+    # the default's samples while training (step 0 and both epoch ends): what `nosamples` leaves out
+    assert row["sample_sets"] == 3 and row["samples_s"] > 0
     assert "| default | 2 |" in out  # the table
+
+
+def test_e2e_nosamples_variant_runs_the_default_without_samples():
+    """`default` against `nosamples` on one GPU is what the default samples while training cost."""
+    e2e = _load("e2e")
+    assert e2e.variant_args("nosamples") == ["--set", "samples=off"]
+    assert e2e.variant_args("fp16+nosamples") == ["--set", "mixed_precision=fp16", "--set", "samples=off"]
 
 
 def _kohya():

@@ -124,7 +124,7 @@ TRAIN_LAYERS = [
     ["lora.train", "lora.train.launch"],
     ["lora.train.run"],
     ["lora.train.setup"],
-    ["lora.train.export", "lora.train.validation"],
+    ["lora.train.export", "lora.train.validation", "lora.train.samples"],
     ["lora.train.checkpoint"],
     ["lora.train.step"],
     ["lora.train.speed"],

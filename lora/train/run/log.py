@@ -6,6 +6,7 @@ Schema (docs/architecture.md)::
      "losses": [{"epoch", "loss", "time_seconds"}],        # the guide's schema, 1-based epochs
      "steps": [{"step", "epoch", "loss", "lr", "grad_norm", "images_per_sec"}],
      "validation": [{"step", "epoch", "loss", "per_timestep": {"100": ...}}],
+     "samples": [{"step", "epoch", "images", "seconds"}],   # sets drawn while training
      "preset", "run_name", "dataset_version", "base_model", "total_steps", "global_step",
      "complete"}
 
@@ -120,6 +121,19 @@ class TrainingLog:
 
     def add_validation(self, step: int, epoch: int, result: dict[str, Any]) -> None:
         self.data.setdefault("validation", []).append({"step": step, "epoch": epoch, **result})
+
+    def add_samples(self, record: dict[str, Any]) -> None:
+        """A set drawn while training (lora/train/samples.py); one per step, the latest kept."""
+        records = [r for r in self.data.get("samples", []) if r.get("step") != record["step"]]
+        self.data["samples"] = sorted([*records, record], key=lambda r: r["step"])
+
+    def sample_steps(self) -> list[int]:
+        """The global steps whose sets were drawn (a resumed run draws none of them again)."""
+        return [int(r["step"]) for r in self.data.get("samples", []) if isinstance(r.get("step"), int)]
+
+    def epoch_loss(self, epoch: int) -> float | None:
+        """The guide's per-epoch loss of ``epoch`` once it is closed."""
+        return next((r["loss"] for r in self.data["losses"] if r["epoch"] == epoch), None)
 
     def has_validation_at(self, step: int) -> bool:
         return any(v.get("step") == step for v in self.data.get("validation", []))

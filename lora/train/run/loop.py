@@ -26,19 +26,25 @@ from pathlib import Path
 from typing import Callable
 
 from lora.config import recipe
+from lora.owned import NotOursError
 from lora.runpaths import RunPaths
 from lora.train import checkpoint as ckpt
 from lora.train.checkpoint import RunState
 from lora.train.data.batching import epoch_steps
 from lora.train.distributed import AgreedFlag, any_process
+from lora.train.errors import is_out_of_memory, one_line
 from lora.train.export import export_lora
+from lora.train.samples import IMAGES_PER_CALL as SAMPLES_PER_CALL
+from lora.train.samples import Sampler, SamplerModels, SampleSet, SampleSettings, sample_epochs, tile
 from lora.train.setup.trainer import TrainingSetup
 from lora.train.step.pipeline import FinishedStep, StepPipeline
 from lora.train.validation import IMAGES_PER_CALL, has_base_record, validation_loss
 
+from .events import EventLog
 from .interrupt import StopSignals
 from .log import TrainingLog
-from .schedule import Boundary, Checkpoint, Interrupted, Progress, Schedule, StepTarget, TimeBudget, Validation
+from .schedule import (Boundary, Checkpoint, Interrupted, Progress, Samples, Schedule, StepTarget, TimeBudget,
+                       Validation)
 from .stats import SegmentStats
 
 log = logging.getLogger(__name__)
@@ -62,28 +68,39 @@ class Segment:
     The run's counters are a :class:`~lora.train.checkpoint.RunState`, the log a
     :class:`~lora.train.run.log.TrainingLog`; the steps in flight belong to a
     :class:`~lora.train.step.pipeline.StepPipeline` and the timing of the periodic work
-    (progress, validation, checkpoints) and the stop rules (step target, signals, time budget)
-    to a :class:`~lora.train.run.schedule.Schedule`.
+    (progress, validation, samples, checkpoints) and the stop rules (step target, signals, time
+    budget) to a :class:`~lora.train.run.schedule.Schedule`. Sets of samples are drawn by a
+    :class:`~lora.train.samples.Sampler` and TensorBoard's events written by an
+    :class:`~lora.train.run.events.EventLog`, both on the main process only.
     """
 
     def __init__(self, parts: TrainingSetup, run_dir: Path, run: RunState, training_log: TrainingLog, *,
                  saved_step: int, stop_at_step: int | None, deadline: float | None, signals: StopSignals,
-                 stats: SegmentStats, on_progress: Callable[[dict], None] | None) -> None:
+                 stats: SegmentStats, on_progress: Callable[[dict], None] | None,
+                 samples: SampleSettings | None = None,
+                 on_samples: Callable[[SampleSet], None] | None = None) -> None:
         self.parts, self.run_dir, self.run, self.training_log = parts, run_dir, run, training_log
         self.stats = stats
         self.cfg, self.plan, self.total = parts.cfg, parts.plan, parts.plan.total_steps
         self.saved_step = saved_step
         self.first_step = run.global_step
         #: measured on the main process; the time budget keeps room for one of each
-        self.checkpoint_s, self.validation_s = 1.0, 0.0
+        self.checkpoint_s, self.validation_s, self.samples_s = 1.0, 0.0, 0.0
         #: held-out images per UNet call when validating (smaller after an out-of-memory error)
         self.val_images_per_call = 1 if self.cfg.speed.low_memory else IMAGES_PER_CALL
         self._epoch_order: tuple[int, list[list[list[int]]]] | None = None
         self.pipeline = StepPipeline(parts.runner, self.cfg)
         self.progress = Progress(on_progress, training_log, self.total, self.pipeline) if on_progress else None
         actions = [self.progress] if self.progress is not None else []
-        actions += [Validation(self.cfg.validate_every_steps),
-                    Checkpoint(self.cfg.checkpoint_every_steps, self.cfg.checkpoint_every_minutes)]
+        actions.append(Validation(self.cfg.validate_every_steps))
+        self.sampler = self._sampler(samples) if parts.is_main else None
+        self.on_samples = on_samples
+        if self.sampler is not None:  # before the checkpoint: its log records the set
+            opts = self.cfg.samples
+            actions.append(Samples(sample_epochs(opts, self.plan.steps_per_epoch, self.total), opts.every_steps,
+                                   training_log))
+        actions.append(Checkpoint(self.cfg.checkpoint_every_steps, self.cfg.checkpoint_every_minutes))
+        self.events = EventLog.open(RunPaths(run_dir).tensorboard, run.global_step) if parts.is_main else None
         stops = [StepTarget(stop_at_step), Interrupted(signals, AgreedFlag(parts.device, parts.world))]
         self.budget = None
         if deadline is not None:
@@ -93,7 +110,15 @@ class Segment:
         self.schedule = Schedule(stops, actions, is_main=parts.is_main)
 
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        finally:
+            if self.events is not None:
+                self.events.close()
+
+    def _train(self) -> TrainResult:
         self._validate_base_model()
+        self._sample_base_model()
         reason = "complete"
         while self.run.global_step < self.total:
             stop = self.schedule.stop_reason(self.run.global_step)
@@ -106,6 +131,8 @@ class Segment:
                 self._drain()  # what follows (epoch summary, validation, a checkpoint) needs this step
             if at.epoch_done:
                 self.training_log.close_epoch(at.epoch, self.run.train_time_s)
+                if self.events is not None:
+                    self.events.epoch(at.step, self.training_log.epoch_loss(at.epoch))
                 self.run.next_epoch()
             for action in due:
                 self._do(action, at)
@@ -149,8 +176,11 @@ class Segment:
         """Steps whose loss was read: count their time and log them."""
         for done in finished:
             self.run.train_time_s += done.seconds
-            self.training_log.add_step(done.log_record(self.cfg))
+            record = done.log_record(self.cfg)
+            self.training_log.add_step(record)
             self.stats.step_read(done.step)
+            if self.events is not None:
+                self.events.step(record)
 
     # -- what is due between steps -----------------------------------------------------------
 
@@ -159,6 +189,8 @@ class Segment:
             action.report_new_steps()
         elif isinstance(action, Validation):
             self._validate(at.step, at.epoch)
+        elif isinstance(action, Samples):
+            self._sample(at.step, at.epoch)
         elif isinstance(action, Checkpoint):
             self._checkpoint()
         action.done()
@@ -177,6 +209,8 @@ class Segment:
         self.stats.add("validation", self.validation_s)
         if result is not None:
             self.training_log.add_validation(step, epoch, result)
+            if self.events is not None:
+                self.events.validation(step, result)
 
     def _validation_fits(self, images: int) -> None:
         self.val_images_per_call = images
@@ -187,6 +221,50 @@ class Segment:
         measured against. Done once per run (a resumed run already has it)."""
         if self.run.global_step == 0 and not has_base_record(self.training_log.data):
             self._validate(0, 0)
+
+    # -- samples while training --------------------------------------------------------------
+
+    def _sampler(self, settings: SampleSettings | None) -> Sampler | None:
+        parts = self.parts
+        if settings is None or parts.vae is None:
+            return None
+        models = SamplerModels(parts.unet, parts.text_encoder, parts.tokenizer, parts.vae, parts.noise_scheduler,
+                               parts.device, autocast=parts.accelerator.autocast)
+        return Sampler(models, settings, self.run_dir, images_per_call=1 if self.cfg.speed.low_memory else SAMPLES_PER_CALL)
+
+    def _sample_base_model(self) -> None:
+        """Step 0's set: the base model (the LoRA starts at zero), once per run."""
+        if (self.sampler is not None and self.cfg.samples.at_start and self.run.global_step == 0
+                and 0 not in self.training_log.sample_steps()):
+            self._sample(0, 0)
+
+    def _sample(self, step: int, epoch: int) -> None:
+        """Draw the set of ``step``. A set that cannot be drawn (out of memory, a full disk, a
+        folder holding someone else's files) is skipped with a warning: samples never cost the
+        training. It is not recorded, so a resumed run that reaches the step again draws it."""
+        assert self.sampler is not None
+        try:
+            drawn = self.sampler.draw_set(step, epoch, self.training_log.sample_steps())
+        except (NotOursError, OSError) as exc:
+            log.warning("samples at step %d skipped: %s", step, one_line(exc))
+            return
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            log.warning("samples at step %d skipped: out of memory (%s); lower samples.resolution or "
+                        "turn them off (--set samples=off)", step, one_line(exc, 200))
+            return
+        self.samples_s = drawn.seconds
+        self._budget_changed()
+        self.stats.add("samples", drawn.seconds)
+        self.training_log.add_samples(drawn.record)
+        if self.events is not None:
+            self.events.samples(step, tile(drawn.images))
+        if self.on_samples is not None:
+            try:
+                self.on_samples(drawn)
+            except Exception as exc:  # noqa: BLE001 - a broken display must not stop training
+                log.warning("samples callback failed: %s", exc)
 
     def _checkpoint(self) -> None:
         """Checkpoint + log; only the main process writes (every process holds the same weights)."""
@@ -212,9 +290,11 @@ class Segment:
         )
         self.training_log.write(self.run_dir)
         ckpt.prune(root, self.cfg.keep_checkpoints)
+        if self.events is not None:
+            self.events.flush()
 
     def _reserved_s(self) -> float:
-        return self.checkpoint_s + self.validation_s
+        return self.checkpoint_s + self.validation_s + self.samples_s
 
     def _budget_changed(self) -> None:
         if self.budget is not None:

@@ -76,6 +76,29 @@ class Validation(Action):
         return at.step % self.every_steps == 0 if self.every_steps else at.epoch_done
 
 
+class Samples(Action):
+    """A set of samples (lora/train/samples.py) at the end of the chosen epochs, or every
+    ``every_steps`` steps, and at the last step; never twice for one global step: the steps
+    already drawn are read from the training log, which every checkpoint carries, so a resumed
+    run neither repeats a set nor skips one."""
+
+    name = "samples"
+    needs_drained = True
+    main_only = True
+
+    def __init__(self, epochs: set[int] | None, every_steps: int | None, training_log: "TrainingLog") -> None:
+        self.epochs, self.every_steps, self.training_log = epochs or set(), every_steps, training_log
+
+    def due(self, at: Boundary) -> bool:
+        if at.step in self.training_log.sample_steps():
+            return False
+        if at.last:
+            return True
+        if self.every_steps:
+            return at.step % self.every_steps == 0
+        return at.epoch_done and at.epoch in self.epochs
+
+
 class Checkpoint(Action):
     """A checkpoint every ``every_steps`` steps and/or ``every_minutes`` minutes (the last
     step's checkpoint is written when the run completes)."""

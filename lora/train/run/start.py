@@ -26,6 +26,7 @@ from lora.train import checkpoint as ckpt
 from lora.train.checkpoint import CheckpointData, RunState
 from lora.train.data.plan import make_plan
 from lora.train.distributed import is_main_launched_process
+from lora.train.samples import SampleSet, SampleSettings, resolve_settings
 from lora.train.setup.trainer import TrainingSetup, set_up
 
 from .host import host_threads_for
@@ -46,6 +47,7 @@ def train(
     time_budget_s: float | None = None,
     on_progress: Callable[[dict], None] | None = None,
     extend: bool = False,
+    on_samples: Callable[[SampleSet], None] | None = None,
 ) -> TrainResult:
     """Train or resume the run in ``run_dir`` for one segment (see the module docstring).
 
@@ -53,7 +55,8 @@ def train(
     ``time_budget_s`` seconds since the call are spent ("time-budget") or after the current
     step on SIGINT / SIGTERM ("interrupted", lora/train/run/interrupt.py), always with a
     checkpoint on disk. ``on_progress`` gets ``{step, total_steps, epoch, loss, lr, eta_s,
-    images_per_sec}`` after every step. On a GPU the run uses one torch CPU thread unless
+    images_per_sec}`` after every step; ``on_samples`` each set of samples drawn while training
+    (lora/train/samples.py: ``cfg.samples``), once it is on disk. On a GPU the run uses one torch CPU thread unless
     ``OMP_NUM_THREADS`` says otherwise (lora/train/run/host.py says why).
 
     One trainer per run folder (a second one gets :class:`~lora.train.run.runfolder.RunFolderError`);
@@ -68,7 +71,7 @@ def train(
     with host_threads_for(torch.cuda.is_available()), run_lock(run_dir, enabled=is_main_launched_process()), \
             signals.installed():
         return _train_segment(cfg, run_dir, stop_at_step=stop_at_step, time_budget_s=time_budget_s,
-                              on_progress=on_progress, signals=signals, extend=extend)
+                              on_progress=on_progress, signals=signals, extend=extend, on_samples=on_samples)
 
 
 def _train_segment(
@@ -80,6 +83,7 @@ def _train_segment(
     on_progress: Callable[[dict], None] | None,
     signals: StopSignals | None = None,
     extend: bool = False,
+    on_samples: Callable[[SampleSet], None] | None = None,
 ) -> TrainResult:
     """The body of :func:`train`."""
     started = time.monotonic()
@@ -113,6 +117,7 @@ def _train_segment(
         # instead of "stopped early" forever; a sweep re-asking after a crash just goes on)
         return TrainResult(done_step, total, False, "step-target", run_dir, [])
 
+    samples = sample_settings(cfg, plan) if main else None  # a bad prompt file: refused before set-up
     stats = SegmentStats()
     parts = set_up(cfg, plan)
     stats.setup_done()
@@ -130,8 +135,19 @@ def _train_segment(
                  run_name, total, plan.steps_per_epoch, len(plan.train_items), len(plan.val_items))
     segment = Segment(parts, run_dir, run, training_log, saved_step=run.global_step if data is not None else -1,
                       stop_at_step=stop_at_step, deadline=deadline, signals=signals or StopSignals(), stats=stats,
-                      on_progress=on_progress if main else None)
+                      on_progress=on_progress if main else None, samples=samples, on_samples=on_samples)
     return segment.train()
+
+
+def sample_settings(cfg: TrainConfig, plan) -> SampleSettings | None:
+    """What this segment's sets of samples draw; None when they are off. The default prompts
+    start with the trigger word the captions were written with (lora.model.metadata)."""
+    if not cfg.samples.enabled:
+        return None
+    from lora.model.metadata import infer_trigger_word
+
+    trigger = infer_trigger_word(item.caption for item in plan.train_items)
+    return resolve_settings(cfg.samples, tiny=cfg.model == "tiny", resolution=cfg.resolution, trigger=trigger)
 
 
 # --------------------------------------------------------------------------------------------

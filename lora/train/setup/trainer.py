@@ -48,6 +48,10 @@ class TrainingSetup:
     #: every trained tensor by its checkpoint name (``unet.…``, ``text_encoder.…``)
     trainable: dict[str, torch.nn.Parameter]
     runner: StepRunner
+    tokenizer: object = None
+    #: kept on the CPU only where samples are drawn while training (lora/train/samples.py);
+    #: None elsewhere: a step needs no VAE
+    vae: torch.nn.Module | None = None
 
 
 def set_up(cfg: TrainConfig, plan: DataPlan) -> TrainingSetup:
@@ -68,7 +72,10 @@ def set_up(cfg: TrainConfig, plan: DataPlan) -> TrainingSetup:
     live_text = cfg.caption_shuffle or cfg.train_text_encoder
     train_cache, val_cache = _caches(cfg, plan, comps, accelerator)
     comps.vae.to("cpu")
-    comps.vae = None  # a step runs only the UNet (and the text encoder when captions change)
+    # a step runs only the UNet (and the text encoder when captions change); the VAE stays, on
+    # the CPU, only where it decodes samples drawn while training
+    vae = comps.vae if cfg.samples.enabled and accelerator.is_main_process else None
+    comps.vae = None
     if not live_text:
         comps.text_encoder.to("cpu")
     gc.collect()
@@ -96,7 +103,8 @@ def set_up(cfg: TrainConfig, plan: DataPlan) -> TrainingSetup:
     runner = StepRunner(cfg, accelerator, unet, optimizer, lr_scheduler, comps.noise_scheduler,
                         list(trainable.values()), train_cache, text_for, total_steps=plan.total_steps)
     return TrainingSetup(cfg, plan, mp, accelerator, device, accelerator.is_main_process, accelerator.num_processes,
-                         unet, comps.text_encoder, comps.noise_scheduler, train_cache, val_cache, trainable, runner)
+                         unet, comps.text_encoder, comps.noise_scheduler, train_cache, val_cache, trainable, runner,
+                         tokenizer=comps.tokenizer, vae=vae)
 
 
 def _caches(cfg: TrainConfig, plan: DataPlan, comps, accelerator) -> tuple[CachedItems, CachedItems]:
