@@ -81,7 +81,8 @@ def test_full_phase2a_dag(prefect_api, flow_params, workspace):
     # the samples drawn while training: one growing grid, in its own artifact and in the report
     assert "![samples while training](data:image/png;base64," in report
     training_samples = by_key["training-samples-full"]
-    assert training_samples.type == "markdown" and "![samples while training](data:image/png;base64," in training_samples.data
+    assert training_samples.type == "markdown"
+    assert "![samples while training](data:image/png;base64," in training_samples.data
     assert "steps 0, " in training_samples.data and f", {log['global_step']}; rows" in training_samples.data
     files = by_key["lora-files-full"]
     assert files.type == "table" and str((run_dir / "lora" / "full.safetensors").resolve()) in str(files.data)

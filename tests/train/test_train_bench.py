@@ -110,12 +110,12 @@ def test_e2e_smoke_runs_the_whole_command_and_reads_its_segment_record(tmp_path,
     `animelora train` command, and a row built from the run's own `segments` record."""
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     (tmp_path / "out").mkdir()
-    code = _load("e2e").main(["--smoke", "--variants", "default", "--work", str(tmp_path / "w")])
+    code = _load("e2e").main(["--smoke", "--variants", "default,nosamples@1", "--work", str(tmp_path / "w")])
     out = capsys.readouterr().out
     assert code == 0, out
     result = json.loads((tmp_path / "out" / "bench_e2e_danbooru.json").read_text())
     assert len(result["buckets"]) >= 3  # portrait, landscape and square images: several buckets
-    (row,) = result["rows"]
+    row, nosamples = result["rows"]
     assert row["rc"] == 0 and row["steps"] == result["total_steps"]
     # the training log's segment record: set-up, then the first step, then the steady rate
     assert 0 < row["setup_s"] <= row["first_step_s"] <= row["wall_s"]
@@ -124,7 +124,8 @@ def test_e2e_smoke_runs_the_whole_command_and_reads_its_segment_record(tmp_path,
     assert 0 < row["steps_s"] < row["wall_s"] and row["validations"] == 3 and row["validation_s"] > 0
     # the default's samples while training (step 0 and both epoch ends): what `nosamples` leaves out
     assert row["sample_sets"] == 3 and row["samples_s"] > 0
-    assert "| default | 2 |" in out  # the table
+    assert nosamples["rc"] == 0 and nosamples["epochs"] == 1 and nosamples["sample_sets"] is None
+    assert "| default | 2 |" in out and "| nosamples | 1 |" in out  # the table
 
 
 def test_e2e_nosamples_variant_runs_the_default_without_samples():

@@ -46,8 +46,8 @@ def test_default_sets_at_step_0_epoch_ends_and_the_end_with_an_overview_grid(tmp
 def test_prompt_file_seeds_and_every_steps_as_kohya_names_them(tmp_path, tiny_cfg):
     prompts = tmp_path / "prompts.txt"
     # kohya's per-line options are cut off (the samples settings apply to every prompt), never drawn as words
-    prompts.write_text("# my prompts\nmychar, smile\n\n  # indented comment\nmychar, from side --n lowres --w 512 --d 7\n",
-                       encoding="utf-8")
+    prompts.write_text("# my prompts\nmychar, smile\n\n  # indented comment\n"
+                       "mychar, from side --n lowres --w 512 --d 7\n", encoding="utf-8")
     cfg = tiny_cfg(samples={"prompts_file": str(prompts), "seeds": [3, 4], "every_steps": 5, "at_start": False,
                             "steps": 2, "resolution": 48})
     train(cfg, tmp_path / "run")

@@ -230,7 +230,8 @@ class Segment:
             return None
         models = SamplerModels(parts.unet, parts.text_encoder, parts.tokenizer, parts.vae, parts.noise_scheduler,
                                parts.device, autocast=parts.accelerator.autocast)
-        return Sampler(models, settings, self.run_dir, images_per_call=1 if self.cfg.speed.low_memory else SAMPLES_PER_CALL)
+        per_call = 1 if self.cfg.speed.low_memory else SAMPLES_PER_CALL
+        return Sampler(models, settings, self.run_dir, images_per_call=per_call)
 
     def _sample_base_model(self) -> None:
         """Step 0's set: the base model (the LoRA starts at zero), once per run."""
