@@ -145,6 +145,18 @@ class RunPaths:
         """``training_samples/step-<step>/``: the set drawn after global step ``step``."""
         return self.training_samples / f"{TRAINING_SAMPLES_STEP_PREFIX}{step}"
 
+    def training_sample_steps(self) -> list[int]:
+        """The steps whose sets are on disk (``step-<n>/`` holding its ``samples.json``), sorted.
+
+        Read from the folders, not the training log: the log on disk is written at checkpoints,
+        after the sets it lists, so a display updated after each set would lag behind."""
+        steps = []
+        for folder in self.training_samples.glob(f"{TRAINING_SAMPLES_STEP_PREFIX}*"):
+            number = folder.name.removeprefix(TRAINING_SAMPLES_STEP_PREFIX)
+            if number.isdigit() and (folder / SAMPLES_JSON).is_file():
+                steps.append(int(number))
+        return sorted(steps)
+
     @property
     def training_samples_overview(self) -> Path:
         return self.training_samples / TRAINING_SAMPLES_OVERVIEW

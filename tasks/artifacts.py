@@ -133,8 +133,7 @@ def training_samples_markdown(run_dir: Path | str) -> str | None:
     grid = paths.training_samples_grid
     if not grid.is_file():
         return None
-    steps = [r.get("step") for r in (paths.read_log() or {}).get("samples", []) if isinstance(r, dict)]
-    shown = ", ".join(str(s) for s in steps) or "?"
+    shown = ", ".join(str(s) for s in paths.training_sample_steps())
     return "\n".join([
         f"## Samples while training: {paths.name}", "",
         f"Sets drawn after steps {shown}; rows are prompt and seed, one column per step "

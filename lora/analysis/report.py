@@ -130,7 +130,7 @@ def _training_samples_section(out: Path, paths: RunPaths) -> list[str]:
     if not grid.is_file():
         return []
     (out / paths.report_training_samples.name).write_bytes(grid.read_bytes())
-    steps = [r.get("step") for r in (paths.read_log() or {}).get("samples", []) if isinstance(r, dict)]
+    steps = paths.training_sample_steps()
     return ["## Samples while training", "",
             f"Drawn after steps {', '.join(str(s) for s in steps)} with fixed prompts and seeds; rows are "
             "prompt and seed, one column per step (at most ten, evenly spread). Every set: "

@@ -35,6 +35,10 @@ def test_the_layout_matches_the_documented_run_folder(tmp_path):
     assert run.report_md == root / "report" / "report.md"
     assert run.loss_plot == root / "report" / "loss_curve.png"
     assert run.hub == root / "hub" and run.hub_card == root / "hub" / "README.md"
+    assert run.training_sample_set(30) == root / "training_samples" / "step-30"
+    assert run.training_samples_grid == root / "training_samples" / "overview" / "grid.png"
+    assert run.report_training_samples == root / "report" / "training_samples.png"
+    assert run.tensorboard == root / "tensorboard"
     # the documented layout (docs/architecture.md) names these same files
     doc = (REPO_ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     for path in (run.config, run.log, run.lock, run.diffusers_weights, run.metrics):
@@ -74,6 +78,18 @@ def test_status_of_a_new_a_started_and_a_finished_run(tmp_path):
     assert run.lora_files() == sorted([run.diffusers_weights, run.kohya_weights()])
     assert run.exported_lora_files() == [run.diffusers_weights, run.kohya_weights()]
     assert run.exported_lora_files("renamed") == []  # the kohya file is named after the run
+
+
+def test_training_sample_steps_are_the_sets_on_disk(tmp_path):
+    """Read from the set folders, in step order: the training log on disk lags behind them."""
+    run = RunPaths(tmp_path / "run")
+    assert run.training_sample_steps() == []
+    for step in (10, 0, 200):
+        run.training_sample_set(step).mkdir(parents=True)
+        (run.training_sample_set(step) / "samples.json").write_text("{}")
+    run.training_sample_set(300).mkdir()  # being built: no samples.json yet
+    (run.training_samples / "step-x").mkdir()
+    assert run.training_sample_steps() == [0, 10, 200]
 
 
 def test_unreadable_files_read_as_absent(tmp_path):
