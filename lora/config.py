@@ -203,6 +203,32 @@ def nest_speed_options(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def nest_sample_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with ``samples.<field>`` keys moved into ``samples`` (over what it held;
+    ``samples=off`` and ``samples=on`` become ``enabled``)."""
+    out = dict(values)
+    moved = {key.removeprefix("samples."): out.pop(key) for key in list(out) if key.startswith("samples.")}
+    if not moved:
+        return out
+    current = out.get("samples")
+    if isinstance(current, SampleOptions):
+        current = current.model_dump()
+    elif current is not None and not isinstance(current, Mapping):
+        current = SampleOptions._on_off(current)
+    if current is not None and not isinstance(current, Mapping):
+        return {**out, **{f"samples.{k}": v for k, v in moved.items()}}  # pydantic names them
+    out["samples"] = {**(current or {}), **moved}
+    return out
+
+
+def setting_names() -> frozenset[str]:
+    """Every name ``--set`` and a sweep's grid accept: the fields of :class:`TrainConfig`, the
+    speed options flat (as configs before them wrote them) and ``speed.<field>`` /
+    ``samples.<field>`` for the nested option objects."""
+    dotted = {f"speed.{f}" for f in SpeedOptions.model_fields} | {f"samples.{f}" for f in SampleOptions.model_fields}
+    return frozenset(TrainConfig.model_fields) | SPEED_FIELDS | dotted
+
+
 class TrainConfig(pydantic.BaseModel, extra="forbid", allow_inf_nan=False):
     """Every knob of a training run. Field docs are what ``--set key=value`` accepts.
 
@@ -281,8 +307,9 @@ class TrainConfig(pydantic.BaseModel, extra="forbid", allow_inf_nan=False):
     @model_validator(mode="before")
     @classmethod
     def _flat_speed_settings(cls, data: Any) -> Any:
-        """Flat speed settings (every config before :class:`SpeedOptions`) load unchanged."""
-        return nest_speed_options(data) if isinstance(data, Mapping) else data
+        """Flat speed settings (every config before :class:`SpeedOptions`) load unchanged, and
+        ``samples.<field>`` (``--set samples.steps=4``) goes into ``samples``."""
+        return nest_sample_options(nest_speed_options(data)) if isinstance(data, Mapping) else data
 
     @model_validator(mode="before")
     @classmethod

@@ -63,13 +63,14 @@ def _rungs(args: argparse.Namespace, file_rungs: Any) -> list[int] | None:
 
 def _check_setting_names(keys: list[str]) -> None:
     """An unknown setting named with what it was probably meant as (``lr`` -> learning_rate)."""
-    from lora.config import TrainConfig
+    from lora.config import setting_names
 
     from .settings import suggestions
 
+    known = setting_names()
     for key in keys:
-        if key not in TrainConfig.model_fields:
-            close = suggestions(key, TrainConfig.model_fields)
+        if key not in known:
+            close = suggestions(key, known)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise ValueError(f"unknown setting {key!r}{hint}")
 

@@ -40,11 +40,11 @@ def _parse_set(items: list[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             value = raw
         out[key] = value
-    from lora.config import TrainConfig
+    from lora.config import setting_names
 
     from .settings import unknown_settings
 
-    problem = unknown_settings(out, TrainConfig.model_fields)
+    problem = unknown_settings(out, setting_names())
     if problem:
         raise ValueError(problem)
     return out
