@@ -64,7 +64,7 @@ OVERVIEW_FOLDER = FolderKind("the overview of the samples drawn while training")
 
 
 @dataclass(frozen=True)
-class SampleSettings:
+class TrainingSampleSettings:
     """What every set of a segment draws (resolved from :class:`~lora.config.SampleOptions`)."""
 
     prompts: tuple[str, ...]
@@ -80,7 +80,7 @@ class SampleSettings:
         return [(p, seed) for p in range(len(self.prompts)) for seed in self.seeds]
 
 
-def resolve_settings(opts: SampleOptions, *, tiny: bool, resolution: int, trigger: str | None) -> SampleSettings:
+def resolve_settings(opts: SampleOptions, *, tiny: bool, resolution: int, trigger: str | None) -> TrainingSampleSettings:
     """The settings of a segment's sets; an unreadable prompt file is a :class:`ConfigError`
     (checked when the segment starts, before any model loads)."""
     if opts.prompts_file:
@@ -96,7 +96,7 @@ def resolve_settings(opts: SampleOptions, *, tiny: bool, resolution: int, trigge
         prompts = [f"{trigger}, {p}" if trigger else p for p in defaults]
     steps = opts.steps or (TINY_STEPS if tiny else DEFAULT_STEPS)
     negative = DEFAULT_NEGATIVE_PROMPT if opts.negative_prompt is None else opts.negative_prompt
-    return SampleSettings(tuple(prompts), negative, tuple(dict.fromkeys(opts.seeds)), steps, float(opts.guidance),
+    return TrainingSampleSettings(tuple(prompts), negative, tuple(dict.fromkeys(opts.seeds)), steps, float(opts.guidance),
                           opts.resolution or resolution)
 
 
@@ -153,7 +153,7 @@ class SampleSet:
 class Sampler:
     """Draws a set with the training models and writes it into the run folder."""
 
-    def __init__(self, models: SamplerModels, settings: SampleSettings, run_dir: Path, *,
+    def __init__(self, models: SamplerModels, settings: TrainingSampleSettings, run_dir: Path, *,
                  images_per_call: int = IMAGES_PER_CALL) -> None:
         self.models, self.settings, self.paths = models, settings, RunPaths(run_dir)
         self.images_per_call = images_per_call
@@ -175,7 +175,7 @@ class Sampler:
     # -- drawing ----------------------------------------------------------------------------
 
     def render(self) -> list[Any]:
-        """Every image of the settings (PIL), in :attr:`SampleSettings.rows` order."""
+        """Every image of the settings (PIL), in :attr:`TrainingSampleSettings.rows` order."""
         m, s = self.models, self.settings
         with _sampling_state(m), torch.no_grad():
             cond, uncond = self._text()
@@ -327,7 +327,7 @@ def overview_steps(steps: Sequence[int], limit: int = OVERVIEW_COLUMNS) -> list[
     return [steps[i] for i in sorted(picks)]
 
 
-def write_overview(paths: RunPaths, steps: Sequence[int], settings: SampleSettings) -> Path | None:
+def write_overview(paths: RunPaths, steps: Sequence[int], settings: TrainingSampleSettings) -> Path | None:
     """``training_samples/overview/grid.png``: the sets of ``steps`` drawn with these settings,
     one column per step (sets drawn with other prompts or seeds before a resume are left out)."""
     rows = [(settings.prompts[p], seed) for p, seed in settings.rows]

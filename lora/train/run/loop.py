@@ -35,7 +35,7 @@ from lora.train.distributed import AgreedFlag, any_process
 from lora.train.errors import is_out_of_memory, one_line
 from lora.train.export import export_lora
 from lora.train.samples import IMAGES_PER_CALL as SAMPLES_PER_CALL
-from lora.train.samples import Sampler, SamplerModels, SampleSet, SampleSettings, sample_epochs, tile
+from lora.train.samples import Sampler, SamplerModels, SampleSet, TrainingSampleSettings, sample_epochs, tile
 from lora.train.setup.trainer import TrainingSetup
 from lora.train.step.pipeline import FinishedStep, StepPipeline
 from lora.train.validation import IMAGES_PER_CALL, has_base_record, validation_loss
@@ -77,7 +77,7 @@ class Segment:
     def __init__(self, parts: TrainingSetup, run_dir: Path, run: RunState, training_log: TrainingLog, *,
                  saved_step: int, stop_at_step: int | None, deadline: float | None, signals: StopSignals,
                  stats: SegmentStats, on_progress: Callable[[dict], None] | None,
-                 samples: SampleSettings | None = None,
+                 samples: TrainingSampleSettings | None = None,
                  on_samples: Callable[[SampleSet], None] | None = None) -> None:
         self.parts, self.run_dir, self.run, self.training_log = parts, run_dir, run, training_log
         self.stats = stats
@@ -224,7 +224,7 @@ class Segment:
 
     # -- samples while training --------------------------------------------------------------
 
-    def _sampler(self, settings: SampleSettings | None) -> Sampler | None:
+    def _sampler(self, settings: TrainingSampleSettings | None) -> Sampler | None:
         parts = self.parts
         if settings is None or parts.vae is None:
             return None

@@ -26,7 +26,7 @@ from lora.train import checkpoint as ckpt
 from lora.train.checkpoint import CheckpointData, RunState
 from lora.train.data.plan import make_plan
 from lora.train.distributed import is_main_launched_process
-from lora.train.samples import SampleSet, SampleSettings, resolve_settings
+from lora.train.samples import SampleSet, TrainingSampleSettings, resolve_settings
 from lora.train.setup.trainer import TrainingSetup, set_up
 
 from .host import host_threads_for
@@ -139,7 +139,7 @@ def _train_segment(
     return segment.train()
 
 
-def sample_settings(cfg: TrainConfig, plan) -> SampleSettings | None:
+def sample_settings(cfg: TrainConfig, plan) -> TrainingSampleSettings | None:
     """What this segment's sets of samples draw; None when they are off. The default prompts
     start with the trigger word the captions were written with (lora.model.metadata)."""
     if not cfg.samples.enabled:
