@@ -144,17 +144,42 @@ def training_samples_markdown(run_dir: Path | str) -> str | None:
 
 
 def publish_training_samples(run_dir: Path | str, run_name: str) -> bool:
-    """Create or update the run's one ``training-samples-<run>`` artifact with the growing
-    grid; False when there is nothing to show yet. Each call adds a version under the same key,
-    so the UI's Artifacts tab always shows the latest grid."""
+    """Create, then update in place, the flow run's one ``training-samples-<run>`` artifact
+    with the growing grid; False when there is nothing to show yet.
+
+    Why updated and not re-created: a markdown artifact created again under its key adds a
+    version, and the run's Artifacts tab lists every version as its own card (one per set).
+    Outside a flow run (a direct call) each call creates one."""
     from prefect.artifacts import create_markdown_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactUpdate
 
     markdown = training_samples_markdown(run_dir)
     if markdown is None:
         return False
-    create_markdown_artifact(key=artifact_key("training-samples", run_name), markdown=markdown,
-                             description=f"{run_name}: samples drawn while training")
+    key = artifact_key("training-samples", run_name)
+    existing = _flow_run_artifact(key)
+    if existing is None:
+        create_markdown_artifact(key=key, markdown=markdown, description=f"{run_name}: samples drawn while training")
+    else:
+        with get_client(sync_client=True) as client:
+            client.update_artifact(existing, ArtifactUpdate(data=markdown))
     return True
+
+
+def _flow_run_artifact(key: str) -> UUID | None:
+    """The artifact this flow run already made under ``key``, if any."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return None
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(flow_run.id))])),
+            limit=1)
+    return found[0].id if found else None
 
 
 def path_text(path: Path | str) -> str:

@@ -80,9 +80,9 @@ def test_full_phase2a_dag(prefect_api, flow_params, workspace):
     assert "](loss_curve.png)" not in report and "![loss curve](data:image/png;base64," in report
     # the samples drawn while training: one growing grid, in its own artifact and in the report
     assert "![samples while training](data:image/png;base64," in report
-    # one key, a new version after every set: the newest shows every set
-    training_samples = max((a for a in _artifacts(run.id) if a.key == "training-samples-full"),
-                           key=lambda a: a.created)
+    # one artifact, updated in place after every set (one card in the run's Artifacts tab): it
+    # shows every set
+    (training_samples,) = [a for a in _artifacts(run.id) if a.key == "training-samples-full"]
     assert training_samples.type == "markdown"
     assert "![samples while training](data:image/png;base64," in training_samples.data
     assert "steps 0, " in training_samples.data and f", {log['global_step']}; rows" in training_samples.data
