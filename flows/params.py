@@ -19,7 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import deployment
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lora.config import DEFAULT_MODEL, PRESETS
+from lora.config import DEFAULT_MODEL, PRESETS, check_preset
 
 
 class _Group(BaseModel):
@@ -73,9 +73,7 @@ class TrainingParams(_Group):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        if value not in PRESETS:
-            raise ValueError(f"unknown preset {value!r}; valid presets: {', '.join(PRESETS)}")
-        return value
+        return check_preset(value)
 
 
 class ResultsParams(_Group):

@@ -221,6 +221,14 @@ def nest_sample_options(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_preset(name: str) -> str:
+    """``name`` when it is a preset; else a ValueError listing the valid ones (the config, the
+    flows' parameters and :func:`resolve_config` all say it in these words)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return name
+
+
 def setting_names() -> frozenset[str]:
     """Every name ``--set`` and a sweep's grid accept: the fields of :class:`TrainConfig`, the
     speed options flat (as configs before them wrote them) and ``speed.<field>`` /
@@ -344,9 +352,7 @@ class TrainConfig(pydantic.BaseModel, extra="forbid", allow_inf_nan=False):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, v: str) -> str:
-        if v not in PRESETS:
-            raise ValueError(f"unknown preset {v!r}; valid presets: {', '.join(PRESETS)}")
-        return v
+        return check_preset(v)
 
 
 _MESSAGES = {
@@ -420,10 +426,10 @@ def resolve_config(
     file_values = read_config_file(config_file) if config_file else {}
     override_values = {k: v for k, v in (overrides or {}).items() if v is not None}
     name = override_values.pop("preset", None) or preset or file_values.get("preset") or DEFAULT_PRESET
-    if name not in PRESETS:
-        raise ConfigError(
-            f"invalid training config: preset: unknown preset {name!r}; valid presets: {', '.join(PRESETS)}"
-        )
+    try:
+        check_preset(name)
+    except ValueError as exc:
+        raise ConfigError(f"invalid training config: preset: {exc}") from None
     values: dict[str, Any] = {**PRESETS[name], **file_values, **override_values, "preset": name}
     return make_config(values)
 
