@@ -198,6 +198,12 @@ def check_out_dir(out_dir: Path | str, run_dirs: Sequence[Path] = ()) -> Path:
 
 
 def _set_scheduler(pipe: Any, name: str) -> None:
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+
+
+def make_scheduler(name: str, config: Any) -> Any:
+    """The sampler ``name`` (:data:`SCHEDULERS`) built from a model's scheduler ``config``; the
+    trainer's samples (lora/train/samples.py) draw with ``dpm++`` from here too."""
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
@@ -206,20 +212,17 @@ def _set_scheduler(pipe: Any, name: str) -> None:
         LCMScheduler,
     )
 
-    config = pipe.scheduler.config
     if name == "euler_a":
-        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(config)
-    elif name == "euler":
-        pipe.scheduler = EulerDiscreteScheduler.from_config(config)
-    elif name == "dpm++":
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", use_karras_sigmas=True)
-    elif name == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(config)
-    elif name == "lcm":
-        pipe.scheduler = LCMScheduler.from_config(config)
-    else:
-        raise SampleError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        return EulerAncestralDiscreteScheduler.from_config(config)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_karras_sigmas=True)
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "lcm":
+        return LCMScheduler.from_config(config)
+    raise SampleError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
 def _font(size: int):

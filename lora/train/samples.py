@@ -38,7 +38,7 @@ from lora.config import ConfigError, SampleOptions
 from lora.owned import FolderKind, build_folder
 from lora.runpaths import SAMPLES_JSON, RunPaths
 from lora.sample import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPTS, TINY_STEPS, SampleError, long_prompts, \
-    make_grid, read_prompts
+    make_grid, make_scheduler, read_prompts
 from lora.train.data.cache import encode_prompts
 from lora.train.data.fitting import fitting_batches
 
@@ -202,8 +202,6 @@ class Sampler:
 
     def _draw(self, batch: list[int], cond_all: torch.Tensor, uncond: torch.Tensor) -> list[Any]:
         """The images ``batch`` (indices into the rows): denoise, then decode one by one."""
-        from diffusers import DPMSolverMultistepScheduler
-
         m, s = self.models, self.settings
         rows = [s.rows[i] for i in batch]
         scale = _vae_scale(m.vae)
@@ -212,8 +210,7 @@ class Sampler:
         # in any batch (as diffusers' pipelines and `animelora sample` draw it)
         noise = torch.cat([torch.randn((1, 4, side, side), generator=torch.Generator("cpu").manual_seed(seed))
                            for _, seed in rows])
-        scheduler = DPMSolverMultistepScheduler.from_config(m.noise_scheduler.config, algorithm_type="dpmsolver++",
-                                                            use_karras_sigmas=True)
+        scheduler = make_scheduler("dpm++", m.noise_scheduler.config)
         scheduler.set_timesteps(s.steps, device=m.device)
         latents = noise.to(m.device) * scheduler.init_noise_sigma
         cond = cond_all[[p for p, _ in rows]]
