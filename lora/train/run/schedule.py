@@ -90,13 +90,14 @@ class Samples(Action):
         self.epochs, self.every_steps, self.training_log = epochs or set(), every_steps, training_log
 
     def due(self, at: Boundary) -> bool:
-        if at.step in self.training_log.sample_steps():
-            return False
         if at.last:
-            return True
-        if self.every_steps:
-            return at.step % self.every_steps == 0
-        return at.epoch_done and at.epoch in self.epochs
+            on_cadence = True
+        elif self.every_steps:
+            on_cadence = at.step % self.every_steps == 0
+        else:
+            on_cadence = at.epoch_done and at.epoch in self.epochs
+        # the log is read only at a cadence step, not at every step of the loop
+        return on_cadence and at.step not in self.training_log.sample_steps()
 
 
 class Checkpoint(Action):
