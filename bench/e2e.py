@@ -209,6 +209,8 @@ def time_peer(label: str, cmd: list[str], marker: str, env: dict[str, str], cwd:
     marks: list[tuple[float, int]] = []
     t0 = time.monotonic()
     tail: list[str] = []
+    # every other line with the second it came at: where a peer's start-up went
+    timed: list[str] = []
     with GpuMemoryWatch() as watch:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         assert proc.stdout is not None
@@ -228,9 +230,10 @@ def time_peer(label: str, cmd: list[str], marker: str, env: dict[str, str], cwd:
                         marks.append((now, n))
                 elif text.strip():
                     tail = (tail + [text])[-15:]
+                    timed = (timed + [f"{now:7.1f} s  {text}"])[-400:]
         rc = proc.wait()
     wall = time.monotonic() - t0
-    keep_output(label, "\n".join(tail))
+    keep_output(label, "\n".join(timed), lines=400)
     row: dict[str, Any] = {"variant": label, "rc": rc, "steps_run": marks[-1][1] if marks else 0,
                            "wall_run_s": round(wall, 1), "smi_gib": watch.peak_gib}
     projected = project(marks, steps, full_steps, wall) if rc == 0 else None
@@ -312,6 +315,9 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
                reserved_gib=seg.get("gpu_max_reserved_gib"),
                setup_reserved_gib=seg.get("setup_max_reserved_gib"), graph_shapes=seg.get("graph_shapes"),
                graph_warmup_s=seg.get("graph_warmup_s"), fast_path=seg.get("fast_path"),
+               # the set-up's parts and each shape's warm-up (setup_table)
+               before_segment_s=round(before, 1), setup_parts=seg.get("setup_parts"),
+               graph_warmups=seg.get("graph_warmups"),
                # where the rest of the wall time went: every step's own time, then between steps
                steps_s=round(sum(s["images"] / s["images_per_sec"] for s in steps[1:]
                                  if s.get("images_per_sec")), 1),
@@ -347,6 +353,24 @@ def table(rows: list[dict[str, Any]], peers: dict[str, dict[str, Any] | None], f
         lines.append(f"| {r['variant']} | {r.get('epochs')} | {r.get('wall_s')} | {r.get('first_step_s')} | {r.get('warmup_s')} | "
                      f"{r.get('steps_s')} | {r.get('validation_s')} | {r.get('samples_s') or '-'} | "
                      f"{r.get('img_per_s')} | {r.get('reserved_gib')} | {r.get('smi_gib')} |" + speedups(wall))
+    return "\n".join(lines)
+
+
+def setup_table(rows: list[dict[str, Any]]) -> str:
+    """Where each row's time before its first step went: the process start and imports
+    (before the segment's clock), each part of the set-up, and each shape's warm-up (its first
+    eager call, its second, its capture)."""
+    parts: list[str] = []
+    for r in rows:
+        parts += [p for p in (r.get("setup_parts") or {}) if p not in parts]
+    lines = ["| variant | imports s | " + " | ".join(f"{p} s" for p in parts) + " | warm-up per shape: 1st call / 2nd / capture s |",
+             "| --- " * (3 + len(parts)) + "|"]
+    for r in rows:
+        got = r.get("setup_parts") or {}
+        shapes = "; ".join(f"{'x'.join(map(str, w['shape']))}: " + " / ".join(str(v) for v in [*w.get("eager_s", []), w.get("capture_s")])
+                           for w in r.get("graph_warmups") or [])
+        lines.append(f"| {r['variant']} | {r.get('before_segment_s')} | " + " | ".join(str(got.get(p, '-')) for p in parts)
+                     + f" | {shapes or '-'} |")
     return "\n".join(lines)
 
 
@@ -439,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{a.shapes}: {len(plan.train_items)} training images, {len(buckets)} buckets, "
               f"{plan.total_steps} steps ({epochs} epochs)")
         print(table(rows, peers, plan.total_steps))
+        print("\nbefore the first step:\n" + setup_table(rows))
         return 1 if any(r.get("error") for r in [*rows, *filter(None, peers.values())]) else 0
 
 

@@ -126,6 +126,11 @@ def test_e2e_smoke_runs_the_whole_command_and_reads_its_segment_record(tmp_path,
     assert row["sample_sets"] == 3 and row["samples_s"] > 0
     assert nosamples["rc"] == 0 and nosamples["epochs"] == 1 and nosamples["sample_sets"] is None
     assert "| default | 2 |" in out and "| nosamples | 1 |" in out  # the table
+    # where the set-up went, part by part (the segment record's setup_parts), and its table
+    parts = row["setup_parts"]
+    assert {"load_model", "latent_cache", "unet_lora", "optimizer_runner"} <= set(parts)
+    assert 0 < sum(parts.values()) <= row["setup_s"] - row["before_segment_s"] + 0.15  # rows round to 0.1 s
+    assert "before the first step:" in out and "| latent_cache s |" in out
 
 
 def test_e2e_nosamples_variant_runs_the_default_without_samples():

@@ -120,7 +120,7 @@ def _train_segment(
     samples = sample_settings(cfg, plan) if main else None  # a bad prompt file: refused before set-up
     stats = SegmentStats()
     parts = set_up(cfg, plan)
-    stats.setup_done()
+    stats.setup_done(parts.setup_seconds)
     if data is not None:
         restore(parts, data)
         run = data.run  # the checkpoint's state.json and log, as written

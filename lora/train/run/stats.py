@@ -24,18 +24,22 @@ class SegmentStats:
         self.first_step = 0
         self.last_step = 0
         self.setup_max_reserved_gib: float | None = None
+        #: seconds of each part of the set-up (lora/train/setup/phases.py)
+        self.setup_parts: dict[str, float] = {}
         #: seconds spent between steps, by kind ("validation", "checkpoint", "export"), and how often
         self.spent: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
-    def setup_done(self) -> None:
+    def setup_done(self, parts: dict[str, float] | None = None) -> None:
         """Models loaded, latents cached, LoRA attached: what follows is warm-up and steps.
+        ``parts``: the set-up's seconds by part, kept in the record as ``setup_parts``.
 
         The set-up's memory peak (the VAE encoding new images for the latent cache, freed
         before training) is kept apart, so the segment's peak is what training holds."""
         self.setup_done_s = time.monotonic() - self.started
+        self.setup_parts = dict(parts or {})
         if torch.cuda.is_available():
             self.setup_max_reserved_gib = _gib(torch.cuda.max_memory_reserved())
             torch.cuda.reset_peak_memory_stats()
@@ -57,6 +61,7 @@ class SegmentStats:
             "started_at": round(self.started_at, 3),
             "wall_s": round(time.monotonic() - self.started, 3),
             "setup_s": _round(self.setup_done_s),
+            "setup_parts": self.setup_parts,
             "first_step_s": _round(self.first_step_s),
             "first_step": self.first_step, "last_step": self.last_step,
         }
@@ -67,6 +72,9 @@ class SegmentStats:
         if warmups:
             out["graph_shapes"] = [list(w.shape) for w in warmups]
             out["graph_warmup_s"] = round(sum(w.seconds for w in warmups), 3)
+            # each shape's own: the eager calls that warm it up (the first pays for the
+            # library's kernel choice and loading), then the capture
+            out["graph_warmups"] = [w.as_record() for w in warmups]
         fast = getattr(runner, "fast", None)
         if fast is not None:
             out["fast_path"] = {k: v for k, v in vars(fast).items()}

@@ -25,6 +25,7 @@ from lora.train.step.runner import StepRunner
 from .accelerator import make_accelerator, mixed_precision, weight_dtype
 from .lora import setup_lora_unet, setup_text_encoder_lora
 from .optimizer import make_optimizer, make_scheduler
+from .phases import PhaseClock
 
 
 @dataclass
@@ -52,10 +53,13 @@ class TrainingSetup:
     #: kept on the CPU only where samples are drawn while training (lora/train/samples.py);
     #: None elsewhere: a step needs no VAE
     vae: torch.nn.Module | None = None
+    #: seconds of each part of the set-up (model load, latent cache, ...), in the order they ran
+    setup_seconds: dict[str, float] | None = None
 
 
 def set_up(cfg: TrainConfig, plan: DataPlan) -> TrainingSetup:
     """Load the base model, build the caches, attach LoRA and make optimizer, schedule and runner."""
+    clock = PhaseClock()
     mp = mixed_precision(cfg)
     # cpu=True lets accelerate form a gloo process group when launched on a machine without CUDA
     accelerator = make_accelerator(mp, cpu=not torch.cuda.is_available())
@@ -66,11 +70,14 @@ def set_up(cfg: TrainConfig, plan: DataPlan) -> TrainingSetup:
     device = accelerator.device
     if cfg.speed.low_memory:
         use_expandable_segments()  # before the first model tensor reaches the card
+    clock.mark("accelerator")
     comps = load_components(cfg.model, dtype=torch.float32, device="cpu")
     comps.vae.to(device)
     comps.text_encoder.to(device)
+    clock.mark("load_model")
     live_text = cfg.caption_shuffle or cfg.train_text_encoder
     train_cache, val_cache = _caches(cfg, plan, comps, accelerator)
+    clock.mark("latent_cache")
     comps.vae.to("cpu")
     # a step runs only the UNet (and the text encoder when captions change); the VAE stays, on
     # the CPU, only where it decodes samples drawn while training
@@ -82,6 +89,7 @@ def set_up(cfg: TrainConfig, plan: DataPlan) -> TrainingSetup:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
+    clock.mark("encoders_off")
     dtype = weight_dtype(mp)
     try:
         trainable = setup_lora_unet(cfg, comps.unet, device, dtype)
@@ -92,6 +100,7 @@ def set_up(cfg: TrainConfig, plan: DataPlan) -> TrainingSetup:
         te_trainable = setup_text_encoder_lora(cfg, comps.text_encoder, device, dtype)
         trainable.update(te_trainable)
         groups.append({"params": list(te_trainable.values()), "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    clock.mark("unet_lora")
     optimizer = make_optimizer(cfg, groups)
     # evaluation_mode: autocast without a DDP wrapper; several processes average gradients
     # themselves, between the CUDA graphs (lora/train/distributed.py)
@@ -102,9 +111,10 @@ def set_up(cfg: TrainConfig, plan: DataPlan) -> TrainingSetup:
                           text_encoder=comps.text_encoder, autocast=accelerator.autocast, device=device)
     runner = StepRunner(cfg, accelerator, unet, optimizer, lr_scheduler, comps.noise_scheduler,
                         list(trainable.values()), train_cache, text_for, total_steps=plan.total_steps)
+    clock.mark("optimizer_runner")
     return TrainingSetup(cfg, plan, mp, accelerator, device, accelerator.is_main_process, accelerator.num_processes,
                          unet, comps.text_encoder, comps.noise_scheduler, train_cache, val_cache, trainable, runner,
-                         tokenizer=comps.tokenizer, vae=vae)
+                         tokenizer=comps.tokenizer, vae=vae, setup_seconds=clock.seconds)
 
 
 def _caches(cfg: TrainConfig, plan: DataPlan, comps, accelerator) -> tuple[CachedItems, CachedItems]:

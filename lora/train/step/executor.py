@@ -73,6 +73,18 @@ class WarmupRecord:
 
     shape: tuple[int, ...]
     seconds: float
+    #: the eager calls before a capture, each on its own (the first one loads and picks kernels)
+    eager_s: tuple[float, ...] = ()
+    #: the capture itself
+    capture_s: float | None = None
+
+    def as_record(self) -> dict:
+        out: dict = {"shape": list(self.shape), "seconds": round(self.seconds, 3)}
+        if self.eager_s:
+            out["eager_s"] = [round(s, 3) for s in self.eager_s]
+        if self.capture_s is not None:
+            out["capture_s"] = round(self.capture_s, 3)
+        return out
 
 
 class StepExecutor:

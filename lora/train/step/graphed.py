@@ -258,10 +258,16 @@ class GraphedExecutor(StepExecutor):
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
+            eager: list[tuple[float, ...]] = []
             with torch.cuda.stream(side):
                 for _key, static in statics:
+                    calls = []
                     for _ in range(2):  # compile (first call), handles, cuDNN's algorithm choice
+                        t0 = time.perf_counter()
                         self._micro(static)
+                        side.synchronize()  # each call's own time: the first is the costly one
+                        calls.append(time.perf_counter() - t0)
+                    eager.append(tuple(calls))
                 self._optimizer_tail()  # creates the optimizer state outside the graph pool
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
@@ -271,7 +277,8 @@ class GraphedExecutor(StepExecutor):
             warmed = time.perf_counter()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            for key, static in statics:
+            share = (warmed - started - sum(map(sum, eager))) / len(statics)  # the rest, split evenly
+            for (key, static), calls in zip(statics, eager):
                 t0 = time.perf_counter()
                 with torch.cuda.graph(static.graph, pool=self.pool):
                     static.loss = self._micro(static)
@@ -281,8 +288,8 @@ class GraphedExecutor(StepExecutor):
                         self.grad_norm = self._optimizer_tail()
                     self.opt_graph = g
                 self.micro[key] = static
-                share = (warmed - started) / len(statics)  # the warm-up, split evenly
-                self.warmups.append(WarmupRecord(tuple(key[0]), share + time.perf_counter() - t0))
+                capture = time.perf_counter() - t0
+                self.warmups.append(WarmupRecord(tuple(key[0]), share + sum(calls) + capture, calls, capture))
             torch.cuda.synchronize()
         except BaseException:
             torch.cuda.synchronize()
