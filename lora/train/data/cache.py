@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 from lora.datapaths import DatasetPaths
 from lora.fsutil import atomic_write_bytes, file_digest
 
-from .buckets import Bucket, load_for_bucket
+from .buckets import Bucket
 from .dataset import Item
 from .fitting import fitting_batches
+from .prefetch import PreparedImages, threaded_map
 
 log = logging.getLogger(__name__)
 #: Images per VAE encode while building the latent cache. The fp32 VAE at 512 px holds about
@@ -196,8 +197,9 @@ def build_cache(
 
     # Latents: look up, then encode the misses bucket by bucket in small batches.
     todo: dict[Bucket, list[tuple[int, Path]]] = {}
-    for i, (item, bucket) in enumerate(zip(items, buckets)):
-        path = base / f"latents-r{resolution}" / f"{file_sha256(item.image)}-{bucket[0]}x{bucket[1]}.safetensors"
+    digests = threaded_map(file_sha256, [item.image for item in items])  # reading files: threads overlap
+    for i, (digest, bucket) in enumerate(zip(digests, buckets)):
+        path = base / f"latents-r{resolution}" / f"{digest}-{bucket[0]}x{bucket[1]}.safetensors"
         entry = _load(path, latent_keys)
         if entry is not None:
             latents[i] = entry["latent"]
@@ -208,12 +210,14 @@ def build_cache(
             misses += 1
     encoder = LatentEncoder(vae, device, scaling, batch=encode_batch)
     done = 0
-    with _progress(misses, "caching latents") as bar:
+    # the images in the order they are encoded, prepared on threads while the VAE works
+    jobs = [(items[i].image, bucket) for bucket, entries in todo.items() for i, _ in entries]
+    with PreparedImages(jobs) as prepared, _progress(misses, "caching latents") as bar:
         for bucket, entries in todo.items():
             start = 0
             while start < len(entries):
                 chunk = entries[start:start + encoder.batch]
-                pixels = torch.stack([load_for_bucket(items[i].image, bucket) for i, _ in chunk])
+                pixels = torch.stack(prepared.take(len(chunk)))
                 out = encoder.encode(pixels)
                 out_flip = encoder.encode(torch.flip(pixels, dims=[3])) if flip else None
                 for j, (i, path) in enumerate(chunk):
