@@ -322,6 +322,7 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
                steps_s=round(sum(s["images"] / s["images_per_sec"] for s in steps[1:]
                                  if s.get("images_per_sec")), 1),
                validation_s=seg.get("validation_s"), validations=seg.get("validation_count"),
+               validation_each_s=seg.get("validation_each_s"),
                samples_s=seg.get("samples_s"), sample_sets=seg.get("samples_count"),
                checkpoint_s=seg.get("checkpoint_s"), export_s=seg.get("export_s"),
                final_val=(log.get("validation") or [{}])[-1].get("loss"))
@@ -363,14 +364,17 @@ def setup_table(rows: list[dict[str, Any]]) -> str:
     parts: list[str] = []
     for r in rows:
         parts += [p for p in (r.get("setup_parts") or {}) if p not in parts]
-    lines = ["| variant | imports s | " + " | ".join(f"{p} s" for p in parts) + " | warm-up per shape: 1st call / 2nd / capture s |",
-             "| --- " * (3 + len(parts)) + "|"]
+    lines = ["| variant | imports s | " + " | ".join(f"{p} s" for p in parts)
+             + " | warm-up per shape: 1st call / 2nd / capture s | validation at step 0 s | later validations, median s |",
+             "| --- " * (5 + len(parts)) + "|"]
     for r in rows:
         got = r.get("setup_parts") or {}
         shapes = "; ".join(f"{'x'.join(map(str, w['shape']))}: " + " / ".join(str(v) for v in [*w.get("eager_s", []), w.get("capture_s")])
                            for w in r.get("graph_warmups") or [])
+        each = r.get("validation_each_s") or []
+        later = sorted(each[1:])
         lines.append(f"| {r['variant']} | {r.get('before_segment_s')} | " + " | ".join(str(got.get(p, '-')) for p in parts)
-                     + f" | {shapes or '-'} |")
+                     + f" | {shapes or '-'} | {each[0] if each else '-'} | {later[len(later) // 2] if later else '-'} |")
     return "\n".join(lines)
 
 

@@ -122,6 +122,7 @@ def test_e2e_smoke_runs_the_whole_command_and_reads_its_segment_record(tmp_path,
     assert row["img_per_s"] > 0
     # where the rest went: the steps' own time and the validations (step 0 and two epoch ends)
     assert 0 < row["steps_s"] < row["wall_s"] and row["validations"] == 3 and row["validation_s"] > 0
+    assert len(row["validation_each_s"]) == 3 and sum(row["validation_each_s"]) == pytest.approx(row["validation_s"], abs=0.01)
     # the default's samples while training (step 0 and both epoch ends): what `nosamples` leaves out
     assert row["sample_sets"] == 3 and row["samples_s"] > 0
     assert nosamples["rc"] == 0 and nosamples["epochs"] == 1 and nosamples["sample_sets"] is None

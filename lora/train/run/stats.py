@@ -29,6 +29,8 @@ class SegmentStats:
         #: seconds spent between steps, by kind ("validation", "checkpoint", "export"), and how often
         self.spent: dict[str, float] = {}
         self.counts: dict[str, int] = {}
+        #: each one's seconds, in order (the first validation pays for the first eager kernels)
+        self.each: dict[str, list[float]] = {}
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -49,6 +51,7 @@ class SegmentStats:
         time is set-up + warm-up + steps + these, and the record says so."""
         self.spent[kind] = self.spent.get(kind, 0.0) + seconds
         self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.each.setdefault(kind, []).append(round(seconds, 3))
 
     def step_read(self, step: int) -> None:
         if self.first_step_s is None:
@@ -68,6 +71,7 @@ class SegmentStats:
         for kind, seconds in self.spent.items():
             out[f"{kind}_s"] = round(seconds, 3)
             out[f"{kind}_count"] = self.counts[kind]
+            out[f"{kind}_each_s"] = self.each[kind]
         warmups = getattr(getattr(runner, "executor", None), "warmups", None)
         if warmups:
             out["graph_shapes"] = [list(w.shape) for w in warmups]
