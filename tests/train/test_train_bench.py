@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,20 @@ def test_host_threads_bench_prints_both_settings_side_by_side():
     assert any("torch default threads" in line and line.split()[-4] == "2" for line in lines), out.stdout
     trainer = [line for line in lines if line.startswith("trainer on a GPU")]
     assert [line.split()[-5] for line in trainer] == ["1", "1"]  # one thread, alone and side by side
+
+
+def test_first_calls_bench_times_first_and_second_calls(tmp_path, capsys, monkeypatch):
+    """bench/first_calls.py --smoke: a row per kernel and shape with its first and second call,
+    and a summary of what the first calls cost more, into $OUT too."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert _load("first_calls").main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "| sdpa-math | 8x12/1 q96 k96 d40 |" in out and "| conv3x3 | 8x8/4 c1280 |" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert set(summary["first_minus_second_s"]) == {"sdpa-math", "conv3x3"}
+    assert "driver_cache_mib_after" in summary
+    saved = json.loads((tmp_path / "bench_first_calls.jsonl").read_text().splitlines()[0])
+    assert len(saved["rows"]) == 2 * 3 * 2 + 2 * 3  # 2 latents x 3 levels x (self, cross) + convs
 
 
 def test_blocks_bench_compares_compiled_blocks_with_eager(tmp_path, monkeypatch, capsys):
@@ -186,7 +201,10 @@ def test_a_peer_process_is_timed_from_its_progress_bar(tmp_path, monkeypatch):
     assert row["rc"] == 0 and row["steps_run"] == 20 and "error" not in row, row
     assert 0 < row["first_step_s"] < row["wall_run_s"] < row["projected_wall_s"]
     assert "200 steps at" in row["note"]
-    assert "model saved." in (tmp_path / "bench_e2e_output.log").read_text()  # the tail kept for a failed row
+    kept = (tmp_path / "bench_e2e_output.log").read_text()
+    assert "model saved." in kept  # the tail kept for a failed row
+    # each kept line with the second it came at: where a peer's start-up went
+    assert re.search(r"^\s*\d+\.\d s  caching latents$", kept, re.M), kept
 
 
 def test_a_failed_peer_is_a_row_with_its_last_lines(tmp_path):
