@@ -84,6 +84,9 @@ PARTS: dict[str, list[str]] = {
     "graphs": ["--set", "cuda_graphs=on"],
     # no samples while training: ``default`` against ``nosamples`` is what the default sets cost
     "nosamples": ["--set", "samples=off"],
+    # cuDNN's heuristics instead of its benchmark: a first eager call per bucket shape without
+    # timing every convolution algorithm, against what the benchmark's choice gains per step
+    "nocudnnbench": ["--set", "cudnn_benchmark=off"],
 }
 
 _TQDM_STEPS = re.compile(r"(\d+)/(\d+) \[")

@@ -75,6 +75,13 @@ def _switch(value: str, name: str, default: bool) -> bool:
 #: images/s for graphs with half-precision norms), so it pays for itself after ~11,000 steps of
 #: each shape; the guide's 20-epoch run has 3,000 in all.
 COMPILE_MIN_STEPS_PER_SHAPE = 11000
+#: ``cudnn_benchmark=auto`` lets cuDNN time its convolution algorithms only for a run of at
+#: least this many optimizer steps per bucket shape. Measured on an H100 at phase2a (bench/README.md,
+#: "eleventh session"): the timing made each shape's first eager call 1.6 s longer (graph
+#: warm-up of 5 shapes 15.0 s against 7.0 s) and its choice saved ~0.6 ms a step (88.5 against
+#: 87.4 images/s, medians), so it pays for itself after ~2,750 steps of each shape; the guide's
+#: 20-epoch run has ~590.
+CUDNN_BENCHMARK_MIN_STEPS_PER_SHAPE = 2750
 
 
 def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_processes: int = 1,
@@ -84,7 +91,8 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
 
     ``compile=auto`` is decided by the run: on only when its steps per bucket shape
     (``total_steps / shapes``) reach :data:`COMPILE_MIN_STEPS_PER_SHAPE`, where the compile's
-    warm-up pays for itself (unknown ``total_steps``: on, as before).
+    warm-up pays for itself (unknown ``total_steps``: on, as before). ``cudnn_benchmark=auto``
+    likewise, from :data:`CUDNN_BENCHMARK_MIN_STEPS_PER_SHAPE`.
 
     CUDA graphs are off (``auto``) or refused (``on``) where they would change what is trained
     or cannot be captured: no CUDA device, LoRA dropout (its random mask) and a trained text
@@ -99,7 +107,8 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     long_enough = total_steps is None or total_steps >= COMPILE_MIN_STEPS_PER_SHAPE * max(1, shapes)
     compile_on = _switch(cfg.speed.compile, "compile", cuda and not cfg.speed.low_memory and long_enough)
     channels_last = _switch(cfg.speed.channels_last, "channels_last", cuda)
-    cudnn_benchmark = _switch(cfg.speed.cudnn_benchmark, "cudnn_benchmark", cuda)
+    benchmark_pays = total_steps is None or total_steps >= CUDNN_BENCHMARK_MIN_STEPS_PER_SHAPE * max(1, shapes)
+    cudnn_benchmark = _switch(cfg.speed.cudnn_benchmark, "cudnn_benchmark", cuda and benchmark_pays)
     # LoRA dropout draws a mask per projection: the fused product cannot share one input
     fused_qkv = _switch(cfg.speed.fused_qkv, "fused_qkv", cuda and cfg.lora_dropout == 0)
     if fused_qkv and cfg.lora_dropout > 0:
@@ -160,6 +169,10 @@ def describe_fast_options(opts: FastOptions, cfg: TrainConfig, *, shapes: int, t
     for name in ("channels_last", "fused_qkv", "overlap_steps", "half_norms"):
         if getattr(opts, name):
             parts.append(name.replace("_", "-"))
+    if opts.cudnn_benchmark:
+        parts.append("cuDNN benchmark")
+    elif cfg.speed.cudnn_benchmark == "auto":
+        parts.append(f"cuDNN heuristics (< {CUDNN_BENCHMARK_MIN_STEPS_PER_SHAPE} steps a shape to pay back its timing)")
     if cfg.speed.low_memory or cfg.speed.gradient_checkpointing:
         parts.append("gradient checkpointing" + (" (low_memory)" if cfg.speed.low_memory else ""))
     return "fast path: " + ", ".join(parts)

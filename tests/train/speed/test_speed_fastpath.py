@@ -114,6 +114,24 @@ def test_auto_compiles_only_where_the_warm_up_pays_back():
     assert resolve_fast_options(forced, "cuda", total_steps=10, shapes=7).compile  # "on" still wins
 
 
+def test_auto_times_cudnn_algorithms_only_where_it_pays_back():
+    """cudnn_benchmark=auto: cuDNN's timing of every convolution algorithm costs each bucket
+    shape's first call more than its choice saves in the guide's run (bench/README.md)."""
+    cfg = resolve_config("phase2a", {"model": "tiny"})
+    per_shape = speed_options.CUDNN_BENCHMARK_MIN_STEPS_PER_SHAPE
+    short = resolve_fast_options(cfg, "cuda", total_steps=2960, shapes=5)
+    assert not short.cudnn_benchmark
+    line = speed_options.describe_fast_options(short, cfg, shapes=5, total_steps=2960, mixed_precision="bf16")
+    assert f"cuDNN heuristics (< {per_shape} steps a shape" in line
+    long = resolve_fast_options(cfg, "cuda", total_steps=per_shape * 2, shapes=2)
+    assert long.cudnn_benchmark
+    assert "cuDNN benchmark" in speed_options.describe_fast_options(long, cfg, shapes=2, total_steps=per_shape * 2,
+                                                                     mixed_precision="bf16")
+    assert not resolve_fast_options(cfg, "cpu", total_steps=per_shape * 2, shapes=1).cudnn_benchmark
+    forced = resolve_config("phase2a", {"model": "tiny", "cudnn_benchmark": "on"})
+    assert resolve_fast_options(forced, "cuda", total_steps=10, shapes=7).cudnn_benchmark  # "on" still wins
+
+
 def test_switches_may_change_between_segments():
     a = resolve_config("phase2a", {"model": "tiny"}).model_dump()
     b = resolve_config("phase2a", {"model": "tiny", "compile": "off", "cuda_graphs": "off",
@@ -215,7 +233,7 @@ def test_low_memory_turns_on_checkpointing_keeps_graphs_and_never_compiles(tiny_
     assert not resolve_fast_options(no_graphs, "cuda").cuda_graphs
     line = speed_options.describe_fast_options(opts, cfg, shapes=5, total_steps=3000, mixed_precision="bf16")
     assert line.startswith("fast path: compile off (low_memory), CUDA graphs for 5 bucket shape(s)")
-    assert line.endswith("half-norms, gradient checkpointing (low_memory)")
+    assert line.endswith("half-norms, cuDNN benchmark, gradient checkpointing (low_memory)")  # steps unknown: on
     forced = resolve_config("phase2a", {"model": "tiny", "low_memory": True, "compile": "on"})
     assert resolve_fast_options(forced, "cuda").compile  # an explicit "on" still wins
     unet = load_components("tiny").unet
