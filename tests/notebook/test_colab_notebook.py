@@ -83,6 +83,9 @@ def colab_env(monkeypatch):
     monkeypatch.setenv("DANBOORU_API_KEY", API_KEY)
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)
+    # unset while the test runs, and unset again after it (the notebook sets it in this process)
+    monkeypatch.setenv("CUDA_CACHE_PATH", "-")
+    monkeypatch.delenv("CUDA_CACHE_PATH")
 
 
 def test_only_install_and_drive_mount_are_colab_only():
@@ -141,6 +144,8 @@ def test_a_run_stopped_by_the_session_clock_resumes_next_session_and_is_publishe
     assert float(Path(params["SESSION_CLOCK"]).read_text()) >= before  # the clock started afresh
     assert SESSION_HOURS * 60 - 20 - 2 < ns["TIME_BUDGET_MINUTES"] <= SESSION_HOURS * 60 - 20
     assert ns["TRAINING_COMPLETE"] is True
+    # the CUDA driver's compiled code is kept on Drive for the next session's commands
+    assert os.environ["CUDA_CACHE_PATH"] == str(drive / "cache" / "cuda")
     assert f"run {run_dir.name} has started on its data-set version: nothing to fetch" in out
     log = training_log(run_dir)
     assert log["complete"] and log["global_step"] == total
