@@ -84,6 +84,13 @@ def test_first_calls_bench_times_first_and_second_calls(tmp_path, capsys, monkey
     assert len(saved["rows"]) == 2 * 3 * 2 + 2 * 3  # 2 latents x 3 levels x (self, cross) + convs
 
 
+def test_sample_files_bench_prints_each_set_with_and_without_kept_copies(capsys):
+    assert _load("sample_files").main(["--sets", "2", "--images", "4", "--side", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "| set | write PNGs s | overview, copies kept s | overview, all shrunk anew s |" in out
+    assert "| 2 | " in out and "| all | " in out and "zlib level 6" in out
+
+
 def test_blocks_bench_compares_compiled_blocks_with_eager(tmp_path, monkeypatch, capsys):
     """bench/blocks.py --smoke: both 64x64-level blocks, eager first, each compiled setting's
     outputs checked against eager, FLOPs counted, the table and JSON written."""

@@ -135,3 +135,48 @@ def test_default_prompts_start_with_the_trigger_word():
     tiny = resolve_settings(SampleOptions(), tiny=True, resolution=64, trigger=None)
     assert tiny.prompts == (real.prompts[0].removeprefix("mychar, "),)
     assert (tiny.steps, len(tiny.rows)) == (4, 1)
+
+
+def test_the_overview_shrinks_each_sets_images_once_and_again_when_a_set_changes(tmp_path, monkeypatch):
+    """The overview is rebuilt after every set; the copies made for earlier overviews are
+    reused (the same grid, byte for byte), and a set written again since is shrunk again."""
+    import os
+
+    from lora.runpaths import SAMPLES_JSON, RunPaths
+    from lora.train import samples as samples_mod
+    from lora.train.samples import Thumbnails, TrainingSampleSettings, write_overview
+
+    settings = TrainingSampleSettings(prompts=("a", "b"), negative_prompt="", seeds=(0, 1), steps=2,
+                                      guidance=7.0, resolution=64)
+    paths = RunPaths(tmp_path / "run")
+
+    def write_set(step: int, shade: int) -> None:
+        folder = paths.training_sample_set(step)
+        folder.mkdir(parents=True, exist_ok=True)
+        images = []
+        for p, seed in settings.rows:
+            name = f"p{p}_s{seed}.png"
+            Image.new("RGB", (64, 64), (shade, 10 * p, 20 * seed)).save(folder / name)
+            images.append({"file": name, "prompt": settings.prompts[p], "seed": seed})
+        (folder / SAMPLES_JSON).write_text(json.dumps({"step": step, "images": images}))
+
+    shrunk = []
+    real = samples_mod._thumbnail
+    monkeypatch.setattr(samples_mod, "_thumbnail", lambda path, out: shrunk.append(path.parent.name) or real(path, out))
+    thumbnails = Thumbnails()
+    for n, step in enumerate([0, 3, 6]):
+        write_set(step, 40 * n)
+        write_overview(paths, [0, 3, 6][:n + 1], settings, thumbnails)
+    assert shrunk == ["step-0"] * 4 + ["step-3"] * 4 + ["step-6"] * 4  # each image once
+    cached = paths.training_samples_grid.read_bytes()
+    write_overview(paths, [0, 3, 6], settings)  # no copies kept: every image shrunk anew
+    assert paths.training_samples_grid.read_bytes() == cached
+
+    shrunk.clear()
+    write_set(3, 200)  # the set of step 3 written again (a resumed run draws it anew)
+    later = os.stat(paths.training_sample_set(3) / "p0_s0.png").st_mtime_ns + 10**9
+    for image in paths.training_sample_set(3).glob("*.png"):
+        os.utime(image, ns=(later, later))
+    write_overview(paths, [0, 3, 6], settings, thumbnails)
+    assert shrunk == ["step-3"] * 4
+    assert paths.training_samples_grid.read_bytes() != cached
