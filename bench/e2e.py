@@ -61,7 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peers import kohya  # noqa: E402  (the repository root is on the path only now)
-from lora.datapaths import DatasetPaths  # noqa: E402
+from lora.datapaths import SPLIT_FILE, DatasetPaths  # noqa: E402
 
 #: Danbooru-like sizes (width, height), mostly portrait, repeated in these proportions.
 DANBOORU_SIZES = [(512, 768)] * 4 + [(576, 704)] * 2 + [(448, 768)] * 2 + [
@@ -151,6 +151,10 @@ def build_data(work: Path, shapes: str, n: int) -> Path:
     if DatasetPaths(data).versions.is_dir():
         return data
     shutil.rmtree(data, ignore_errors=True)
+    # a fixed salt: every machine holds out the same images (a new data set draws a random one,
+    # which gave 2,940 steps on one machine and 2,960 on another for the same command)
+    data.mkdir(parents=True)
+    (data / SPLIT_FILE).write_text(json.dumps({"salt": "animelora-bench", "fraction": 0.1}) + "\n")
     return write_synthetic_dataset(data, n, SHAPES[shapes], first_id=1000, compress_level=0,
                                    caption=lambda i: f"1girl, solo, tag{i % 7}, color{i % 5}")
 

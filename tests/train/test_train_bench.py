@@ -137,6 +137,8 @@ def test_e2e_smoke_runs_the_whole_command_and_reads_its_segment_record(tmp_path,
     assert code == 0, out
     result = json.loads((tmp_path / "out" / "bench_e2e_danbooru.json").read_text())
     assert len(result["buckets"]) >= 3  # portrait, landscape and square images: several buckets
+    # the same held-out images on every machine (a fixed salt), so rows of two calls compare
+    assert json.loads((tmp_path / "w" / "data-danbooru" / "split.json").read_text())["salt"] == "animelora-bench"
     row, nosamples = result["rows"]
     assert row["rc"] == 0 and row["steps"] == result["total_steps"]
     # the training log's segment record: set-up, then the first step, then the steady rate
