@@ -6,6 +6,7 @@ from .load import (
     load_components,
     load_pipeline,
     resolve_model,
+    stored_dtype,
 )
 from .tiny import (
     TINY_MODEL_NAME,
@@ -23,6 +24,7 @@ __all__ = [
     "load_components",
     "load_pipeline",
     "resolve_model",
+    "stored_dtype",
     "TINY_MODEL_NAME",
     "TINY_RESOLUTION",
     "TINY_VAE_SCALE_FACTOR",

@@ -233,6 +233,39 @@ def _single_file_pipeline(path: Path, model: str, dtype: torch.dtype, config: st
         raise ModelLoadError(f"cannot load base model '{model}': {_one_line(exc)}") from exc
 
 
+#: safetensors' dtype names of floating tensors -> torch dtypes
+_SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def stored_dtype(folder: Path, subfolder: str) -> torch.dtype | None:
+    """The floating dtype a diffusers folder's component is stored in, read from its
+    safetensors header (no weights are read); None when it cannot tell (no such file, a
+    ``.bin`` file, mixed dtypes).
+
+    Why: loading fp16 files as fp32 made the CPU widen every UNet weight (about 4 s on one
+    thread; a GPU run uses one) before the trainer cast them to bf16 on the way to the card.
+    Loaded as stored, the only cast is the last one, on the card, to the same values."""
+    import json
+    import struct
+
+    part = Path(folder) / subfolder
+    files = sorted(part.glob("*.safetensors"))
+    files = [f for f in files if ".fp16." not in f.name and ".bf16." not in f.name] or files
+    if not files:
+        return None
+    try:
+        with open(files[0], "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if not 0 < size < 100 * 2**20:
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        return None
+    kinds = {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    floats = {_SAFETENSORS_FLOATS[k] for k in kinds if k in _SAFETENSORS_FLOATS}
+    return floats.pop() if len(floats) == 1 else None
+
+
 def _freeze(*modules) -> None:
     for m in modules:
         m.requires_grad_(False)
@@ -274,31 +307,39 @@ def load_pipeline(
 def load_components(
     model: str = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
     config: str | Path | None = None,
 ) -> Components:
     """Load UNet, VAE, text encoder, tokenizer and a DDPM noise scheduler, all base weights frozen.
 
     The noise scheduler is always a ``DDPMScheduler`` built from the model's scheduler config
-    (as diffusers' training scripts do), whatever sampler the folder ships.
+    (as diffusers' training scripts do), whatever sampler the folder ships. ``dtype=None``: each
+    component of a local diffusers folder as its files store it (:func:`stored_dtype`; fp32
+    where that cannot be told), for a caller that casts them itself (the trainer, on the card).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = resolve_model(model)
     if isinstance(source, Path) and source.is_file():
-        pipe = _single_file_pipeline(source, model, dtype, config)
+        pipe = _single_file_pipeline(source, model, dtype or torch.float32, config)
         unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     else:
 
+        def dtype_of(subfolder: str) -> torch.dtype:
+            if dtype is not None:
+                return dtype
+            stored = stored_dtype(source, subfolder) if isinstance(source, Path) and source.is_dir() else None
+            return stored or torch.float32
+
         def load(local_files_only: bool):
             kw = {"local_files_only": local_files_only}
             return (
-                UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dtype, **kw),
-                AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dtype, **kw),
-                CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw),
+                UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dtype_of("unet"), **kw),
+                AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dtype_of("vae"), **kw),
+                CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype_of("text_encoder"), **kw),
                 CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
                 DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
             )

@@ -91,6 +91,13 @@ def test_sample_files_bench_prints_each_set_with_and_without_kept_copies(capsys)
     assert "| 2 | " in out and "| all | " in out and "zlib level 6" in out
 
 
+def test_load_model_bench_times_both_ways(capsys):
+    assert _load("load_model").main(["--smoke", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "stored {'unet': 'float32'" in out  # the tiny model's files are fp32
+    assert "| widened to fp32 (before) |" in out and "| as stored (now) |" in out
+
+
 def test_blocks_bench_compares_compiled_blocks_with_eager(tmp_path, monkeypatch, capsys):
     """bench/blocks.py --smoke: both 64x64-level blocks, eager first, each compiled setting's
     outputs checked against eager, FLOPs counted, the table and JSON written."""

@@ -12,10 +12,7 @@ def setup_lora_unet(cfg: TrainConfig, unet, device, dtype: torch.dtype) -> dict[
     """Cast the frozen UNet, attach LoRA (seeded), keep LoRA in fp32; returns trainable params."""
     from diffusers.training_utils import cast_training_params
 
-    if dtype != torch.float32:
-        unet.to(device, dtype=dtype)
-    else:
-        unet.to(device)
+    unet.to(device, dtype=dtype)  # from the dtype its files store (lora.model.stored_dtype)
     attach_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
                 dropout=cfg.lora_dropout, init_seed=derive_seed(cfg.seed, "lora-init"))
     if dtype != torch.float32:

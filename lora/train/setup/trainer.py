@@ -1,9 +1,9 @@
 """Everything a segment trains with, built once at its start: :func:`set_up` -> :class:`TrainingSetup`.
 
-Order matters for memory: the UNet waits on the CPU until the latent cache is built (in fp32
-beside the VAE's activations it took an H200's set-up peak to 17.9 GiB), the VAE leaves the
-card once the cache is built, and the UNet then moves in the training dtype (half the size),
-tensor by tensor.
+Order matters for memory: the UNet waits on the CPU (as its files store it) until the latent
+cache is built (in fp32 beside the VAE's activations it took an H200's set-up peak to 17.9
+GiB), the VAE leaves the card once the cache is built, and the UNet then moves in the
+training dtype (half the size), tensor by tensor.
 """
 from __future__ import annotations
 
@@ -71,9 +71,11 @@ def set_up(cfg: TrainConfig, plan: DataPlan) -> TrainingSetup:
     if cfg.speed.low_memory:
         use_expandable_segments()  # before the first model tensor reaches the card
     clock.mark("accelerator")
-    comps = load_components(cfg.model, dtype=torch.float32, device="cpu")
-    comps.vae.to(device)
-    comps.text_encoder.to(device)
+    # each part as its files store it: the one cast happens on the card (fp16 files loaded as
+    # fp32 made the CPU widen every UNet weight first, on the one thread a GPU run uses)
+    comps = load_components(cfg.model, dtype=None, device="cpu")
+    comps.vae.to(device, torch.float32)  # the latent cache is encoded in fp32, as before
+    comps.text_encoder.to(device, torch.float32)
     clock.mark("load_model")
     live_text = cfg.caption_shuffle or cfg.train_text_encoder
     train_cache, val_cache = _caches(cfg, plan, comps, accelerator)
