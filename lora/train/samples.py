@@ -27,6 +27,7 @@ import math
 import re
 import tempfile
 import time
+import weakref
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -336,7 +337,10 @@ class Thumbnails:
     path, size and modification time, so a set rewritten since is shrunk again."""
 
     def __init__(self) -> None:
-        self._folder = tempfile.TemporaryDirectory(prefix="animelora-thumbs-")
+        folder = tempfile.TemporaryDirectory(prefix="animelora-thumbs-")
+        # cleaned up with the sampler, explicitly (one left to the collector warns)
+        weakref.finalize(self, folder.cleanup)
+        self._folder = Path(folder.name)
         self._made: dict[tuple[str, int, int], Path] = {}
 
     def of(self, path: Path) -> Path:
@@ -344,7 +348,7 @@ class Thumbnails:
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         made = self._made.get(key)
         if made is None:
-            made = _thumbnail(path, Path(self._folder.name) / f"{len(self._made)}.png")
+            made = _thumbnail(path, self._folder / f"{len(self._made)}.png")
             self._made[key] = made
         return made
 
