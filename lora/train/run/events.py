@@ -2,7 +2,8 @@
 
 What is written, by global step: ``train/loss``, ``train/lr``, ``train/grad_norm`` and
 ``train/images_per_sec`` of every step; ``train/epoch_loss`` (the guide's per-epoch mean) at
-each epoch's last step; ``validation/loss`` with ``validation/ci95_low`` / ``ci95_high`` (a
+each epoch's last step (and at the last step of a run that ends inside an epoch);
+``validation/loss`` with ``validation/ci95_low`` / ``ci95_high`` (a
 95% Student-t interval of the mean over the held-out images) and ``validation/t<timestep>``;
 and ``samples``, each set drawn while training as one image strip.
 

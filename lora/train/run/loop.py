@@ -305,7 +305,10 @@ class Segment:
 
     def _complete(self) -> TrainResult:
         run, parts, run_dir = self.run, self.parts, self.run_dir
-        self.training_log.close_epoch(run.last_epoch, run.train_time_s, partial=run.step_in_epoch != 0)
+        partial = run.step_in_epoch != 0  # max_steps ended the run inside an epoch
+        self.training_log.close_epoch(run.last_epoch, run.train_time_s, partial=partial)
+        if partial and self.events is not None:  # its mean, as the closed epochs' (marked in the log)
+            self.events.epoch(run.global_step, self.training_log.epoch_loss(run.last_epoch))
         if not self.training_log.has_validation_at(run.global_step):
             self._validate(run.global_step, run.last_epoch)
         if self.saved_step != run.global_step:

@@ -50,6 +50,17 @@ def test_loss_lr_validation_and_sample_sets_are_in_the_event_files(tmp_path, tin
     assert [e.step for e in acc.Images("samples")] == [0, 4, 8]
 
 
+def test_a_run_ending_inside_an_epoch_shows_that_epochs_loss_too(tmp_path, tiny_cfg):
+    data = write_synthetic_dataset(tmp_path / "data", 30, [(64, 64)])
+    run = tmp_path / "run"
+    train(tiny_cfg(dataset=str(data), max_steps=6, batch_size=8), run)  # 4 steps an epoch: ends in epoch 2
+    log = _log(run)
+    assert log["losses"][-1]["epoch"] == 2 and log["losses"][-1].get("partial") is True
+    epoch_loss = _events(run).Scalars("train/epoch_loss")
+    assert [e.step for e in epoch_loss] == [4, 6]
+    assert [e.value for e in epoch_loss] == pytest.approx([r["loss"] for r in log["losses"]], rel=1e-6)
+
+
 def test_a_resumed_run_logs_each_step_once_even_after_a_kill(tmp_path, tiny_cfg):
     """Steps a killed segment logged after its last checkpoint are trained again by the next
     segment; TensorBoard shows them once (the next segment's file purges them)."""
