@@ -84,6 +84,12 @@ COMPILE_MIN_STEPS_PER_SHAPE = 11000
 CUDNN_BENCHMARK_MIN_STEPS_PER_SHAPE = 2750
 
 
+def _pays_back(total_steps: int | None, shapes: int, steps_per_shape: int) -> bool:
+    """Whether a run has ``steps_per_shape`` steps for each bucket shape: where a once-per-shape
+    cost (a compile, cuDNN's timing) pays for itself. Unknown ``total_steps``: yes."""
+    return total_steps is None or total_steps >= steps_per_shape * max(1, shapes)
+
+
 def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_processes: int = 1,
                          mixed_precision: str = "bf16", total_steps: int | None = None,
                          shapes: int = 1) -> FastOptions:
@@ -104,10 +110,10 @@ def resolve_fast_options(cfg: TrainConfig, device: torch.device | str, num_proce
     """
     cuda = torch.device(device).type == "cuda"
     # low_memory: a compile's kernels and per-shape graphs cost ~0.5-1 GiB more than they save
-    long_enough = total_steps is None or total_steps >= COMPILE_MIN_STEPS_PER_SHAPE * max(1, shapes)
+    long_enough = _pays_back(total_steps, shapes, COMPILE_MIN_STEPS_PER_SHAPE)
     compile_on = _switch(cfg.speed.compile, "compile", cuda and not cfg.speed.low_memory and long_enough)
     channels_last = _switch(cfg.speed.channels_last, "channels_last", cuda)
-    benchmark_pays = total_steps is None or total_steps >= CUDNN_BENCHMARK_MIN_STEPS_PER_SHAPE * max(1, shapes)
+    benchmark_pays = _pays_back(total_steps, shapes, CUDNN_BENCHMARK_MIN_STEPS_PER_SHAPE)
     cudnn_benchmark = _switch(cfg.speed.cudnn_benchmark, "cudnn_benchmark", cuda and benchmark_pays)
     # LoRA dropout draws a mask per projection: the fused product cannot share one input
     fused_qkv = _switch(cfg.speed.fused_qkv, "fused_qkv", cuda and cfg.lora_dropout == 0)
