@@ -174,6 +174,11 @@ class Sampler:
         log.info("samples at step %d: %d images in %.1f s (%s)", step, len(files), seconds, folder)
         return SampleSet(step, epoch, folder, files, overview, seconds)
 
+    def strip(self, drawn: SampleSet) -> Any:
+        """``drawn``'s images side by side for TensorBoard, from the copies the overview made
+        of them (each image is shrunk once, not once for the grid and once for the strip)."""
+        return tile([self.thumbnails.of(path) for path in drawn.images])
+
     # -- drawing ----------------------------------------------------------------------------
 
     def render(self) -> list[Any]:
@@ -391,17 +396,16 @@ def _thumbnail(path: Path, out: Path) -> Path:
     return out
 
 
-def tile(images: Sequence[Path], cell: int = OVERVIEW_CELL) -> "Any":
-    """The images of a set side by side (no labels), as an HWC uint8 array for TensorBoard."""
+def tile(images: Sequence[Path]) -> "Any":
+    """``images`` side by side (no labels), as an HWC uint8 array for TensorBoard; a
+    :class:`Sampler` passes its overview-sized copies (:meth:`Sampler.strip`)."""
     import numpy as np
     from PIL import Image
 
     opened = []
     for path in images:
         with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((cell, cell))
-            opened.append(image)
+            opened.append(image.convert("RGB"))
     h = max(i.height for i in opened)
     strip = Image.new("RGB", (sum(i.width for i in opened), h), "white")
     x = 0

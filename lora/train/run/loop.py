@@ -35,7 +35,7 @@ from lora.train.distributed import AgreedFlag, any_process
 from lora.train.errors import is_out_of_memory, one_line
 from lora.train.export import export_lora
 from lora.train.samples import IMAGES_PER_CALL as SAMPLES_PER_CALL
-from lora.train.samples import Sampler, SamplerModels, SampleSet, TrainingSampleSettings, sample_epochs, tile
+from lora.train.samples import Sampler, SamplerModels, SampleSet, TrainingSampleSettings, sample_epochs
 from lora.train.setup.trainer import TrainingSetup
 from lora.train.step.pipeline import FinishedStep, StepPipeline
 from lora.train.validation import IMAGES_PER_CALL, has_base_record, validation_loss
@@ -260,7 +260,7 @@ class Segment:
         self.stats.add("samples", drawn.seconds)
         self.training_log.add_samples(drawn.record)
         if self.events is not None:
-            self.events.samples(step, tile(drawn.images))
+            self.events.samples(step, self.sampler.strip(drawn))
         if self.on_samples is not None:
             try:
                 self.on_samples(drawn)
