@@ -409,6 +409,17 @@ class SampleRequest:
         return [f"{trigger}, {p}" if trigger else p for p in DEFAULT_PROMPTS]
 
 
+def grid_rows(prompts: Sequence[str], seeds: Sequence[int]) -> list[tuple[int, int]]:
+    """``(prompt index, seed)`` of every image, prompt by prompt: the rows of a samples grid,
+    ``animelora sample``'s and the overview of the samples drawn while training alike."""
+    return [(p, seed) for p in range(len(prompts)) for seed in seeds]
+
+
+def row_label(prompt: str, seed: int) -> str:
+    """A samples grid's label of one row (:func:`make_grid` wraps it)."""
+    return f"{prompt}\nseed {seed}"
+
+
 @dataclass(frozen=True)
 class SampleSettings:
     """A :class:`SampleRequest` with every default decided: what ``samples.json`` records."""
@@ -433,10 +444,10 @@ class SampleSettings:
     @property
     def jobs(self) -> list[tuple[int, int]]:
         """``(prompt index, seed)`` of each image of a column, in the grid's row order."""
-        return [(p, seed) for p in range(len(self.prompts)) for seed in self.seeds]
+        return grid_rows(self.prompts, self.seeds)
 
     def row_labels(self) -> list[str]:
-        return [f"{prompt}\nseed {seed}" for prompt in self.prompts for seed in self.seeds]
+        return [row_label(self.prompts[p], seed) for p, seed in self.jobs]
 
 
 def _first(value: Any, default: Any) -> Any:

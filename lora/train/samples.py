@@ -38,8 +38,8 @@ import torch
 from lora.config import ConfigError, SampleOptions
 from lora.owned import FolderKind, build_folder
 from lora.runpaths import SAMPLES_JSON, RunPaths
-from lora.sample import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPTS, TINY_STEPS, SampleError, long_prompts, \
-    make_grid, make_scheduler, read_prompts
+from lora.sample import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPTS, TINY_STEPS, SampleError, grid_rows, \
+    long_prompts, make_grid, make_scheduler, read_prompts, row_label
 from lora.train.data.cache import encode_prompts
 from lora.train.data.fitting import fitting_batches
 
@@ -78,7 +78,7 @@ class TrainingSampleSettings:
     @property
     def rows(self) -> list[tuple[int, int]]:
         """(prompt index, seed) of every image, in the order they are drawn and shown."""
-        return [(p, seed) for p in range(len(self.prompts)) for seed in self.seeds]
+        return grid_rows(self.prompts, self.seeds)
 
 
 def resolve_settings(opts: SampleOptions, *, tiny: bool, resolution: int, trigger: str | None) -> TrainingSampleSettings:
@@ -380,7 +380,7 @@ def write_overview(paths: RunPaths, steps: Sequence[int], settings: TrainingSamp
     thumbnails = thumbnails or Thumbnails()
     with build_folder(paths.training_samples_overview, OVERVIEW_FOLDER) as tmp:
         cells = [[thumbnails.of(files[f"{p}\0{s}"]) for _, files in columns] for p, s in rows]
-        make_grid(cells, [f"step {step}" for step, _ in columns], [f"{p}\nseed {s}" for p, s in rows],
+        make_grid(cells, [f"step {step}" for step, _ in columns], [row_label(p, s) for p, s in rows],
                   tmp / paths.training_samples_grid.name)
     return paths.training_samples_grid
 
