@@ -26,10 +26,8 @@ class SegmentStats:
         self.setup_max_reserved_gib: float | None = None
         #: seconds of each part of the set-up (lora/train/setup/phases.py)
         self.setup_parts: dict[str, float] = {}
-        #: seconds spent between steps, by kind ("validation", "checkpoint", "export"), and how often
-        self.spent: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        #: each one's seconds, in order (the first validation pays for the first eager kernels)
+        #: seconds of each thing done between steps, by kind ("validation", "samples",
+        #: "checkpoint", "export"), in order (the first validation pays for the first eager kernels)
         self.each: dict[str, list[float]] = {}
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -49,9 +47,7 @@ class SegmentStats:
     def add(self, kind: str, seconds: float) -> None:
         """Time spent outside the steps (a validation, a checkpoint, the export): a run's wall
         time is set-up + warm-up + steps + these, and the record says so."""
-        self.spent[kind] = self.spent.get(kind, 0.0) + seconds
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        self.each.setdefault(kind, []).append(round(seconds, 3))
+        self.each.setdefault(kind, []).append(seconds)
 
     def step_read(self, step: int) -> None:
         if self.first_step_s is None:
@@ -68,10 +64,10 @@ class SegmentStats:
             "first_step_s": _round(self.first_step_s),
             "first_step": self.first_step, "last_step": self.last_step,
         }
-        for kind, seconds in self.spent.items():
-            out[f"{kind}_s"] = round(seconds, 3)
-            out[f"{kind}_count"] = self.counts[kind]
-            out[f"{kind}_each_s"] = self.each[kind]
+        for kind, each in self.each.items():
+            out[f"{kind}_s"] = round(sum(each), 3)
+            out[f"{kind}_count"] = len(each)
+            out[f"{kind}_each_s"] = [round(seconds, 3) for seconds in each]
         warmups = getattr(getattr(runner, "executor", None), "warmups", None)
         if warmups:
             out["graph_shapes"] = [list(w.shape) for w in warmups]
