@@ -50,7 +50,8 @@ class PreparedImages:
         self._submitted = 0
         self._ahead = max(1, ahead)
         self._pending: deque[Future[torch.Tensor]] = deque()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="animelora-prepare") if threads > 1 else None
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(max(1, threads),
+                                                                  thread_name_prefix="animelora-prepare")
 
     def __enter__(self) -> "PreparedImages":
         return self
@@ -65,24 +66,18 @@ class PreparedImages:
         self._pending.clear()
 
     def take(self, n: int) -> list[torch.Tensor]:
-        if self._pool is None:  # one thread: each image in place, when it is taken
-            jobs = self._jobs[self._submitted:self._submitted + n]
-            if len(jobs) < n:
-                raise IndexError("no more images to take")
-            self._submitted += n
-            return [load_for_bucket(path, bucket) for path, bucket in jobs]
         out = []
         for _ in range(n):
-            self._fill(extra=1)
+            self._fill()
             if not self._pending:
                 raise IndexError("no more images to take")
             out.append(self._pending.popleft().result())
-        self._fill()
+        self._fill()  # the next ones are prepared while the caller encodes these
         return out
 
-    def _fill(self, extra: int = 0) -> None:
-        """Keep ``ahead`` (+ ``extra``) jobs submitted past the ones taken."""
-        while self._pool is not None and len(self._pending) < self._ahead + extra and self._submitted < len(self._jobs):
+    def _fill(self) -> None:
+        """Keep ``ahead`` jobs submitted past the ones taken."""
+        while self._pool is not None and len(self._pending) < self._ahead and self._submitted < len(self._jobs):
             path, bucket = self._jobs[self._submitted]
             self._pending.append(self._pool.submit(load_for_bucket, path, bucket))
             self._submitted += 1
