@@ -34,7 +34,9 @@ of them); its time for the run's full step count is projected as start-up + step
     python bench/e2e.py --smoke    # CPU: tiny model, 2 epochs, no peers (a test)
 
 Variants: ``default`` (the trainer's defaults), ``<name>_warm`` (a second run on the same data
-set: latent and compile caches warm), ``fp16`` (mixed_precision=fp16, what a T4/V100/20xx card
+set: latent, compile and CUDA driver caches warm; every other variant starts with all three
+empty, as on a new machine), ``compile`` (compile=on),
+``flash`` (attention=flash), ``fp16`` (mixed_precision=fp16, what a T4/V100/20xx card
 gets), ``lowmem`` (--low-memory), ``unet`` (compile_scope=unet: the whole UNet per shape),
 ``nocompile``, ``nographs``, ``nosamples`` (``--set samples=off``: ``default`` minus
 ``nosamples`` is what the default samples while training cost; each row's ``samples_s`` is
@@ -70,7 +72,10 @@ DANBOORU_SIZES = [(512, 768)] * 4 + [(576, 704)] * 2 + [(448, 768)] * 2 + [
 #: the 1024x256 strips, the list the eighth session measured).
 MANY_SIZES = DANBOORU_SIZES + [(384, 896), (896, 384), (832, 448), (448, 832), (960, 320), (320, 960),
                                (640, 512), (512, 640), (1024, 256), (256, 1024)]
-SHAPES = {"danbooru": DANBOORU_SIZES, "many": MANY_SIZES}
+#: One bucket shape: what one shape's compile costs, cold and from the workspace's cache, in a
+#: call's ten minutes (the guide's 5 shapes compile for ~11 minutes cold)
+SQUARE_SIZES = [(512, 512)]
+SHAPES = {"danbooru": DANBOORU_SIZES, "many": MANY_SIZES, "square": SQUARE_SIZES}
 
 #: variant part -> `animelora train` arguments
 PARTS: dict[str, list[str]] = {
@@ -79,6 +84,12 @@ PARTS: dict[str, list[str]] = {
     "lowmem": ["--low-memory"],
     "unet": ["--set", "compile_scope=unet"],
     "nocompile": ["--set", "compile=off"],
+    # torch.compile of the whole UNet per bucket shape whatever the step count; ``compile_warm``
+    # compiles again from the workspace's compile cache
+    "compile": ["--set", "compile=on"],
+    # flash attention: no run-time kernel compile per attention shape (cuDNN's), slower steps
+    # at SD1.5's head size 40
+    "flash": ["--set", "attention=flash"],
     "nohalfnorms": ["--set", "half_norms=off"],
     "nographs": ["--set", "cuda_graphs=off"],
     "graphs": ["--set", "cuda_graphs=on"],
@@ -280,19 +291,32 @@ def run_kohya(scripts: Path, site: Path | None, model: Path, data: Path, work: P
                      kohya.environment(site, os.environ), work, steps, full_steps)
 
 
+def variant_cache(work: Path, name: str) -> Path:
+    """The caches' folder (``ANIMELORA_CACHE``) of a variant: ``<name>_warm`` shares ``<name>``'s."""
+    return work / f"cache-{name.removesuffix('_warm')}"
+
+
 def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra: list[str]) -> dict[str, Any]:
     if "@" in name:  # "<variant>@<epochs>": a shorter run of one variant
         name, _, count = name.partition("@")
         epochs = int(count)
     run_dir = work / f"run-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
+    # each variant starts with empty caches, as on a new machine (latent cache, compiled kernels,
+    # the CUDA driver's run-time kernels: the trainer keeps all three under ANIMELORA_CACHE);
+    # ``<name>_warm`` reuses ``<name>``'s
+    caches = variant_cache(work, name)
+    if not name.endswith("_warm"):
+        shutil.rmtree(caches, ignore_errors=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ANIMELORA_CACHE": str(caches)}
+    for chosen in ("CUDA_CACHE_PATH", "TORCHINDUCTOR_CACHE_DIR"):  # the trainer's choice, not the caller's
+        env.pop(chosen, None)
     cmd = [sys.executable, "-m", "animelora", "train", "--dataset", str(data), "--run-dir", str(run_dir),
            "--preset", "phase2a", "--model", str(model), "--epochs", str(epochs), "-q",
            "--set", "validation_count=50", "--set", "checkpoint_every_minutes=10", *extra, *variant_args(name)]
     t0 = time.monotonic()
     with GpuMemoryWatch() as watch:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     wall = time.monotonic() - t0
     keep_output(name, proc.stdout + proc.stderr)
     row: dict[str, Any] = {"variant": name, "epochs": epochs, "rc": proc.returncode, "wall_s": round(wall, 1),

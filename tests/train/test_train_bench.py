@@ -158,6 +158,9 @@ def test_e2e_smoke_runs_the_whole_command_and_reads_its_segment_record(tmp_path,
     assert row["sample_sets"] == 3 and row["samples_s"] > 0
     assert nosamples["rc"] == 0 and nosamples["epochs"] == 1 and nosamples["sample_sets"] is None
     assert "| default | 2 |" in out and "| nosamples | 1 |" in out  # the table
+    # each variant started with empty caches of its own, as on a new machine
+    assert (tmp_path / "w" / "cache-default" / "train").is_dir()
+    assert (tmp_path / "w" / "cache-nosamples" / "train").is_dir()
     # where the set-up went, part by part (the segment record's setup_parts), and its table
     parts = row["setup_parts"]
     assert {"load_model", "latent_cache", "unet_lora", "optimizer_runner"} <= set(parts)

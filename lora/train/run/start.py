@@ -24,10 +24,12 @@ from lora.config import ConfigError, TrainConfig, config_differences, make_confi
 from lora.runpaths import RunPaths
 from lora.train import checkpoint as ckpt
 from lora.train.checkpoint import CheckpointData, RunState
-from lora.train.data.plan import make_plan
+from lora.train.data.cache import train_cache_root
+from lora.train.data.plan import dataset_dir_of, make_plan
 from lora.train.distributed import is_main_launched_process
 from lora.train.samples import SampleSet, TrainingSampleSettings, resolve_settings
 from lora.train.setup.trainer import TrainingSetup, set_up
+from lora.train.speed.compile import use_driver_cache
 
 from .host import host_threads_for
 from .interrupt import StopSignals
@@ -67,11 +69,23 @@ def train(
     if time_budget_s is not None and not time_budget_s > 0:
         raise ConfigError(f"invalid training segment: time_budget_s must be > 0, got {time_budget_s}")
     run_dir = run_folder(run_dir)
+    _keep_driver_cache(cfg)  # before the first CUDA call below
     signals = StopSignals()
     with host_threads_for(torch.cuda.is_available()), run_lock(run_dir, enabled=is_main_launched_process()), \
             signals.installed():
         return _train_segment(cfg, run_dir, stop_at_step=stop_at_step, time_budget_s=time_budget_s,
                               on_progress=on_progress, signals=signals, extend=extend, on_samples=on_samples)
+
+
+def _keep_driver_cache(cfg: TrainConfig) -> None:
+    """The CUDA driver's kernel cache beside the latent and compile caches
+    (lora/train/speed/compile.py, ``use_driver_cache``). Best effort: a data set that cannot be
+    found gets its clear error from the plan, a moment later."""
+    try:
+        root = train_cache_root(dataset_dir_of(cfg), cfg.cache_dir)
+    except (ConfigError, OSError):
+        return
+    use_driver_cache(root.parent / "cuda")
 
 
 def _train_segment(
