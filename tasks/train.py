@@ -7,6 +7,7 @@ checkpoint, so a retry never repeats finished steps.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,10 @@ def train_segment(
     logger = get_run_logger()
     limit, slots = ensure_gpu_limit()
     logger.info("segment %d: waiting for a slot of the %r limit (%d slot(s))", segment, limit, slots)
+    asked = time.monotonic()
     with concurrency(limit, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
-        logger.info("segment %d: holding a %r slot; training", segment, limit)
+        logger.info("segment %d: holding a %r slot after %.1f s of waiting; training", segment, limit,
+                    time.monotonic() - asked)
         try:
             outcome = _train(cfg, run_dir, segment, stop_at_step, time_budget_s,
                              progress_artifact_id, gpus)
