@@ -9,26 +9,17 @@ rate over a moving window of recent steps, shown only once two steps have been s
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from collections import deque
 from typing import Any, Callable, TextIO
 
+from lora.progress import count_line, format_duration
+
 #: The logger the trainer reports validation losses on (``extra={"validation_loss": ...}``).
 VALIDATION_LOGGER = "lora.train.validation"
 #: Libraries that log through handlers of their own (not the root logger's).
 LIBRARY_LOGGERS = ("transformers", "diffusers")
-
-
-def format_duration(seconds: float | None) -> str:
-    """``75`` -> ``1:15``, ``3725`` -> ``1:02:05``; ``?`` when unknown."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class _ValidationListener(logging.Handler):
@@ -248,16 +239,7 @@ class CountProgress:
         """``downloading: 30/300 img (10%), 2.1 img/s, eta 2:08``."""
         elapsed = now - self._started
         rate = (self._done - 1) / elapsed if elapsed > 0 and self._done > 1 else None
-        text = f"{self._label}: {self._done}"
-        if self._total:
-            text += f"/{self._total} img ({self._done / self._total:.0%})"
-        else:
-            text += " img"
-        if rate:
-            text += f", {rate:.1f} img/s"
-            if self._total:
-                text += f", eta {format_duration((self._total - self._done) / rate)}"
-        return text
+        return count_line(self._label, self._done, self._total, rate)
 
     def close(self) -> None:
         if self.bar is not None:

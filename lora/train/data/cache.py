@@ -21,17 +21,16 @@ import json
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save
-from tqdm.auto import tqdm
 
 from lora.datapaths import DatasetPaths
 from lora.fsutil import atomic_write_bytes, file_digest
+from lora.progress import Progress
 
 from .buckets import Bucket
 from .dataset import Item
@@ -132,11 +131,6 @@ class CachedItems:
     misses: int = 0
 
 
-def _progress(total: int, desc: str):
-    return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty() or total == 0,
-                leave=False)
-
-
 class LatentEncoder:
     """The VAE posterior mean of a batch of images, in batches that fit the card.
 
@@ -212,7 +206,7 @@ def build_cache(
     done = 0
     # the images in the order they are encoded, prepared on threads while the VAE works
     jobs = [(items[i].image, bucket) for bucket, entries in todo.items() for i, _ in entries]
-    with PreparedImages(jobs) as prepared, _progress(misses, "caching latents") as bar:
+    with PreparedImages(jobs) as prepared, Progress(misses, "caching latents", logger=log) as bar:
         for bucket, entries in todo.items():
             start = 0
             while start < len(entries):
@@ -247,7 +241,7 @@ def build_cache(
             continue
         for i in idxs:
             text[i] = entry["hidden"]
-    with _progress(len(missing), "caching text") as bar:
+    with Progress(len(missing), "caching text", unit="caption", logger=log) as bar:
         for start in range(0, len(missing), ENCODE_BATCH):
             chunk = missing[start:start + ENCODE_BATCH]
             hidden = encode_prompts(tokenizer, text_encoder, [c for c, _ in chunk], device)
