@@ -81,6 +81,17 @@ def train_cache_root(dataset_dir: Path | str, cache_dir: Path | str | None = Non
     return Path.home() / ".cache" / "animelora" / "train"
 
 
+def compiled_code_root(dataset_dir: Path | str, cache_dir: Path | str | None = None) -> Path:
+    """Where compiled GPU code of a run on ``dataset_dir`` is kept: ``compile/`` (torch.compile's
+    caches) and ``cuda/`` (the CUDA driver's run-time kernels) under it.
+
+    Beside the latent cache (``<workspace>/cache``, ``$ANIMELORA_CACHE``, ``~/.cache/animelora``),
+    so a new session on the same workspace starts warm; with ``cache_dir`` set, inside that
+    folder, never beside it: the user named that folder, not its parent."""
+    root = train_cache_root(dataset_dir, cache_dir)
+    return root if cache_dir else root.parent
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file: the cache key of an image."""
     return file_digest(path, "sha256")

@@ -24,7 +24,7 @@ from lora.config import ConfigError, TrainConfig, config_differences, make_confi
 from lora.runpaths import RunPaths
 from lora.train import checkpoint as ckpt
 from lora.train.checkpoint import CheckpointData, RunState
-from lora.train.data.cache import train_cache_root
+from lora.train.data.cache import compiled_code_root
 from lora.train.data.plan import dataset_dir_of, make_plan
 from lora.train.distributed import is_main_launched_process
 from lora.train.samples import SampleSet, TrainingSampleSettings, resolve_settings
@@ -82,10 +82,10 @@ def _keep_driver_cache(cfg: TrainConfig) -> None:
     (lora/train/speed/compile.py, ``use_driver_cache``). Best effort: a data set that cannot be
     found gets its clear error from the plan, a moment later."""
     try:
-        root = train_cache_root(dataset_dir_of(cfg), cfg.cache_dir)
+        root = compiled_code_root(dataset_dir_of(cfg), cfg.cache_dir)
     except (ConfigError, OSError):
         return
-    use_driver_cache(root.parent / "cuda")
+    use_driver_cache(root / "cuda")
 
 
 def _train_segment(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from animelora.cli import main
-from lora.train.data.cache import train_cache_root
+from lora.train.data.cache import compiled_code_root, train_cache_root
 
 from lora.testing.datasets import write_synthetic_dataset
 
@@ -37,6 +37,17 @@ def test_cache_root_order(tmp_path, monkeypatch):
     assert train_cache_root(plain, tmp_path / "mine") == tmp_path / "mine"
     for root in (train_cache_root(ws_data), train_cache_root(plain)):
         assert ws_data not in root.parents and plain not in root.parents
+
+
+def test_compiled_code_goes_beside_the_latent_cache_but_never_outside_a_named_cache_dir(tmp_path, monkeypatch):
+    ws_data = tmp_path / "ws" / "datasets" / "anime"
+    ws_data.mkdir(parents=True)
+    monkeypatch.delenv("ANIMELORA_CACHE", raising=False)
+    assert compiled_code_root(ws_data) == tmp_path / "ws" / "cache"  # cache/train, cache/compile, cache/cuda
+    monkeypatch.setenv("ANIMELORA_CACHE", str(tmp_path / "shared"))
+    assert compiled_code_root(ws_data) == tmp_path / "shared"
+    # cache_dir names the folder itself: compile/ and cuda/ go inside it, not into its parent
+    assert compiled_code_root(ws_data, tmp_path / "disk" / "mine") == tmp_path / "disk" / "mine"
 
 
 def test_read_only_data_set_trains_and_stays_untouched(tmp_path, tiny_model, monkeypatch, capsys):
