@@ -16,6 +16,7 @@ packages onto a GPU machine. It prints one table:
     1st step s    process start to the first optimizer step read back
     warm-up s     compile + CUDA-graph capture (first step minus set-up; the step-0 validation too)
     steps s       every step's own time after the first
+    steps %       steps s over wall s
     validation s  the held-out images' evaluations (step 0 and each epoch's end)
     samples s     the sets of samples drawn while training (``-``: none; ``nosamples``)
     images/s      steady rate (steps after the warm-up)
@@ -27,7 +28,9 @@ packages onto a GPU machine. It prints one table:
 
 Each peer is run for ``--peer-steps`` steps (600 by default; the rate is read over the last 90%
 of them); its time for the run's full step count is projected as start-up + steps / steady rate
-+ the time after its last step (said in the table).
++ the time after its last step (said in the table). A row of ours run for fewer epochs
+(``default@5``) is projected the same way, from its own step time, validations and sample sets
+(``project_full``), and compared with the peers by that; its wall cell says so.
 
     python bench/e2e.py [--peer-script PATH] [--kohya DIR --kohya-site DIR] [--shapes danbooru|many]
                         [--epochs 20] [--variants default,default_warm,fp16,lowmem]
@@ -360,16 +363,40 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
     return row
 
 
-def table(rows: list[dict[str, Any]], peers: dict[str, dict[str, Any] | None], full_steps: int) -> str:
+def project_full(row: dict[str, Any], full_steps: int, full_epochs: int, sets: int = 4) -> float | None:
+    """A shorter row's wall time projected to the whole run, as a peer's is: its wall time plus
+    the steps it did not run at its own time per step, one validation for each epoch end it did
+    not reach at its median later validation, and the sample sets it did not draw at its mean
+    set time (the default draws one at step 0 and ``sets`` spread over the epochs, so a run of
+    ``sets`` epochs or more draws them all). Why: a GPU call of a few minutes runs a few epochs
+    of each variant, and their whole-run figures should still compare with the peers'. None for
+    a whole run, a failed row or one without these figures."""
+    steps, wall, steps_s = row.get("steps") or 0, row.get("wall_s"), row.get("steps_s")
+    if row.get("error") or steps < 2 or steps >= full_steps or not wall or not steps_s:
+        return None
+    later = sorted((row.get("validation_each_s") or [])[1:])
+    validation_each = later[len(later) // 2] if later else 0.0
+    missing_validations = max(0, full_epochs + 1 - (row.get("validations") or 0)) if later else 0
+    drawn = row.get("sample_sets") or 0
+    missing_sets = max(0, min(full_epochs, sets) + 1 - drawn) if drawn else 0
+    set_each = (row.get("samples_s") or 0.0) / drawn if drawn else 0.0
+    return round(wall + (full_steps - steps) * steps_s / (steps - 1) + missing_validations * validation_each
+                 + missing_sets * set_each, 1)
+
+
+def table(rows: list[dict[str, Any]], peers: dict[str, dict[str, Any] | None], full_steps: int,
+          full_epochs: int | None = None) -> str:
     """Our rows and the peers' (``{"script": row, "kohya": row}``; a peer not run is None), with
     each row's speed-up over each peer that ran: the peer's (projected) wall time over the row's.
-    A peer's row compares with the other peer too (kohya's ``x script``)."""
+    A peer's row compares with the other peer too (kohya's ``x script``). With ``full_epochs``,
+    a row of fewer epochs is projected to the whole run (:func:`project_full`; said in its wall
+    cell) and compared by that; without, it is not compared."""
     ran = {name: row for name, row in peers.items() if row is not None}
     refs = {name: row.get("projected_wall_s") for name, row in ran.items()}
-    head = ("| variant | epochs | wall s | 1st step s | warm-up s | steps s | validation s | samples s | images/s | "
-            "reserved GiB | smi GiB |")
+    head = ("| variant | epochs | wall s | 1st step s | warm-up s | steps s | steps % | validation s | samples s | "
+            "images/s | reserved GiB | smi GiB |")
     lines = [head + "".join(f" x {name} |" for name in ran),
-             "| --- " * (11 + len(ran)) + "|"]
+             "| --- " * (12 + len(ran)) + "|"]
 
     def speedups(wall: float | None) -> str:
         return "".join(f" {refs[name] / wall:.2f} |" if refs[name] and wall else " - |" for name in ran)
@@ -377,13 +404,20 @@ def table(rows: list[dict[str, Any]], peers: dict[str, dict[str, Any] | None], f
     for row in ran.values():
         wall = row.get("projected_wall_s")
         lines.append(f"| {row['variant']} | - | {wall or '-'} (projected; ran {row.get('steps_run')} steps in "
-                     f"{row.get('wall_run_s')}) | {row.get('first_step_s', '-')} | - | - | - | - | "
+                     f"{row.get('wall_run_s')}) | {row.get('first_step_s', '-')} | - | - | - | - | - | "
                      f"{row.get('img_per_s', '-')} | - | {row.get('smi_gib', '-')} |" + speedups(wall))
     for r in rows:
-        # the peers' projections are for the full run: compare runs of that length only
+        # the peers' projections are for the full run: compare runs of that length, or a shorter
+        # row's own projection to it
         wall = r.get("wall_s") if not r.get("error") and r.get("steps") == full_steps else None
-        lines.append(f"| {r['variant']} | {r.get('epochs')} | {r.get('wall_s')} | {r.get('first_step_s')} | {r.get('warmup_s')} | "
-                     f"{r.get('steps_s')} | {r.get('validation_s')} | {r.get('samples_s') or '-'} | "
+        shown = r.get("wall_s")
+        if wall is None and full_epochs:
+            wall = project_full(r, full_steps, full_epochs)
+            if wall is not None:
+                shown = f"{r.get('wall_s')} (~{wall} for {full_epochs} epochs, projected)"
+        share = f"{100 * r['steps_s'] / r['wall_s']:.0f}" if r.get("steps_s") and r.get("wall_s") else "-"
+        lines.append(f"| {r['variant']} | {r.get('epochs')} | {shown} | {r.get('first_step_s')} | {r.get('warmup_s')} | "
+                     f"{r.get('steps_s')} | {share} | {r.get('validation_s')} | {r.get('samples_s') or '-'} | "
                      f"{r.get('img_per_s')} | {r.get('reserved_gib')} | {r.get('smi_gib')} |" + speedups(wall))
     return "\n".join(lines)
 
@@ -491,13 +525,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: runs after {name.removesuffix('_warm')} (its caches), skipped", flush=True)
                 continue
             rows.append(run_ours(name, model, data, work, epochs, extra))
+            rows[-1]["projected_full_wall_s"] = project_full(rows[-1], plan.total_steps, epochs)
             report(rows[-1])
         # by default after ours: a run cut short by a time limit loses the peers' rows first
         if not a.peer_first:
             run_peers()
         print(f"\n{a.shapes}: {len(plan.train_items)} training images, {len(buckets)} buckets, "
               f"{plan.total_steps} steps ({epochs} epochs)")
-        print(table(rows, peers, plan.total_steps))
+        print(table(rows, peers, plan.total_steps, epochs))
         print("\nbefore the first step:\n" + setup_table(rows))
         return 1 if any(r.get("error") for r in [*rows, *filter(None, peers.values())]) else 0
 

@@ -322,6 +322,29 @@ def test_e2e_table_compares_each_row_with_both_peers():
     assert "x kohya" not in e2e.table(rows, {"script": peers["script"], "kohya": None}, 3040)
 
 
+def test_e2e_shorter_row_is_projected_to_the_whole_run_and_compared_by_that():
+    """A 5-epoch row of a 20-epoch plan (figures of the twelfth session's fresh H100 row):
+    the steps it did not run at its time per step, 15 more validations at its median later
+    one, no more sample sets (5 drawn: step 0 and 4 spread over the epochs)."""
+    e2e = _load("e2e")
+    row = {"variant": "default", "epochs": 5, "wall_s": 95.9, "steps": 740, "steps_s": 33.9,
+           "validations": 6, "validation_each_s": [6.913, 1.068, 1.067, 1.07, 1.074, 1.069],
+           "samples_s": 13.846, "sample_sets": 5}
+    projected = e2e.project_full(row, 2960, 20)
+    assert projected == pytest.approx(95.9 + 2220 * 33.9 / 739 + 15 * 1.069, abs=0.1)
+    # a 3-epoch row drew 4 sets: the fifth is added at its mean set time
+    short = {**row, "epochs": 3, "steps": 444, "validations": 4, "sample_sets": 4, "samples_s": 10.877}
+    assert e2e.project_full(short, 2960, 20) == pytest.approx(
+        95.9 + 2516 * 33.9 / 443 + 17 * 1.069 + 10.877 / 4, abs=0.1)
+    assert e2e.project_full({**row, "steps": 2960}, 2960, 20) is None  # a whole run is measured, not projected
+    assert e2e.project_full({**row, "error": "boom"}, 2960, 20) is None
+    out = e2e.table([row], {"script": {"variant": "script", "projected_wall_s": 443.1, "steps_run": 100},
+                            "kohya": None}, 2960, 20)
+    line = out.splitlines()[-1]
+    assert f"95.9 (~{projected} for 20 epochs, projected)" in line
+    assert line.endswith(f"| {443.1 / projected:.2f} |") and "| 35 |" in line  # steps: 35% of this row's wall
+
+
 def test_e2e_missing_peer_is_one_line_before_any_setup(tmp_path, capsys):
     assert _load("e2e").main(["--kohya", str(tmp_path), "--work", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
