@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -38,38 +38,45 @@ def count_line(label: str, done: int, total: int | None, rate: float | None, uni
 
 
 class Progress:
-    """``with Progress(total, "caching latents") as bar: ... bar.update(n)``."""
+    """``with Progress(total, "caching latents") as bar: ... bar.update(n)``.
 
-    def __init__(self, total: int, desc: str, *, unit: str = "img", logger: logging.Logger | None = None,
+    ``emit`` takes each plain line (default: ``logger.info``; the CLI prints to its stream);
+    ``file`` is where a terminal bar goes. ``total`` None: a count without a known end."""
+
+    def __init__(self, total: int | None, desc: str, *, unit: str = "img", logger: logging.Logger | None = None,
+                 emit: Callable[[str], None] | None = None, file: TextIO | None = None, leave: bool = False,
                  every_s: float = 15.0, interactive: bool | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.total, self.desc, self.unit = total, desc, unit
-        self.logger = logger or log
+        self.emit = emit or (logger or log).info
         self.every_s, self.clock = every_s, clock
-        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        stream = file if file is not None else sys.stderr
+        isatty = getattr(stream, "isatty", None)
+        self.interactive = bool(isatty and isatty()) if interactive is None else interactive
         self.done = 0
         self._bar: Any = None
         self._started: float | None = None
         self._last: float | None = None
         self._base = 0
-        if self.interactive and total > 0:
+        if self.interactive and total != 0:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, file=file)
 
     def update(self, n: int = 1) -> None:
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
             return
-        if self.total <= 0:
+        if self.total == 0:
             return
         now = self.clock()
         if self._started is None:  # the rate counts from the first update, not from the set-up
             self._started, self._base = now, self.done
         rate = (self.done - self._base) / (now - self._started) if now > self._started else None
-        if self._last is None or self.done >= self.total or now - self._last >= self.every_s:
-            self.logger.info("%s", count_line(self.desc, self.done, self.total, rate, self.unit))
+        last = self.total is not None and self.done >= self.total
+        if self._last is None or last or now - self._last >= self.every_s:
+            self.emit(count_line(self.desc, self.done, self.total, rate, self.unit))
             self._last = now
 
     def close(self) -> None:

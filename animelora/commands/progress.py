@@ -14,7 +14,7 @@ import time
 from collections import deque
 from typing import Any, Callable, TextIO
 
-from lora.progress import count_line, format_duration
+from lora.progress import Progress, format_duration
 
 #: The logger the trainer reports validation losses on (``extra={"validation_loss": ...}``).
 VALIDATION_LOGGER = "lora.train.validation"
@@ -182,7 +182,7 @@ class CountProgress:
     On a terminal a tqdm bar per round (the total changes between rounds). Anywhere else (a
     pipe, a log file, a Prefect worker) plain lines: the first image, one every ``every_s``
     seconds and the round's last, each with the rate and an ETA, so a log shows the work moving
-    without a line per image."""
+    without a line per image. Each round is one :class:`lora.progress.Progress`."""
 
     def __init__(self, desc: str, *, quiet: bool = False, stream: TextIO | None = None,
                  interactive: bool | None = None, every_s: float = 15.0,
@@ -194,13 +194,8 @@ class CountProgress:
         self.interactive = bool(isatty and isatty()) if interactive is None else interactive
         self.every_s = every_s
         self.clock = clock
-        self.bar: Any = None
         self._key: tuple[Any, Any] | None = None
-        self._label = desc
-        self._total: int | None = None
-        self._done = 0
-        self._started = 0.0
-        self._last_line: float | None = None
+        self._round: Progress | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.quiet:
@@ -209,39 +204,17 @@ class CountProgress:
         if key != self._key:
             self._new_round(event)
             self._key = key
-        self._done += 1
-        if self.interactive:
-            self.bar.update(1)
-            return
-        now = self.clock()
-        if self._done == 1:
-            self._started = now  # the rate counts from the first image, not from the set-up
-        if (self._last_line is None or self._done == self._total
-                or now - self._last_line >= self.every_s):
-            print(self.line(now), file=self.stream, flush=True)
-            self._last_line = now
+        self._round.update(1)  # type: ignore[union-attr]
 
     def _new_round(self, event: dict[str, Any]) -> None:
         self.close()
         round_no = event.get("round")
-        self._label = f"{self.desc} (round {round_no})" if round_no and round_no > 1 else self.desc
+        label = f"{self.desc} (round {round_no})" if round_no and round_no > 1 else self.desc
         total = event.get("total")
-        self._total = int(total) if isinstance(total, (int, float)) else None
-        self._done = 0
-        self._started = 0.0
-        self._last_line = None
-        if self.interactive:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self._total, desc=self._label, unit="img", file=self.stream)
-
-    def line(self, now: float) -> str:
-        """``downloading: 30/300 img (10%), 2.1 img/s, eta 2:08``."""
-        elapsed = now - self._started
-        rate = (self._done - 1) / elapsed if elapsed > 0 and self._done > 1 else None
-        return count_line(self._label, self._done, self._total, rate)
+        self._round = Progress(int(total) if isinstance(total, (int, float)) else None, label,
+                               emit=lambda line: print(line, file=self.stream, flush=True), file=self.stream,
+                               leave=True, every_s=self.every_s, interactive=self.interactive, clock=self.clock)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        if self._round is not None:
+            self._round.close()
