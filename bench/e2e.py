@@ -359,7 +359,8 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
                validation_each_s=seg.get("validation_each_s"),
                samples_s=seg.get("samples_s"), sample_sets=seg.get("samples_count"),
                checkpoint_s=seg.get("checkpoint_s"), export_s=seg.get("export_s"),
-               final_val=(log.get("validation") or [{}])[-1].get("loss"))
+               final_val=(log.get("validation") or [{}])[-1].get("loss"),
+               reserved_after_gib=seg.get("reserved_after_gib"))
     return row
 
 
@@ -440,6 +441,23 @@ def setup_table(rows: list[dict[str, Any]]) -> str:
         later = sorted(each[1:])
         lines.append(f"| {r['variant']} | {r.get('before_segment_s')} | " + " | ".join(str(got.get(p, '-')) for p in parts)
                      + f" | {shapes or '-'} | {each[0] if each else '-'} | {later[len(later) // 2] if later else '-'} |")
+    return "\n".join(lines)
+
+
+def memory_table(rows: list[dict[str, Any]]) -> str:
+    """What each row's allocator held right after each kind of work (the largest figure), beside
+    the set-up's peak and the run's: which work grew the memory a run holds. Empty on a CPU."""
+    kinds: list[str] = []
+    for r in rows:
+        kinds += [k for k in (r.get("reserved_after_gib") or {}) if k not in kinds]
+    if not kinds:
+        return ""
+    lines = ["| variant | set-up peak GiB | " + " | ".join(f"after {k} GiB" for k in kinds) + " | run's peak GiB |",
+             "| --- " * (3 + len(kinds)) + "|"]
+    for r in rows:
+        got = r.get("reserved_after_gib") or {}
+        lines.append(f"| {r['variant']} | {r.get('setup_reserved_gib', '-')} | "
+                     + " | ".join(str(got.get(k, '-')) for k in kinds) + f" | {r.get('reserved_gib', '-')} |")
     return "\n".join(lines)
 
 
@@ -534,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{plan.total_steps} steps ({epochs} epochs)")
         print(table(rows, peers, plan.total_steps, epochs))
         print("\nbefore the first step:\n" + setup_table(rows))
+        memory = memory_table(rows)
+        if memory:
+            print("\nmemory held (torch's allocator, reserved):\n" + memory)
         return 1 if any(r.get("error") for r in [*rows, *filter(None, peers.values())]) else 0
 
 

@@ -365,3 +365,19 @@ def test_sweep_bench_prints_each_candidate_and_the_whole_runs_it_saved(tmp_path,
         assert row["total_steps"] > 0 and row["whole_s"] > 0
         assert row["steps"] == row["total_steps"] or row["status"] == "pruned"
     assert result["summary"]["all_whole_s"] == pytest.approx(sum(r["whole_s"] for r in result["rows"]), abs=0.2)
+
+
+def test_e2e_memory_table_says_which_work_grew_the_memory_held():
+    """On a card each row carries what the allocator held after each kind of work; the table
+    puts them side by side (nothing is printed on a CPU, where no row has them)."""
+    e2e = _load("e2e")
+    rows = [{"variant": "default", "setup_reserved_gib": 2.1, "reserved_gib": 8.57,
+             "reserved_after_gib": {"validation": 3.4, "samples": 4.9, "first_step": 7.6}},
+            {"variant": "nosamples", "setup_reserved_gib": 2.1, "reserved_gib": 7.4,
+             "reserved_after_gib": {"validation": 3.4, "first_step": 6.1}}]
+    lines = e2e.memory_table(rows).splitlines()
+    assert lines[0] == ("| variant | set-up peak GiB | after validation GiB | after samples GiB | after first_step GiB "
+                        "| run's peak GiB |")
+    assert lines[2] == "| default | 2.1 | 3.4 | 4.9 | 7.6 | 8.57 |"
+    assert lines[3] == "| nosamples | 2.1 | 3.4 | - | 6.1 | 7.4 |"
+    assert e2e.memory_table([{"variant": "cpu"}]) == ""

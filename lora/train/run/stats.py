@@ -29,6 +29,10 @@ class SegmentStats:
         #: seconds of each thing done between steps, by kind ("validation", "samples",
         #: "checkpoint", "export"), in order (the first validation pays for the first eager kernels)
         self.each: dict[str, list[float]] = {}
+        #: GiB the allocator holds right after each thing done between steps, by kind, and
+        #: after the first step: which of them grew the memory held (the eager validation
+        #: calls, the samples' decode, the graphs' pool) when the peak is above what was planned
+        self.reserved_after: dict[str, list[float]] = {}
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -48,11 +52,17 @@ class SegmentStats:
         """Time spent outside the steps (a validation, a checkpoint, the export): a run's wall
         time is set-up + warm-up + steps + these, and the record says so."""
         self.each.setdefault(kind, []).append(seconds)
+        self._mark_reserved(kind)
+
+    def _mark_reserved(self, kind: str) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.reserved_after.setdefault(kind, []).append(_gib(torch.cuda.memory_reserved()))
 
     def step_read(self, step: int) -> None:
         if self.first_step_s is None:
             self.first_step_s = time.monotonic() - self.started
             self.first_step = step
+            self._mark_reserved("first_step")
         self.last_step = step
 
     def record(self, runner: Any = None) -> dict[str, Any]:
@@ -82,6 +92,9 @@ class SegmentStats:
             out["gpu_max_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
             out["gpu_max_allocated_gib"] = _gib(torch.cuda.max_memory_allocated())
             out["setup_max_reserved_gib"] = self.setup_max_reserved_gib
+            # the largest figure after each kind (its first and last are in the full lists)
+            out["reserved_after_gib"] = {kind: max(each) for kind, each in self.reserved_after.items()}
+            out["reserved_after_each_gib"] = {kind: list(each) for kind, each in self.reserved_after.items()}
         return out
 
 
