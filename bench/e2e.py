@@ -103,16 +103,31 @@ PARTS: dict[str, list[str]] = {
     "nocudnnbench": ["--set", "cudnn_benchmark=off"],
 }
 
+#: variant part -> environment of the `animelora train` process (parts that are no setting)
+ENV_PARTS: dict[str, dict[str, str]] = {
+    # the allocator grows segments instead of caching fixed blocks: whether the memory a run
+    # holds above what it uses is fragmentation (the eager validation calls on 5 shapes)
+    "expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+}
+
 _TQDM_STEPS = re.compile(r"(\d+)/(\d+) \[")
 
 
 def variant_args(name: str) -> list[str]:
     args: list[str] = []
     for part in name.removesuffix("_warm").split("+"):
-        if part not in PARTS:
-            raise SystemExit(f"unknown variant part {part!r} in {name!r} (known: {', '.join(PARTS)})")
-        args += PARTS[part]
+        if part not in PARTS and part not in ENV_PARTS:
+            raise SystemExit(f"unknown variant part {part!r} in {name!r} (known: {', '.join([*PARTS, *ENV_PARTS])})")
+        args += PARTS.get(part, [])
     return args
+
+
+def variant_env(name: str) -> dict[str, str]:
+    """The environment a variant's parts set (:data:`ENV_PARTS`)."""
+    env: dict[str, str] = {}
+    for part in name.removesuffix("_warm").split("+"):
+        env.update(ENV_PARTS.get(part, {}))
+    return env
 
 
 class GpuMemoryWatch:
@@ -311,7 +326,7 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
     caches = variant_cache(work, name)
     if not name.endswith("_warm"):
         shutil.rmtree(caches, ignore_errors=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ANIMELORA_CACHE": str(caches)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ANIMELORA_CACHE": str(caches), **variant_env(name)}
     for chosen in ("CUDA_CACHE_PATH", "TORCHINDUCTOR_CACHE_DIR"):  # the trainer's choice, not the caller's
         env.pop(chosen, None)
     cmd = [sys.executable, "-m", "animelora", "train", "--dataset", str(data), "--run-dir", str(run_dir),
@@ -346,7 +361,7 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
                warmup_s=round(first - seg["setup_s"], 1) if first is not None and seg.get("setup_s") else None,
                img_per_s=round(steady_images / steady_time, 2) if steady_time else None,
                median_img_per_s=sorted(rates)[len(rates) // 2] if rates else None,
-               reserved_gib=seg.get("gpu_max_reserved_gib"),
+               reserved_gib=seg.get("gpu_max_reserved_gib"), allocated_gib=seg.get("gpu_max_allocated_gib"),
                setup_reserved_gib=seg.get("setup_max_reserved_gib"), graph_shapes=seg.get("graph_shapes"),
                graph_warmup_s=seg.get("graph_warmup_s"), fast_path=seg.get("fast_path"),
                # the set-up's parts and each shape's warm-up (setup_table)
@@ -452,12 +467,14 @@ def memory_table(rows: list[dict[str, Any]]) -> str:
         kinds += [k for k in (r.get("reserved_after_gib") or {}) if k not in kinds]
     if not kinds:
         return ""
-    lines = ["| variant | set-up peak GiB | " + " | ".join(f"after {k} GiB" for k in kinds) + " | run's peak GiB |",
-             "| --- " * (3 + len(kinds)) + "|"]
+    lines = ["| variant | set-up peak GiB | " + " | ".join(f"after {k} GiB" for k in kinds)
+             + " | run's peak GiB | run's peak in use GiB |",
+             "| --- " * (4 + len(kinds)) + "|"]
     for r in rows:
         got = r.get("reserved_after_gib") or {}
         lines.append(f"| {r['variant']} | {r.get('setup_reserved_gib', '-')} | "
-                     + " | ".join(str(got.get(k, '-')) for k in kinds) + f" | {r.get('reserved_gib', '-')} |")
+                     + " | ".join(str(got.get(k, '-')) for k in kinds)
+                     + f" | {r.get('reserved_gib', '-')} | {r.get('allocated_gib', '-')} |")
     return "\n".join(lines)
 
 

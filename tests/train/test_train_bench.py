@@ -173,6 +173,10 @@ def test_e2e_nosamples_variant_runs_the_default_without_samples():
     e2e = _load("e2e")
     assert e2e.variant_args("nosamples") == ["--set", "samples=off"]
     assert e2e.variant_args("fp16+nosamples") == ["--set", "mixed_precision=fp16", "--set", "samples=off"]
+    # a part that is no setting sets the process's environment instead
+    assert e2e.variant_args("default+expandable") == []
+    assert e2e.variant_env("default+expandable_warm") == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert e2e.variant_env("nosamples") == {}
 
 
 def _kohya():
@@ -371,13 +375,13 @@ def test_e2e_memory_table_says_which_work_grew_the_memory_held():
     """On a card each row carries what the allocator held after each kind of work; the table
     puts them side by side (nothing is printed on a CPU, where no row has them)."""
     e2e = _load("e2e")
-    rows = [{"variant": "default", "setup_reserved_gib": 2.1, "reserved_gib": 8.57,
+    rows = [{"variant": "default", "setup_reserved_gib": 2.1, "reserved_gib": 8.57, "allocated_gib": 6.2,
              "reserved_after_gib": {"validation": 3.4, "samples": 4.9, "first_step": 7.6}},
             {"variant": "nosamples", "setup_reserved_gib": 2.1, "reserved_gib": 7.4,
              "reserved_after_gib": {"validation": 3.4, "first_step": 6.1}}]
     lines = e2e.memory_table(rows).splitlines()
     assert lines[0] == ("| variant | set-up peak GiB | after validation GiB | after samples GiB | after first_step GiB "
-                        "| run's peak GiB |")
-    assert lines[2] == "| default | 2.1 | 3.4 | 4.9 | 7.6 | 8.57 |"
-    assert lines[3] == "| nosamples | 2.1 | 3.4 | - | 6.1 | 7.4 |"
+                        "| run's peak GiB | run's peak in use GiB |")
+    assert lines[2] == "| default | 2.1 | 3.4 | 4.9 | 7.6 | 8.57 | 6.2 |"
+    assert lines[3] == "| nosamples | 2.1 | 3.4 | - | 6.1 | 7.4 | - |"
     assert e2e.memory_table([{"variant": "cpu"}]) == ""
