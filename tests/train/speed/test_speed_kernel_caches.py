@@ -1,4 +1,4 @@
-"""The CUDA driver's kernel cache kept beside the latent and compile caches
+"""The CUDA driver's kernel cache and torch.compile's caches kept beside the latent cache
 (lora/train/speed/compile.py, ``use_driver_cache``): a new Colab session on the same workspace
 gets cuDNN's run-time attention kernels from it instead of compiling them again."""
 from __future__ import annotations
@@ -47,3 +47,57 @@ def test_cuda_already_started_keeps_the_drivers_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert use_driver_cache(tmp_path / "cuda") is False
     assert DRIVER_CACHE_ENV not in os.environ
+
+
+# -- torch.compile's caches (use_compile_cache) ---------------------------------------------------
+
+_COMPILE_IN_A_FRESH_PROCESS = r"""
+import os, sys
+from pathlib import Path
+import torch
+from torch._inductor.runtime.cache_dir_utils import cache_dir
+cache_dir()  # what importing diffusers does: torch writes its default folder into the environment
+from lora.train.speed.compile import use_compile_cache
+print(use_compile_cache(Path(sys.argv[1])))
+print(torch.compile(lambda x: torch.sin(x) * 2 + 1, backend="inductor")(torch.ones(8)).sum().item())
+"""
+
+
+def test_compiled_code_lands_in_the_workspace_although_torch_wrote_its_default_first(tmp_path):
+    """The defect this guards: importing diffusers makes torch write ``/tmp/torchinductor_<user>``
+    into TORCHINDUCTOR_CACHE_DIR, which was taken for the user's choice, so every new session
+    compiled again (137.8 s a bucket shape on an H100, 17.0 s from the cache)."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "ws" / "cache" / "compile"
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_IN_A_FRESH_PROCESS, str(folder)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == "True"
+    assert (folder / "fxgraph").is_dir(), sorted(p.name for p in folder.iterdir())
+
+
+def test_a_compile_folder_the_user_chose_wins(tmp_path, monkeypatch):
+    import os
+
+    from lora.train.speed.compile import use_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compile_cache(tmp_path / "ws" / "compile") is False
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    assert not (tmp_path / "ws").exists()
+
+
+def test_torchs_own_default_is_not_taken_for_a_choice(tmp_path, monkeypatch):
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from lora.train.speed.compile import use_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert use_compile_cache(tmp_path / "ws" / "compile") is True
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ws" / "compile")
