@@ -1,6 +1,7 @@
 """The CUDA driver's kernel cache and torch.compile's caches kept beside the latent cache
-(lora/train/speed/compile.py, ``use_driver_cache``): a new Colab session on the same workspace
-gets cuDNN's run-time attention kernels from it instead of compiling them again."""
+(lora/train/speed/compile.py, ``use_driver_cache`` and ``use_compile_cache``): a new Colab
+session on the same workspace gets cuDNN's run-time attention kernels and the compiled UNet
+from them instead of compiling them again."""
 from __future__ import annotations
 
 import torch
