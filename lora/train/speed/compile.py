@@ -67,18 +67,25 @@ def use_compile_cache(folder: Path) -> bool:
     segment or a second run on the same bucket shapes starts warm (one bucket shape's compile:
     137.8 s cold, 17.0 s from these caches on an H100, bench/README.md). A folder the user
     chose (``TORCHINDUCTOR_CACHE_DIR``) wins; torch writes its own default into that variable
-    as soon as diffusers imports its compiler, so that value is not taken for a choice. True if
+    as soon as diffusers imports its compiler, and an earlier run in the same process (a
+    notebook) wrote its workspace's folder, so neither value is taken for a choice. True if
     set here."""
+    global _compile_dir_set_here
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if chosen and not _is_torch_default_compile_dir(chosen):
+    # a run before this one in the same process (a notebook) set it for its own workspace
+    if chosen and chosen != _compile_dir_set_here and not _is_torch_default_compile_dir(chosen):
         return False
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a read-only place: compile still works, only cold
         log.info("compile cache not kept (%s); torch.compile uses its default folder", exc)
         return False
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _compile_dir_set_here = str(folder)
     return True
+
+
+#: the folder :func:`use_compile_cache` last put into ``TORCHINDUCTOR_CACHE_DIR`` (not a user's choice)
+_compile_dir_set_here: str | None = None
 
 
 def _is_torch_default_compile_dir(value: str) -> bool:

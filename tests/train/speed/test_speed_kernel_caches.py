@@ -108,3 +108,19 @@ def test_torchs_own_default_is_not_taken_for_a_choice(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     assert use_compile_cache(tmp_path / "ws" / "compile") is True
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ws" / "compile")
+
+
+def test_a_second_run_in_the_same_process_keeps_its_compiled_code_in_its_own_workspace(tmp_path, monkeypatch):
+    """A notebook trains on workspace A, then on workspace B: B's compiled code goes to B, not
+    into A (the first run's folder is no choice of the user's); a folder the user sets between
+    the two runs still wins."""
+    from lora.train.speed import compile as compile_module
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(compile_module, "_compile_dir_set_here", None)
+    assert compile_module.use_compile_cache(tmp_path / "a" / "compile") is True
+    assert compile_module.use_compile_cache(tmp_path / "b" / "compile") is True
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "b" / "compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_module.use_compile_cache(tmp_path / "c" / "compile") is False
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
