@@ -29,7 +29,7 @@ from lora.train.data.plan import dataset_dir_of, make_plan
 from lora.train.distributed import is_main_launched_process
 from lora.train.samples import SampleSet, TrainingSampleSettings, resolve_settings
 from lora.train.setup.trainer import TrainingSetup, set_up
-from lora.train.speed.compile import use_driver_cache
+from lora.train.speed.compile import use_compile_cache, use_driver_cache
 
 from .host import host_threads_for
 from .interrupt import StopSignals
@@ -69,7 +69,7 @@ def train(
     if time_budget_s is not None and not time_budget_s > 0:
         raise ConfigError(f"invalid training segment: time_budget_s must be > 0, got {time_budget_s}")
     run_dir = run_folder(run_dir)
-    _keep_driver_cache(cfg)  # before the first CUDA call below
+    _keep_compiled_code(cfg)  # before the first CUDA call below
     signals = StopSignals()
     with host_threads_for(torch.cuda.is_available()), run_lock(run_dir, enabled=is_main_launched_process()), \
             signals.installed():
@@ -77,15 +77,18 @@ def train(
                               on_progress=on_progress, signals=signals, extend=extend, on_samples=on_samples)
 
 
-def _keep_driver_cache(cfg: TrainConfig) -> None:
-    """The CUDA driver's kernel cache beside the latent and compile caches
-    (lora/train/speed/compile.py, ``use_driver_cache``). Best effort: a data set that cannot be
-    found gets its clear error from the plan, a moment later."""
+def _keep_compiled_code(cfg: TrainConfig) -> None:
+    """The CUDA driver's kernel cache and torch.compile's caches beside the latent cache
+    (lora/train/speed/compile.py, ``use_driver_cache``, ``use_compile_cache``), decided here
+    for both. Best effort: a data set that cannot be found gets its clear error from the plan,
+    a moment later."""
     try:
         root = compiled_code_root(dataset_dir_of(cfg), cfg.cache_dir)
     except (ConfigError, OSError):
         return
-    use_driver_cache(root / "cuda")
+    use_driver_cache(root / "cuda")  # first: the driver reads it when CUDA starts
+    if torch.cuda.is_available():
+        use_compile_cache(root / "compile")
 
 
 def _train_segment(

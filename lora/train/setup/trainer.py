@@ -14,11 +14,11 @@ import torch
 
 from lora.config import ConfigError, TrainConfig
 from lora.model import load_components
-from lora.train.data.cache import ENCODE_BATCH, CachedItems, build_cache, compiled_code_root, train_cache_root
+from lora.train.data.cache import ENCODE_BATCH, CachedItems, build_cache, train_cache_root
 from lora.train.data.plan import DataPlan
 from lora.train.distributed import launched_rank
 from lora.train.errors import TrainingError
-from lora.train.speed.compile import use_compile_cache, use_expandable_segments
+from lora.train.speed.compile import use_expandable_segments
 from lora.train.step.inputs import TextSource
 from lora.train.step.runner import StepRunner
 
@@ -123,8 +123,6 @@ def _caches(cfg: TrainConfig, plan: DataPlan, comps, accelerator) -> tuple[Cache
     """The training and validation images' latents and caption embeddings (one process encodes,
     the others read the cache)."""
     cache_root = train_cache_root(plan.dataset_dir, cfg.cache_dir)
-    if torch.cuda.is_available():
-        use_compile_cache(compiled_code_root(plan.dataset_dir, cfg.cache_dir) / "compile")
     common = dict(root=cache_root, model_id=comps.model_id, vae=comps.vae, text_encoder=comps.text_encoder,
                   tokenizer=comps.tokenizer, resolution=cfg.resolution, device=accelerator.device,
                   encode_batch=1 if cfg.speed.low_memory else ENCODE_BATCH)
