@@ -375,7 +375,9 @@ def run_ours(name: str, model: Path, data: Path, work: Path, epochs: int, extra:
                samples_s=seg.get("samples_s"), sample_sets=seg.get("samples_count"),
                checkpoint_s=seg.get("checkpoint_s"), export_s=seg.get("export_s"),
                final_val=(log.get("validation") or [{}])[-1].get("loss"),
-               reserved_after_gib=seg.get("reserved_after_gib"))
+               # the largest figure after each kind of work (memory_table)
+               reserved_after_gib={kind: max(each) for kind, each in (seg.get("reserved_after_each_gib") or {}).items()
+                                   if each})
     return row
 
 

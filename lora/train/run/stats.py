@@ -92,8 +92,6 @@ class SegmentStats:
             out["gpu_max_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
             out["gpu_max_allocated_gib"] = _gib(torch.cuda.max_memory_allocated())
             out["setup_max_reserved_gib"] = self.setup_max_reserved_gib
-            # the largest figure after each kind (its first and last are in the full lists)
-            out["reserved_after_gib"] = {kind: max(each) for kind, each in self.reserved_after.items()}
             out["reserved_after_each_gib"] = {kind: list(each) for kind, each in self.reserved_after.items()}
         return out
 
