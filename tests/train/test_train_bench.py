@@ -385,3 +385,43 @@ def test_e2e_memory_table_says_which_work_grew_the_memory_held():
     assert lines[2] == "| default | 2.1 | 3.4 | 4.9 | 7.6 | 8.57 | 6.2 |"
     assert lines[3] == "| nosamples | 2.1 | 3.4 | - | 6.1 | 7.4 | - |"
     assert e2e.memory_table([{"variant": "cpu"}]) == ""
+
+
+def test_validation_memory_counts_live_tensors_once_per_storage():
+    """bench/validation_memory.py's counter: a view adds nothing, a freed tensor leaves the
+    live count, the peak stays; attention counts its output, not a score matrix."""
+    import torch
+    import torch.nn.functional as F
+
+    bench = _load("validation_memory")
+    counter = bench.LiveBytes()
+    with counter:
+        a = torch.ones(256, device="meta")  # 1 KiB
+        b = a * 2  # 1 KiB
+        view = b.view(16, 16)
+        del a
+        c = view + 1  # 1 KiB, while a is gone
+    assert counter.peak == 2 * 1024
+    assert counter.live == 2 * 1024  # b (through its view) and c
+    del b, view, c
+    assert counter.live == 0
+
+    q = torch.empty(1, 8, 4096, 40, device="meta", dtype=torch.bfloat16)
+    attention = bench.LiveBytes()
+    with bench.FusedAttention(), attention:
+        out = F.scaled_dot_product_attention(q, q, q)
+    assert out.shape == q.shape
+    assert attention.peak == q.numel() * 2  # the output alone; scores would be 4096x4096 per head
+
+
+def test_validation_memory_bench_prints_peak_per_call_size(tmp_path, monkeypatch, capsys):
+    """bench/validation_memory.py --smoke: one row per images-a-call and shape; more images a
+    call and larger latents hold more."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert _load("validation_memory").main(["--smoke", "--images", "1,4"]) == 0
+    assert "| images a call | rows (x timesteps) |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "bench_validation_memory.json").read_text())
+    peak = {(r["images"], tuple(r["latent"])): r["peak_bytes"] for r in saved["rows"]}
+    assert [r["rows"] for r in saved["rows"]] == [5, 5, 20, 20]
+    assert peak[(4, (8, 8))] > peak[(1, (8, 8))] > 0
+    assert peak[(4, (12, 8))] > peak[(4, (8, 8))]
