@@ -28,9 +28,12 @@ log = logging.getLogger(__name__)
 #: Held-out images scored per UNet call (each with all its timesteps), among images of one
 #: latent shape. Why: a run validates at step 0 and after every epoch, so the guide's 20
 #: epochs score 50 images 21 times; one eager UNet call per image took about 44 s of a
-#: 20-epoch run on an H200, four per call 27.8 s, for 1.5 GiB more reserved memory (7.4
-#: against 5.9 GiB). An out-of-memory error halves it; ``low_memory`` scores one at a time.
-IMAGES_PER_CALL = 4
+#: 20-epoch run on an H200, four per call 27.8 s. But the largest call is what a run holds
+#: above its CUDA graphs: four images (20 rows) at 704x576 use 1.96 GiB, two 0.98 GiB
+#: (bench/validation_memory.py), and four took a default run to 8.6 GiB held. Two per call
+#: keep it under 8 GiB for about 5 s more a run (interpolated: ~5.4 s of the 27.8 s is the
+#: calls' own overhead). An out-of-memory error halves it; ``low_memory`` scores one at a time.
+IMAGES_PER_CALL = 2
 
 
 @torch.no_grad()
