@@ -74,9 +74,12 @@ def set_up(cfg: TrainConfig, plan: DataPlan) -> TrainingSetup:
     # each part as its files store it: the one cast happens on the card (fp16 files loaded as
     # fp32 made the CPU widen every UNet weight first, on the one thread a GPU run uses)
     comps = load_components(cfg.model, dtype=None, device="cpu")
+    clock.mark("load_model")
     comps.vae.to(device, torch.float32)  # the latent cache is encoded in fp32, as before
     comps.text_encoder.to(device, torch.float32)
-    clock.mark("load_model")
+    # on a card, the first tensor there also starts CUDA's context and loads its libraries:
+    # a part of its own in the set-up's record, apart from reading the model's files
+    clock.mark("encoders_to_device")
     live_text = cfg.caption_shuffle or cfg.train_text_encoder
     train_cache, val_cache = _caches(cfg, plan, comps, accelerator)
     clock.mark("latent_cache")
