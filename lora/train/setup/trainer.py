@@ -8,6 +8,7 @@ training dtype (half the size), tensor by tensor.
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from lora.train.data.cache import ENCODE_BATCH, CachedItems, build_cache, train_
 from lora.train.data.plan import DataPlan
 from lora.train.distributed import launched_rank
 from lora.train.errors import TrainingError
-from lora.train.speed.compile import use_expandable_segments
+from lora.train.speed.compile import use_expandable_segments, wants_expandable_segments
 from lora.train.step.inputs import TextSource
 from lora.train.step.runner import StepRunner
 
@@ -68,7 +69,8 @@ def set_up(cfg: TrainConfig, plan: DataPlan) -> TrainingSetup:
         raise TrainingError(f"launched as {launched} processes but accelerate formed a group of "
                             f"{accelerator.num_processes}; start with `accelerate launch` or torchrun")
     device = accelerator.device
-    if cfg.speed.low_memory:
+    card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    if wants_expandable_segments(cfg.speed.low_memory, card_gib, os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
         use_expandable_segments()  # before the first model tensor reaches the card
     clock.mark("accelerator")
     # each part as its files store it: the one cast happens on the card (fp16 files loaded as

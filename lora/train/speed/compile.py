@@ -45,6 +45,25 @@ def attention_context(name: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel(order, set_priority=True)
 
 
+#: Cards with at most this much memory (GiB) get the allocator's expandable segments without
+#: ``low_memory``. Why: on an H100 they cut a default run's memory held from 8.08 to 6.92 GiB
+#: and the set-up's peak (the latent cache's VAE calls) from 14.6 to 6.9 GiB, at the same step
+#: rate, but its eager work got slower (validations 2.3 against 1.5-1.7 s each, the graphs'
+#: warm-up 18.4 against 16.2 s: 260 against 246 s projected for the guide's 20 epochs;
+#: bench/README.md, fourteenth session). Where memory is short that trade is right, where it
+#: is not the time is. 16 takes in T4-class cards (15 GiB).
+EXPANDABLE_MAX_CARD_GIB = 16.0
+
+
+def wants_expandable_segments(low_memory: bool, card_gib: float | None, allocator_conf: str | None) -> bool:
+    """Whether a run turns on expandable segments: under ``low_memory``, or on a card of at most
+    :data:`EXPANDABLE_MAX_CARD_GIB`; never where the user's ``PYTORCH_CUDA_ALLOC_CONF`` already
+    says either way (``allocator_conf``), nor without a card (``card_gib`` None)."""
+    if card_gib is None or (allocator_conf and "expandable_segments" in allocator_conf):
+        return False
+    return low_memory or card_gib <= EXPANDABLE_MAX_CARD_GIB
+
+
 def use_expandable_segments() -> bool:
     """Let the CUDA caching allocator grow segments instead of caching fixed blocks, so the
     memory held stays close to the memory in use (takes effect for new allocations). True if set."""

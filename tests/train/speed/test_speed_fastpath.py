@@ -132,6 +132,20 @@ def test_auto_times_cudnn_algorithms_only_where_it_pays_back():
     assert resolve_fast_options(forced, "cuda", total_steps=10, shapes=7).cudnn_benchmark  # "on" still wins
 
 
+def test_expandable_segments_where_memory_is_short_and_the_user_has_not_chosen():
+    """Expandable allocator segments cost eager time on a large card: they come with low_memory
+    or a card of at most 16 GiB (a T4), never against the user's PYTORCH_CUDA_ALLOC_CONF, never
+    without a card."""
+    wants = speed_compile.wants_expandable_segments
+    assert not wants(False, 79.2, None)  # an H100 at defaults keeps its speed
+    assert wants(True, 79.2, None)  # low_memory asks for it anywhere
+    assert wants(False, 14.6, None)  # a T4
+    assert wants(False, 7.6, "")  # an 8 GB card; an empty variable is no choice
+    assert not wants(True, 7.6, "expandable_segments:False")  # the user's word stands
+    assert not wants(False, 14.6, "max_split_size_mb:128,expandable_segments:False")
+    assert not wants(True, None, None)  # CPU
+
+
 def test_switches_may_change_between_segments():
     a = resolve_config("phase2a", {"model": "tiny"}).model_dump()
     b = resolve_config("phase2a", {"model": "tiny", "compile": "off", "cuda_graphs": "off",
