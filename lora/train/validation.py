@@ -30,9 +30,11 @@ log = logging.getLogger(__name__)
 #: epochs score 50 images 21 times; one eager UNet call per image took about 44 s of a
 #: 20-epoch run on an H200, four per call 27.8 s. But the largest call is what a run holds
 #: above its CUDA graphs: four images (20 rows) at 704x576 use 1.96 GiB, two 0.98 GiB
-#: (bench/validation_memory.py), and four took a default run to 8.6 GiB held. Two per call
-#: keep it under 8 GiB for about 5 s more a run (interpolated: ~5.4 s of the 27.8 s is the
-#: calls' own overhead). An out-of-memory error halves it; ``low_memory`` scores one at a time.
+#: (bench/validation_memory.py); a default run held 8.57 GiB at its peak with four, 8.08 with
+#: two (H100s; the rest is the allocator's caching, which expandable segments return on small
+#: cards: lora/train/speed/compile.py). Interpolated cost: ~5 s more a run (~5.4 s of the
+#: 27.8 s is the calls' own overhead). An out-of-memory error halves it; ``low_memory`` scores
+#: one at a time.
 IMAGES_PER_CALL = 2
 
 
