@@ -61,7 +61,11 @@ def wants_expandable_segments(low_memory: bool, card_gib: float | None, allocato
     says either way (``allocator_conf``), nor without a card (``card_gib`` None)."""
     if card_gib is None or (allocator_conf and "expandable_segments" in allocator_conf):
         return False
-    return low_memory or card_gib <= EXPANDABLE_MAX_CARD_GIB
+    if low_memory or card_gib <= EXPANDABLE_MAX_CARD_GIB:
+        log.info("expandable CUDA memory segments on (%s): less memory held, slower eager calls",
+                 "low_memory" if low_memory else f"a card of {card_gib:.1f} GiB")
+        return True
+    return False
 
 
 def use_expandable_segments() -> bool:
