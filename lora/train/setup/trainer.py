@@ -19,7 +19,7 @@ from lora.train.data.cache import ENCODE_BATCH, CachedItems, build_cache, train_
 from lora.train.data.plan import DataPlan
 from lora.train.distributed import launched_rank
 from lora.train.errors import TrainingError
-from lora.train.speed.compile import use_expandable_segments, wants_expandable_segments
+from lora.train.speed.compile import expandable_segments_reason, use_expandable_segments
 from lora.train.step.inputs import TextSource
 from lora.train.step.runner import StepRunner
 
@@ -70,8 +70,9 @@ def set_up(cfg: TrainConfig, plan: DataPlan) -> TrainingSetup:
                             f"{accelerator.num_processes}; start with `accelerate launch` or torchrun")
     device = accelerator.device
     card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    if wants_expandable_segments(cfg.speed.low_memory, card_gib, os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
-        use_expandable_segments()  # before the first model tensor reaches the card
+    why = expandable_segments_reason(cfg.speed.low_memory, card_gib, os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    if why:
+        use_expandable_segments(why)  # before the first model tensor reaches the card
     clock.mark("accelerator")
     # each part as its files store it: the one cast happens on the card (fp16 files loaded as
     # fp32 made the CPU widen every UNet weight first, on the one thread a GPU run uses)

@@ -55,22 +55,22 @@ def attention_context(name: str) -> contextlib.AbstractContextManager:
 EXPANDABLE_MAX_CARD_GIB = 16.0
 
 
-def wants_expandable_segments(low_memory: bool, card_gib: float | None, allocator_conf: str | None) -> bool:
-    """Whether a run turns on expandable segments: under ``low_memory``, or on a card of at most
+def expandable_segments_reason(low_memory: bool, card_gib: float | None, allocator_conf: str | None) -> str | None:
+    """Why a run turns on expandable segments (``"low_memory"``, ``"a card of 14.6 GiB"``), or
+    None where it does not: they come under ``low_memory`` or on a card of at most
     :data:`EXPANDABLE_MAX_CARD_GIB`; never where the user's ``PYTORCH_CUDA_ALLOC_CONF`` already
     says either way (``allocator_conf``), nor without a card (``card_gib`` None)."""
     if card_gib is None or (allocator_conf and "expandable_segments" in allocator_conf):
-        return False
-    if low_memory or card_gib <= EXPANDABLE_MAX_CARD_GIB:
-        log.info("expandable CUDA memory segments on (%s): less memory held, slower eager calls",
-                 "low_memory" if low_memory else f"a card of {card_gib:.1f} GiB")
-        return True
-    return False
+        return None
+    if low_memory:
+        return "low_memory"
+    return f"a card of {card_gib:.1f} GiB" if card_gib <= EXPANDABLE_MAX_CARD_GIB else None
 
 
-def use_expandable_segments() -> bool:
+def use_expandable_segments(why: str) -> bool:
     """Let the CUDA caching allocator grow segments instead of caching fixed blocks, so the
-    memory held stays close to the memory in use (takes effect for new allocations). True if set."""
+    memory held stays close to the memory in use (takes effect for new allocations); the log
+    says so with ``why``. True if set."""
     setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
     if setter is None or not torch.cuda.is_available():
         return False
@@ -79,6 +79,7 @@ def use_expandable_segments() -> bool:
     except (RuntimeError, ValueError) as exc:  # an allocator that does not support it
         log.warning("could not enable expandable CUDA memory segments: %s", exc)
         return False
+    log.info("expandable CUDA memory segments on (%s): less memory held, slower eager calls", why)
     return True
 
 

@@ -136,7 +136,7 @@ def test_expandable_segments_where_memory_is_short_and_the_user_has_not_chosen()
     """Expandable allocator segments cost eager time on a large card: they come with low_memory
     or a card of at most 16 GiB (a T4), never against the user's PYTORCH_CUDA_ALLOC_CONF, never
     without a card."""
-    wants = speed_compile.wants_expandable_segments
+    wants = speed_compile.expandable_segments_reason
     assert not wants(False, 79.2, None)  # an H100 at defaults keeps its speed
     assert wants(True, 79.2, None)  # low_memory asks for it anywhere
     assert wants(False, 14.6, None)  # a T4
